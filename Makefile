@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both build $(VENV) first.
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= runs/default
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
+	  echo "error: prunebias_jax needs Python >= 3.11, but '$(PYTHON)' is $$($(PYTHON) --version 2>&1 || echo 'not found'); pass PYTHON=python3.11 (or newer)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m prunebias_jax.main --config configs/default.py --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

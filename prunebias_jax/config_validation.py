@@ -1,0 +1,129 @@
+"""Config checks that run before any data is read or any model is trained.
+
+Every failure raises `ConfigError` with one line naming the field, the bad value and what is
+allowed; `main` prints that line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import ml_collections
+
+from prunebias_jax.data import SOURCES
+from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
+from prunebias_jax.models import available_models
+from prunebias_jax.pruning import METHODS
+from prunebias_jax.train import SCHEDULES
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message is one line for the user."""
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r} is not allowed; expected {allowed}")
+
+
+def _positive_int(cfg, field: str) -> None:
+  v = _get(cfg, field)
+  _require(_is_int(v) and v >= 1, field, v, "an integer >= 1")
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _choice(cfg, field: str, allowed: Sequence[str]) -> None:
+  v = _get(cfg, field)
+  _require(v in allowed, field, v, "one of: " + ", ".join(allowed))
+
+
+def _sequence(cfg, field: str) -> tuple:
+  v = _get(cfg, field)
+  _require(isinstance(v, (tuple, list)), field, v, "a tuple, e.g. '(0.5,0.9)'")
+  return tuple(v)
+
+
+def _optim(cfg, prefix: str) -> None:
+  lr = _get(cfg, f"{prefix}.learning_rate")
+  _require(_is_real(lr) and lr > 0, f"{prefix}.learning_rate", lr, "a number > 0")
+  m = _get(cfg, f"{prefix}.momentum")
+  _require(_is_real(m) and 0 <= m < 1, f"{prefix}.momentum", m, "a number in [0, 1)")
+  wd = _get(cfg, f"{prefix}.weight_decay")
+  _require(_is_real(wd) and wd >= 0, f"{prefix}.weight_decay", wd, "a number >= 0")
+  _choice(cfg, f"{prefix}.schedule", SCHEDULES)
+  for e in _sequence(cfg, f"{prefix}.decay_epochs"):
+    _require(_is_real(e) and e >= 0, f"{prefix}.decay_epochs", e, "epochs >= 0")
+  f = _get(cfg, f"{prefix}.decay_factor")
+  _require(_is_real(f) and 0 < f <= 1, f"{prefix}.decay_factor", f, "a number in (0, 1]")
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first value that cannot run."""
+  _choice(cfg, "model", available_models())
+  _choice(cfg, "data.source", SOURCES)
+  _positive_int(cfg, "data.batch_size")
+  _positive_int(cfg, "data.eval_batch_size")
+  tf = cfg.data.test_fraction
+  _require(_is_real(tf) and 0 < tf < 1, "data.test_fraction", tf, "a number in (0, 1)")
+  cp = cfg.data.crop_padding
+  _require(_is_int(cp) and cp >= 0, "data.crop_padding", cp, "an integer >= 0")
+  classes = _sequence(cfg, "data.imbalance.classes")
+  fracs = _sequence(cfg, "data.imbalance.keep_fractions")
+  _require(len(classes) == len(fracs), "data.imbalance.keep_fractions", fracs,
+           f"one fraction per class in data.imbalance.classes ({len(classes)})")
+  for c in classes:
+    _require(_is_int(c) and c >= 0, "data.imbalance.classes", c, "class indices >= 0")
+  for f in fracs:
+    _require(_is_real(f) and 0 < f <= 1, "data.imbalance.keep_fractions", f, "fractions in (0, 1]")
+
+  for stage in ("dense", "finetune"):
+    _positive_int(cfg, f"{stage}.epochs")
+    _optim(cfg, f"{stage}.optim")
+
+  methods = _sequence(cfg, "pruning.methods")
+  _require(len(methods) > 0, "pruning.methods", methods, "at least one of: " + ", ".join(METHODS))
+  for m in methods:
+    _require(m in METHODS, "pruning.methods", m, "one of: " + ", ".join(METHODS))
+  sparsities = _sequence(cfg, "pruning.sparsities")
+  _require(len(sparsities) > 0, "pruning.sparsities", sparsities, "at least one sparsity in [0, 1)")
+  for s in sparsities:
+    _require(_is_real(s) and 0 <= s < 1, "pruning.sparsities", s, "sparsities in [0, 1)")
+
+  seeds = _sequence(cfg, "seeds")
+  _require(len(seeds) > 0 and all(_is_int(s) and s >= 0 for s in seeds), "seeds", seeds,
+           "a non-empty tuple of integers >= 0")
+  _require(len(set(seeds)) == len(seeds), "seeds", seeds, "distinct seeds")
+  _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+
+  t = cfg.kd.temperature
+  _require(_is_real(t) and t > 0, "kd.temperature", t, "a number > 0")
+  a = cfg.kd.alpha
+  _require(_is_real(a) and 0 <= a <= 1, "kd.alpha", a, "a number in [0, 1]")
+
+  _choice(cfg, "metrics.zero_rate", ZERO_RATE_RULES)
+  _choice(cfg, "metrics.convention", CONVENTIONS)
+  ps = cfg.progress_seconds
+  _require(_is_real(ps) and ps > 0, "progress_seconds", ps, "a number > 0")
+
+
+def validate_against_dataset(cfg: ml_collections.ConfigDict, num_classes: int, train_size: int) -> None:
+  """Checks that need the dataset's size (still before any training)."""
+  for c in cfg.data.imbalance.classes:
+    _require(c < num_classes, "data.imbalance.classes", c, f"class indices in [0, {num_classes - 1}]")
+  bs = cfg.data.batch_size
+  _require(bs <= train_size, "data.batch_size", bs, f"at most the training split size ({train_size})")

@@ -1,0 +1,306 @@
+"""The Simon Says pipeline, stage by stage.
+
+    data → dense teacher (trained from scratch, checkpointed)
+         → for each pruning method × sparsity × seed: masks = prune(teacher params)
+              student    = fine-tune(teacher ⊙ masks, CE)
+              student_kd = fine-tune(teacher ⊙ masks, (1−α)·CE + α·T²·KL)
+         → every model evaluated on the full test set; metrics against the dense reference
+         → results.jsonl, results.md, plots/, config.json, dataset.json, timings.json
+
+Every trained model is an Orbax checkpoint in the workdir; a rerun restores instead of
+retraining, and since evaluation is deterministic it rewrites the same results.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from prunebias_jax import metrics as pm
+from prunebias_jax import report
+from prunebias_jax.checkpoint import ModelCheckpoint
+from prunebias_jax.config_validation import ConfigError, validate_against_dataset, validate_config
+from prunebias_jax.data import Dataset, load_dataset
+from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
+from prunebias_jax.files import check_writable, write_atomic, write_json_atomic
+from prunebias_jax.models import get_model
+from prunebias_jax.pruning import apply_masks, mask_sparsity, masks_from_flat, masks_to_flat, prune, sparsity_report
+from prunebias_jax.train import create_state, evaluate, fit, make_eval_fn, make_optimizer, make_train_step
+
+Record = dict[str, Any]
+# Sweep axes: extending them reuses the checkpoints of the cells already trained.
+SWEEP_KEYS = ("pruning.methods", "pruning.sparsities", "seeds")
+# Keys that change how a run reports, not what it computes.
+COSMETIC_KEYS = ("progress_seconds", "overwrite")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def resolve_config(config: ml_collections.ConfigDict, explicit_keys: Collection[str] = ()) -> ml_collections.ConfigDict:
+  """Applies `runlocal_overrides` when `runlocal=True` (tiny settings for a CPU check).
+
+  Keys the user set on the command line (`explicit_keys`, dotted) win over runlocal's values.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy; the caller's stays as is
+  if config.get("runlocal") and config.get("runlocal_overrides"):
+    for dotted, value in config.runlocal_overrides:
+      if dotted in explicit_keys:
+        continue
+      *parents, leaf = dotted.split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def _guard_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to mix results of a different config into an existing workdir."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  try:
+    old = _flatten(json.loads(path.read_text()))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path} is unreadable ({e}); use a new --workdir or --config.overwrite=True") from None
+  new = _flatten(json.loads(config.to_json()))
+  ignore = set(SWEEP_KEYS) | set(COSMETIC_KEYS)
+  differing = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+  if not differing:
+    return
+  if not config.overwrite:
+    raise ConfigError(
+        f"workdir {workdir} holds a run of a different config (differs at: {', '.join(differing[:5])}); "
+        "use a new --workdir or --config.overwrite=True to discard it")
+  logging.warning("overwrite=True: discarding the previous run in %s (differs at %s)", workdir, differing)
+  for name in ("checkpoints", "plots"):
+    shutil.rmtree(workdir / name, ignore_errors=True)
+  for name in ("results.jsonl", "results.md", "timings.json", "dataset.json", "config.json"):
+    (workdir / name).unlink(missing_ok=True)
+
+
+def _round(x, digits: int = 6):
+  """Rounded floats (lists for arrays) so results.jsonl is compact and stable."""
+  a = np.asarray(x, np.float64)
+  if a.ndim == 0:
+    v = float(a)
+    return round(v, digits) if np.isfinite(v) else str(v)
+  return [_round(v, digits) for v in a]
+
+
+class Experiment:
+  """One run of the pipeline in `workdir`; see the module docstring."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, explicit_keys: Collection[str] = ()):
+    self.config = resolve_config(config, explicit_keys)
+    self.workdir = Path(workdir)
+    self.timings: dict[str, float] = {}
+
+  # ----------------------------------------------------------------------------------- set-up
+  def prepare(self) -> None:
+    """Everything that can fail on bad input, before any training."""
+    cfg = self.config
+    validate_config(cfg)
+    try:
+      check_writable(self.workdir)
+    except OSError as e:
+      raise ConfigError(f"--workdir {str(self.workdir)!r} is not writable ({e.strerror or e}); "
+                        "pass a directory you can write to") from None
+    _guard_workdir(self.workdir, cfg)
+    t = time.perf_counter()
+    self.data: Dataset = load_dataset(cfg.data)
+    validate_against_dataset(cfg, self.data.num_classes,
+                             min(len(self.data.train), len(self.data.teacher_train)))
+    self.timings["load_data"] = time.perf_counter() - t
+    self.model = get_model(cfg.model, self.data.num_classes)
+    write_json_atomic(self.workdir / "config.json", json.loads(cfg.to_json()))
+    C = self.data.num_classes
+    write_json_atomic(self.workdir / "dataset.json", {
+        "name": self.data.name,
+        "class_names": list(self.data.class_names),
+        "image_shape": list(self.data.image_shape),
+        "teacher_train_class_counts": self.data.teacher_train.class_counts(C).tolist(),
+        "finetune_train_class_counts": self.data.train.class_counts(C).tolist(),
+        "test_class_counts": self.data.test.class_counts(C).tolist(),
+        "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
+    })
+    logging.info("data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
+                 "fine-tune class counts %s", self.data.name, len(self.data.teacher_train),
+                 len(self.data.train), len(self.data.test), self.data.image_shape, C,
+                 self.data.train.class_counts(C).tolist())
+    self.eval_images, eval_labels, _ = padded_eval_arrays(self.data.test, cfg.data.eval_batch_size)
+    self.labels = jnp.asarray(self.data.test.labels)
+    self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std)
+
+  def _step_fn(self, stage_cfg, split, kd: bool):
+    cfg = self.config
+    optimizer = make_optimizer(stage_cfg.optim, steps_per_epoch(len(split), cfg.data.batch_size), stage_cfg.epochs)
+    step = make_train_step(self.model, optimizer, mean=self.data.mean, std=self.data.std,
+                           crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, kd=kd)
+    return optimizer, step
+
+  # ----------------------------------------------------------------------------------- stages
+  def dense_stage(self):
+    """Trains the dense teacher from scratch, or restores it."""
+    cfg = self.config
+    split = self.data.teacher_train
+    optimizer, step = self._step_fn(cfg.dense, split, kd=False)
+    dummy = jnp.zeros((1,) + self.data.image_shape, jnp.float32)
+    variables = self.model.init(jax.random.key(cfg.seed), dummy, train=False)
+    ckpt = ModelCheckpoint(self.workdir / "checkpoints" / "dense")
+    tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    t = time.perf_counter()
+    if ckpt.latest_step() is not None:
+      tree, meta = ckpt.restore(tree)
+      logging.info("stage dense: restored from %s (trained %d steps)", ckpt.directory, meta["steps"])
+    else:
+      logging.info("stage dense: training %s from scratch for %d epochs on %d images", cfg.model,
+                   cfg.dense.epochs, len(split))
+      state = create_state(tree["params"], tree["batch_stats"], optimizer)
+      state, summary = fit(state, step, split, stage="dense", batch_size=cfg.data.batch_size,
+                           epochs=cfg.dense.epochs, seed=cfg.seed, progress_seconds=cfg.progress_seconds)
+      tree = {"params": state.params, "batch_stats": state.batch_stats}
+      ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
+    ckpt.close()
+    self.timings["dense"] = time.perf_counter() - t
+    return tree
+
+  def finetune(self, teacher, masks, method: str, sparsity: float, seed: int, kd: bool, steps):
+    """Fine-tunes teacher ⊙ masks with CE or KD, or restores a finished fine-tune."""
+    cfg = self.config
+    name = f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}_seed{seed}"
+    ckpt = ModelCheckpoint(self.workdir / "checkpoints" / name)
+    tree = {"params": apply_masks(teacher["params"], masks), "batch_stats": teacher["batch_stats"],
+            "masks": masks_to_flat(masks)}
+    if ckpt.latest_step() is not None:
+      tree, _ = ckpt.restore(tree)
+      logging.info("  %s: restored", name)
+    else:
+      optimizer, step = steps[kd]
+      state = create_state(tree["params"], tree["batch_stats"], optimizer)
+      state, summary = fit(state, step, self.data.train, stage=name, batch_size=cfg.data.batch_size,
+                           epochs=cfg.finetune.epochs, seed=seed, masks=masks, teacher_variables=teacher if kd else None,
+                           alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds)
+      tree = {"params": state.params, "batch_stats": state.batch_stats, "masks": tree["masks"]}
+      ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
+    ckpt.close()
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, masks_from_flat(tree["params"], tree["masks"])
+
+  def evaluate(self, variables, masks=None):
+    logits, features = evaluate(self.eval_fn, variables, masks, self.eval_images, len(self.data.test))
+    return np.argmax(logits, axis=-1).astype(np.int32), features
+
+  def compare(self, reference, predictions, features) -> Record:
+    """Metrics of one model against the dense reference (all on the full test set)."""
+    cfg = self.config
+    C = self.data.num_classes
+    ref_pred, ref_feat = reference
+    preds = jnp.asarray(predictions)
+    rates = pm.per_class_rates(self.labels, preds, C)
+    change = pm.relative_rate_change(self.labels, jnp.asarray(ref_pred), preds, C,
+                                     zero_rate=cfg.metrics.zero_rate, convention=cfg.metrics.convention)
+    cev = pm.cev_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)
+    sde = pm.sde_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)
+    recall = 1.0 - np.asarray(rates.fnr)
+    return {
+        "accuracy": _round(np.mean(predictions == self.data.test.labels)),
+        "cev": _round(cev),
+        "sde": _round(sde),
+        "cka": _round(pm.linear_cka(jnp.asarray(ref_feat), jnp.asarray(features))),
+        "agreement": _round(pm.prediction_agreement(jnp.asarray(ref_pred), preds)),
+        "zero_rate_classes": int(change.num_zero_rate_classes),
+        "per_class_recall": _round(recall),
+        "fpr": _round(rates.fpr),
+        "fnr": _round(rates.fnr),
+        "dfpr": _round(change.dfpr),
+        "dfnr": _round(change.dfnr),
+    }
+
+  # ----------------------------------------------------------------------------------- the run
+  def run(self) -> list[Record]:
+    cfg = self.config
+    start = time.perf_counter()
+    self.prepare()
+    teacher = self.dense_stage()
+    dense_pred, dense_feat = self.evaluate(teacher)
+    reference = (dense_pred, dense_feat)
+    base = {"model": cfg.model, "dataset": self.data.name, "num_test_examples": len(self.data.test)}
+    dense_sparsity = sparsity_report(teacher["params"])
+    records: list[Record] = [{
+        **base, "method": "dense", "sparsity": 0.0, "kd": False, "seed": cfg.seed,
+        **self.compare(reference, dense_pred, dense_feat),
+        "realized_sparsity": _round(dense_sparsity["global"]),
+        "realized_sparsity_per_layer": {k: _round(v) for k, v in dense_sparsity["per_layer"].items()},
+    }]
+    logging.info("dense model: test accuracy %.4f", records[0]["accuracy"])
+
+    steps = {kd: self._step_fn(cfg.finetune, self.data.train, kd) for kd in (False, True)}
+    cells = [(m, s, seed) for m in cfg.pruning.methods for s in cfg.pruning.sparsities for seed in cfg.seeds]
+    t = time.perf_counter()
+    for i, (method, sparsity, seed) in enumerate(cells):
+      masks = prune(teacher["params"], method, sparsity, seed=seed)
+      target = mask_sparsity(masks)["global"]
+      for kd in (False, True):
+        variables, masks = self.finetune(teacher, masks, method, sparsity, seed, kd, steps)
+        preds, feats = self.evaluate(variables, masks)
+        realized = sparsity_report(variables["params"])
+        rec = {**base, "method": method, "sparsity": sparsity, "kd": kd, "seed": seed,
+               **self.compare(reference, preds, feats),
+               "target_sparsity": _round(target),
+               "realized_sparsity": _round(realized["global"]),
+               "realized_sparsity_per_layer": {k: _round(v) for k, v in realized["per_layer"].items()}}
+        records.append(rec)
+        logging.info("[%d/%d] %-16s s=%-5g %s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f realised sparsity %.4f",
+                     i + 1, len(cells), method, sparsity, "KD" if kd else "CE", seed, rec["accuracy"],
+                     rec["cev"], rec["sde"], rec["cka"], rec["realized_sparsity"])
+    self.timings["pruned_models"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    self.write_results(records)
+    self.timings["report"] = time.perf_counter() - t
+    self.timings["total"] = time.perf_counter() - start
+    write_json_atomic(self.workdir / "timings.json", {k: round(v, 3) for k, v in self.timings.items()})
+    return records
+
+  def write_results(self, records: list[Record]) -> None:
+    cfg = self.config
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    write_atomic(self.workdir / "results.jsonl", lines)
+    notes = [
+        f"CEV in %², SDE in % (convention {cfg.metrics.convention!r}, zero reference rates: {cfg.metrics.zero_rate!r}); "
+        "both measure how unevenly the per-class FPR/FNR changed relative to the dense model (METRICS.md).",
+        "CKA: linear CKA between the penultimate features of the dense and the pruned model on the test set.",
+        f"KD: (1-α)·CE + α·T²·KL with α = {cfg.kd.alpha:g}, T = {cfg.kd.temperature:g}; fine-tuned for "
+        f"{cfg.finetune.epochs} epochs from the same masked weights as CE. Last-epoch models (no test-set selection).",
+    ]
+    table = report.write_results_markdown(self.workdir / "results.md", records,
+                                          f"prunebias_jax: {cfg.model} on {self.data.name}", notes)
+    report.write_plots(self.workdir / "plots", records)
+    print(table, flush=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, explicit_keys: Collection[str] = ()) -> list[Record]:
+  """Runs the whole experiment; returns the records written to results.jsonl.
+
+  `explicit_keys`: dotted config keys the user overrode (they are not replaced by runlocal).
+  """
+  return Experiment(config, workdir, explicit_keys).run()

@@ -1,0 +1,84 @@
+"""Command line: `python -m prunebias_jax.main --config configs/default.py --workdir runs/default`.
+
+Config values are overridden with `--config.key=value`, e.g.
+`--config.pruning.sparsities='(0.5,0.9)' --config.kd.temperature=2`. Bad input (an unknown
+key, a wrong type, a value out of range, an unwritable workdir) ends the run before any
+training with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+
+EXIT_BAD_INPUT = 2
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO records emitted from inside orbax/jax (warnings and errors still pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/", "/flax/"))
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag or config override is one line and exit code 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(_one_line(e))
+  except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
+    # ml_collections raises these for unknown keys, wrong types, or a config file that fails to load.
+    _fail(f"{type(e).__name__}: {_one_line(e)}")
+  return []
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]!r}; pass options as --config.key=value")
+  try:
+    config = _CONFIG.value
+    if config is None:
+      _fail("--config is required, e.g. --config configs/default.py")
+    config.to_dict()  # config_flags loads lazily: surface a load failure here, not mid-run
+  except (OSError, ImportError, SyntaxError, AttributeError) as e:
+    detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f"cannot load --config: {detail[-1] if detail else type(e).__name__}")
+  if not FLAGS.workdir:
+    _fail("--workdir is required, e.g. --workdir runs/default")
+  logging.set_verbosity(logging.INFO)
+  # Orbax logs several INFO lines per checkpoint through absl; keep the console to our own lines.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+  from prunebias_jax.config_validation import ConfigError
+  from prunebias_jax.experiment import run
+
+  try:
+    run(config, FLAGS.workdir, explicit_keys=set(config_flags.get_override_values(FLAGS["config"])))
+  except ConfigError as e:
+    _fail(_one_line(e))
+
+
+def cli() -> None:
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

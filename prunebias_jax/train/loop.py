@@ -1,0 +1,81 @@
+"""The training loop: batches → jitted steps, with a steady progress line."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from prunebias_jax.data.dataset import Split
+from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
+from prunebias_jax.train.state import TrainState
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss."""
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch_size: int, epochs: int,
+        seed: int, masks: PyTree | None = None, teacher_variables: PyTree | None = None,
+        alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0) -> tuple[TrainState, dict]:
+  """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`.
+
+  Step i uses the RNG fold_in(key(seed), i) and epoch e the order permutation(seed, e), so the
+  run is a pure function of (state, data, seed). Logs `stage step i/N loss acc img/s ETA`
+  every `progress_seconds` and at the end; a non-finite loss stops training with the stage,
+  step and last finite loss.
+  """
+  total = steps_per_epoch(len(split), batch_size) * epochs
+  base_rng = jax.random.key(seed)
+  alpha = jnp.float32(alpha)
+  temperature = jnp.float32(temperature)
+  sums = {"loss": jnp.float32(0), "accuracy": jnp.float32(0)}
+  window, window_start, start = 0, time.perf_counter(), time.perf_counter()
+  last_finite, last_log = float("nan"), time.perf_counter()
+  summary: dict[str, float] = {}
+  for i, (epoch, images, labels) in enumerate(train_batches(split, batch_size, seed, 0, epochs)):
+    state, metrics = step_fn(state, images, labels, jax.random.fold_in(base_rng, i), masks,
+                             teacher_variables, alpha, temperature)
+    sums = {k: sums[k] + metrics[k] for k in sums}
+    window += 1
+    now = time.perf_counter()
+    if now - last_log >= progress_seconds or i + 1 == total:
+      got = jax.device_get(sums)  # the only host sync: once per progress line
+      loss, acc = float(got["loss"]) / window, float(got["accuracy"]) / window
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"{stage}: non-finite loss at step {i + 1}/{total} (epoch {epoch + 1}); last finite mean loss "
+            f"{last_finite:.4g}. Lower the learning rate or check the data.")
+      last_finite = loss
+      now = time.perf_counter()
+      rate = window * batch_size / max(now - window_start, 1e-9)
+      eta = (total - i - 1) * batch_size / max(rate, 1e-9)
+      logging.info("%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s", stage, i + 1, total,
+                   epoch + 1, epochs, loss, acc, rate, _format_eta(eta))
+      summary = {"train_loss": loss, "train_accuracy": acc}
+      sums = {k: jnp.zeros_like(v) for k, v in sums.items()}
+      window, window_start, last_log = 0, now, now
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start
+  summary.update(steps=total, seconds=seconds, images_per_second=total * batch_size / max(seconds, 1e-9))
+  return state, summary
+
+
+def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,
+             num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+  """Logits and penultimate features of the first `num_examples` rows of the padded set."""
+  logits, features = jax.device_get(eval_fn(variables, masks, images))
+  return np.asarray(logits[:num_examples]), np.asarray(features[:num_examples])

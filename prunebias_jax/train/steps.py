@@ -1,0 +1,82 @@
+"""The jitted train step (CE or CE+KD, masks applied) and the jitted full-test-set evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from prunebias_jax.data.pipeline import augment, normalize
+from prunebias_jax.pruning.masks import apply_masks
+from prunebias_jax.train.losses import cross_entropy, kd_objective
+from prunebias_jax.train.state import TrainState
+
+PyTree = Any
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, mean, std,
+                    crop_padding: int, flip: bool, kd: bool) -> Callable:
+  """Returns jitted `step(state, images_u8, labels, rng, masks, teacher_variables, alpha, T)`.
+
+  The forward pass uses params ⊙ masks (so pruned weights get zero gradient); after the
+  optimizer update the params are re-masked, so momentum and weight decay cannot revive a
+  pruned weight. With kd=True the teacher sees the same augmented batch in inference mode.
+  `state` is donated. `alpha` and `T` are traced, so a temperature sweep compiles once.
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def step(state: TrainState, images, labels, rng, masks, teacher_variables, alpha, temperature):
+    x = normalize(augment(rng, images, crop_padding, flip), mean, std)
+
+    def loss_fn(params):
+      variables = {"params": apply_masks(params, masks), "batch_stats": state.batch_stats}
+      logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      if kd:
+        teacher_logits = model.apply(teacher_variables, x, train=False)
+        loss, ce = kd_objective(logits, teacher_logits, labels, alpha, temperature)
+      else:
+        loss = ce = cross_entropy(logits, labels)
+      return loss, (logits, updates["batch_stats"], ce)
+
+    (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = apply_masks(optax.apply_updates(state.params, updates), masks)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {
+        "loss": loss,
+        "ce": ce,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+    }
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_fn(model: nn.Module, *, mean, std) -> Callable:
+  """Returns jitted `evaluate(variables, masks, images (B,bs,...), ...) -> (logits, features)`.
+
+  One compiled pass over the whole padded test set (`lax.map` over batches keeps memory at one
+  batch of activations); callers drop the padded rows using the valid mask.
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  @jax.jit
+  def evaluate(variables, masks, images):
+    variables = {**variables, "params": apply_masks(variables["params"], masks)}
+
+    def one_batch(batch_images):
+      logits, state = model.apply(variables, normalize(batch_images, mean, std), train=False,
+                                  mutable=["intermediates"])
+      features = state["intermediates"]["features"][0]
+      return logits.astype(jnp.float32), features.reshape(features.shape[0], -1).astype(jnp.float32)
+
+    logits, features = jax.lax.map(one_batch, images)
+    return logits.reshape(-1, logits.shape[-1]), features.reshape(-1, features.shape[-1])
+
+  return evaluate

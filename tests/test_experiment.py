@@ -1,0 +1,81 @@
+"""The whole pipeline on a tiny config: outputs, contents, and resume-by-skipping."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prunebias_jax import experiment
+from prunebias_jax.config_validation import ConfigError
+
+RECORD_KEYS = {"method", "sparsity", "kd", "seed", "accuracy", "cev", "sde", "cka", "realized_sparsity",
+               "realized_sparsity_per_layer", "fpr", "fnr", "dfpr", "dfnr", "agreement", "zero_rate_classes"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  from configs.default import get_config
+
+  cfg = get_config()
+  cfg.dense.epochs = 2
+  cfg.finetune.epochs = 1
+  cfg.pruning.methods = ("l1_filter", "global_magnitude")
+  cfg.pruning.sparsities = (0.7,)
+  workdir = tmp_path_factory.mktemp("run")
+  records = experiment.run(cfg, workdir)
+  return cfg, workdir, records
+
+
+def test_outputs_written(finished_run):
+  _, workdir, records = finished_run
+  for name in ("results.jsonl", "results.md", "config.json", "dataset.json", "timings.json",
+               "plots/bias_vs_sparsity.png", "plots/accuracy_vs_sparsity.png", "plots/cka_vs_cev.png"):
+    assert (workdir / name).is_file() and (workdir / name).stat().st_size > 0, name
+  lines = (workdir / "results.jsonl").read_text().splitlines()
+  assert len(lines) == len(records) == 1 + 2 * 1 * 2  # dense + methods × sparsities × {CE, KD}
+  assert not list(workdir.glob("**/*.tmp"))  # atomic writes leave no temporaries
+  table = (workdir / "results.md").read_text()
+  assert "| l1_filter | 0.7 |" in table and "CEV KD" in table
+
+
+def test_records_are_consistent(finished_run):
+  _, workdir, records = finished_run
+  parsed = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+  assert parsed == records
+  dense = parsed[0]
+  assert dense["method"] == "dense" and dense["cev"] == 0.0 and dense["sde"] == 0.0
+  assert dense["cka"] == pytest.approx(1.0, abs=1e-5) and dense["agreement"] == 1.0
+  for r in parsed:
+    assert RECORD_KEYS <= set(r)
+    assert len(r["fpr"]) == len(r["dfnr"]) == 10
+    assert "seconds" not in json.dumps(r)  # timings live in timings.json only
+  pruned = parsed[1:]
+  assert {(r["method"], r["kd"]) for r in pruned} == {(m, kd) for m in ("l1_filter", "global_magnitude") for kd in (False, True)}
+  for r in pruned:
+    assert abs(r["realized_sparsity"] - r["target_sparsity"]) < 1e-6  # nothing revived by fine-tuning
+    assert r["cev"] >= 0 and r["sde"] >= 0 and 0 <= r["cka"] <= 1 + 1e-6
+  ds = json.loads((workdir / "dataset.json").read_text())
+  assert sum(ds["test_class_counts"]) == dense["num_test_examples"]
+  assert ds["finetune_train_class_counts"][3] < ds["teacher_train_class_counts"][3]
+
+
+def test_rerun_skips_training_and_reproduces_results(finished_run, monkeypatch):
+  cfg, workdir, _ = finished_run
+  before = (workdir / "results.jsonl").read_bytes()
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished stage was retrained")
+
+  monkeypatch.setattr(experiment, "fit", no_training)
+  experiment.run(cfg, workdir)
+  assert (workdir / "results.jsonl").read_bytes() == before
+
+
+def test_workdir_of_a_different_config_is_refused(finished_run):
+  cfg, workdir, _ = finished_run
+  other = cfg.copy_and_resolve_references()
+  other.kd.temperature = 2.0
+  with pytest.raises(ConfigError, match="different config.*kd.temperature"):
+    experiment.run(other, workdir)

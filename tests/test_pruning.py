@@ -1,0 +1,112 @@
+"""Masks: exact sparsity per method, the right weights chosen, and sparsity kept by training."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prunebias_jax.models import get_model
+from prunebias_jax.pruning import (METHODS, apply_masks, mask_sparsity, masks_from_flat, masks_to_flat,
+                                   prunable_layers, prune, sparsity_report)
+from prunebias_jax.train import create_state, make_optimizer, make_train_step
+
+
+@pytest.fixture(scope="module")
+def resnet20_params():
+  model = get_model("resnet20", 10)
+  return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+
+
+def test_prunable_layers_exclude_head_and_non_kernels(resnet20_params):
+  names = list(prunable_layers(resnet20_params))
+  assert names and all(n.endswith("kernel") for n in names)
+  assert not any("head" in n for n in names)
+  assert len(names) == 19 + 2  # 19 convs in the trunk + 2 projection shortcuts
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.98])
+@pytest.mark.parametrize("method", ["layer_magnitude", "random"])
+def test_layerwise_unstructured_sparsity_exact(resnet20_params, method, sparsity):
+  masks = prune(resnet20_params, method, sparsity, seed=3)
+  for name, m in masks_to_flat(masks).items():
+    m = np.asarray(m)
+    assert abs((m.size - m.sum()) - sparsity * m.size) <= 0.5 + 1e-9, name  # round(s·n) weights
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
+def test_global_magnitude_exact_and_threshold(resnet20_params, sparsity):
+  masks = masks_to_flat(prune(resnet20_params, "global_magnitude", sparsity))
+  layers = prunable_layers(resnet20_params)
+  total = sum(np.asarray(k).size for k in layers.values())
+  pruned = sum(np.asarray(m).size - np.asarray(m).sum() for m in masks.values())
+  assert abs(pruned - sparsity * total) <= 0.5
+  pruned_mag = np.concatenate([np.abs(np.asarray(layers[n]))[~np.asarray(m)] for n, m in masks.items()])
+  kept_mag = np.concatenate([np.abs(np.asarray(layers[n]))[np.asarray(m)] for n, m in masks.items()])
+  assert pruned_mag.max() <= kept_mag.min()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
+def test_l1_filter_prunes_lowest_norm_filters(resnet20_params, sparsity):
+  masks = masks_to_flat(prune(resnet20_params, "l1_filter", sparsity))
+  for name, kernel in prunable_layers(resnet20_params).items():
+    k = np.asarray(kernel)
+    m = np.asarray(masks[name])
+    # Whole output filters: every weight of a filter shares its fate.
+    per_filter = m.reshape(-1, k.shape[-1])
+    assert np.all(per_filter.all(axis=0) | ~per_filter.any(axis=0))
+    kept = per_filter.all(axis=0)
+    n_pruned = int(np.sum(~kept))
+    assert n_pruned == int(round(sparsity * k.shape[-1])), name  # within one filter of the target
+    norms = np.abs(k).sum(axis=tuple(range(k.ndim - 1)))  # independent L1 per output channel
+    if 0 < n_pruned < k.shape[-1]:
+      assert norms[~kept].max() <= norms[kept].min()
+
+
+def test_previous_masks_stay_pruned(resnet20_params):
+  first = prune(resnet20_params, "layer_magnitude", 0.3)
+  # Perturb weights so magnitudes change order, then prune further with the old masks.
+  noisy = jax.tree.map(lambda p: p + 0.5 * jax.random.normal(jax.random.key(1), p.shape), resnet20_params)
+  second = prune(noisy, "layer_magnitude", 0.6, previous_masks=first)
+  for n, m1 in masks_to_flat(first).items():
+    m2 = np.asarray(masks_to_flat(second)[n])
+    assert not np.any(m2 & ~np.asarray(m1)), n
+  assert abs(mask_sparsity(second)["global"] - 0.6) < 1e-3
+
+
+def test_masks_roundtrip_and_bad_input(resnet20_params):
+  masks = prune(resnet20_params, "random", 0.5, seed=0)
+  back = masks_from_flat(resnet20_params, masks_to_flat(masks))
+  assert jax.tree.structure(back, is_leaf=lambda x: x is None) == jax.tree.structure(masks, is_leaf=lambda x: x is None)
+  with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
+    prune(resnet20_params, "nope", 0.5)
+  with pytest.raises(ValueError, match="outside"):
+    prune(resnet20_params, "random", 1.0)
+  assert set(METHODS) == {"l1_filter", "global_magnitude", "layer_magnitude", "random"}
+
+
+@pytest.mark.parametrize("method", ["l1_filter", "global_magnitude"])
+def test_sparsity_unchanged_after_50_sgd_momentum_wd_steps(method):
+  model = get_model("small_cnn", 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  masks = prune(variables["params"], method, 0.7)
+  params = apply_masks(variables["params"], masks)
+  before = sparsity_report(params)
+  import ml_collections
+
+  opt_cfg = ml_collections.ConfigDict(dict(learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                                           schedule="constant", decay_epochs=(), decay_factor=0.1))
+  optimizer = make_optimizer(opt_cfg, steps_per_epoch=10, epochs=5)
+  step = make_train_step(model, optimizer, mean=(0.5,), std=(0.25,), crop_padding=1, flip=False, kd=False)
+  state = create_state(params, variables["batch_stats"], optimizer)
+  rng = np.random.default_rng(0)
+  for i in range(50):
+    images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, (16,), dtype=np.int32)
+    state, _ = step(state, images, labels, jax.random.key(i), masks, None, jnp.float32(0), jnp.float32(1))
+  after = sparsity_report(state.params)
+  assert after == before
+  # The unpruned weights did move, so this is not a vacuous check.
+  assert not np.allclose(np.asarray(state.params["conv2"]["kernel"]), np.asarray(params["conv2"]["kernel"]))
+  assert abs(after["global"] - 0.7) < 0.02
