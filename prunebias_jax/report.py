@@ -97,6 +97,7 @@ def write_plots(plot_dir: Path, records: Sequence[Record]) -> list[Path]:
           ax.plot(xs, ys, style, marker="o", color=colors[m], label=f"{m} {'KD' if kd else 'CE'}")
     ax.set_xlabel("sparsity")
     ax.set_ylabel(label)
+    ax.set_yscale("symlog", linthresh=1.0)  # values span orders of magnitude across sparsities
     ax.set_title(f"{field.upper()} vs sparsity (solid CE, dashed KD)")
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7, loc="best")
@@ -130,6 +131,7 @@ def write_plots(plot_dir: Path, records: Sequence[Record]) -> list[Path]:
         ax.scatter(*zip(*pts), marker=marker, color=colors[m], label=f"{m} {'KD' if kd else 'CE'}", s=22)
   ax.set_xlabel("linear CKA with the dense model (penultimate features)")
   ax.set_ylabel("CEV (%²)")
+  ax.set_yscale("symlog", linthresh=1.0)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   path = plot_dir / "cka_vs_cev.png"
