@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning = ml_collections.ConfigDict()
   config.pruning.methods = ("l1_filter", "global_magnitude", "layer_magnitude", "random")
   config.pruning.sparsities = (0.5, 0.7, 0.9, 0.95, 0.98)
+  config.pruning.schedule = "one_shot"  # or "gradual": AGP cubic from initial_sparsity to the target
+  config.pruning.initial_sparsity = 0.1
+  config.pruning.frequency_epochs = 5  # gradual: re-prune every k epochs ...
+  config.pruning.end_fraction = 0.5  # ... over this first fraction of fine-tuning
 
   config.kd = ml_collections.ConfigDict()
   config.kd.alpha = 0.9  # loss = (1-α)·CE + α·T²·KL(teacher_T ‖ student_T)

@@ -15,6 +15,7 @@ from prunebias_jax.data import SOURCES
 from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
 from prunebias_jax.models import available_models
 from prunebias_jax.pruning import METHODS
+from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import SCHEDULES
 
 
@@ -103,6 +104,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _require(len(sparsities) > 0, "pruning.sparsities", sparsities, "at least one sparsity in [0, 1)")
   for s in sparsities:
     _require(_is_real(s) and 0 <= s < 1, "pruning.sparsities", s, "sparsities in [0, 1)")
+
+  _choice(cfg, "pruning.schedule", PRUNING_SCHEDULES)
+  s0 = cfg.pruning.initial_sparsity
+  _require(_is_real(s0) and 0 <= s0 < 1, "pruning.initial_sparsity", s0, "a number in [0, 1)")
+  _positive_int(cfg, "pruning.frequency_epochs")
+  ef = cfg.pruning.end_fraction
+  _require(_is_real(ef) and 0 < ef <= 1, "pruning.end_fraction", ef, "a number in (0, 1]")
 
   seeds = _sequence(cfg, "seeds")
   _require(len(seeds) > 0 and all(_is_int(s) and s >= 0 for s in seeds), "seeds", seeds,

@@ -34,6 +34,7 @@ from prunebias_jax.data import Dataset, load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
 from prunebias_jax.files import check_writable, write_atomic, write_json_atomic
 from prunebias_jax.models import get_model
+from prunebias_jax.pruning.schedule import pruning_steps
 from prunebias_jax.pruning import apply_masks, mask_sparsity, masks_from_flat, masks_to_flat, prune, sparsity_report
 from prunebias_jax.train import create_state, evaluate, fit, make_eval_fn, make_optimizer, make_train_step
 
@@ -176,7 +177,7 @@ class Experiment:
       logging.info("stage dense: training %s from scratch for %d epochs on %d images", cfg.model,
                    cfg.dense.epochs, len(split))
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
-      state, summary = fit(state, step, split, stage="dense", batch_size=cfg.data.batch_size,
+      state, summary, _ = fit(state, step, split, stage="dense", batch_size=cfg.data.batch_size,
                            epochs=cfg.dense.epochs, seed=cfg.seed, progress_seconds=cfg.progress_seconds)
       tree = {"params": state.params, "batch_stats": state.batch_stats}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
@@ -184,10 +185,19 @@ class Experiment:
     self.timings["dense"] = time.perf_counter() - t
     return tree
 
-  def finetune(self, teacher, masks, method: str, sparsity: float, seed: int, kd: bool, steps):
-    """Fine-tunes teacher ⊙ masks with CE or KD, or restores a finished fine-tune."""
+  def finetune(self, teacher, method: str, sparsity: float, seed: int, kd: bool, steps):
+    """Fine-tunes the pruned teacher with CE or KD, or restores a finished fine-tune.
+
+    One-shot: masks at the target from the start. Gradual: masks from the AGP schedule,
+    re-pruned from the current weights at the scheduled epochs (pruned units stay pruned).
+    Returns (variables, final masks).
+    """
     cfg = self.config
     name = f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}_seed{seed}"
+    plan = pruning_steps(cfg.finetune.epochs, sparsity, schedule=cfg.pruning.schedule,
+                         initial=cfg.pruning.initial_sparsity, frequency=cfg.pruning.frequency_epochs,
+                         end_fraction=cfg.pruning.end_fraction)
+    masks = prune(teacher["params"], method, plan[0], seed=seed)
     ckpt = ModelCheckpoint(self.workdir / "checkpoints" / name)
     tree = {"params": apply_masks(teacher["params"], masks), "batch_stats": teacher["batch_stats"],
             "masks": masks_to_flat(masks)}
@@ -195,12 +205,22 @@ class Experiment:
       tree, _ = ckpt.restore(tree)
       logging.info("  %s: restored", name)
     else:
+      def reprune(epoch, state, current_masks):
+        if epoch == 0 or epoch not in plan:  # epoch 0's masks are already applied
+          return state, current_masks
+        new_masks = prune(state.params, method, plan[epoch], seed=seed + 1000 * epoch,
+                          previous_masks=current_masks)
+        logging.info("  %s: epoch %d re-pruned to sparsity %.4f", name, epoch + 1, plan[epoch])
+        return state.replace(params=apply_masks(state.params, new_masks)), new_masks
+
       optimizer, step = steps[kd]
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
-      state, summary = fit(state, step, self.data.train, stage=name, batch_size=cfg.data.batch_size,
-                           epochs=cfg.finetune.epochs, seed=seed, masks=masks, teacher_variables=teacher if kd else None,
-                           alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds)
-      tree = {"params": state.params, "batch_stats": state.batch_stats, "masks": tree["masks"]}
+      state, summary, masks = fit(
+          state, step, self.data.train, stage=name, batch_size=cfg.data.batch_size, epochs=cfg.finetune.epochs,
+          seed=seed, masks=masks, teacher_variables=teacher if kd else None, alpha=cfg.kd.alpha,
+          temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds,
+          epoch_hook=reprune if len(plan) > 1 else None)
+      tree = {"params": state.params, "batch_stats": state.batch_stats, "masks": masks_to_flat(masks)}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
     ckpt.close()
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, masks_from_flat(tree["params"], tree["masks"])
@@ -235,6 +255,29 @@ class Experiment:
         "dfnr": _round(change.dfnr),
     }
 
+  def population_cells(self, reference_predictions, records: list[Record],
+                       predictions: dict[tuple[str, float, bool], list[np.ndarray]]) -> list[Record]:
+    """One record per (method, sparsity, kd): CEV/SDE from the per-class rates averaged over the
+    cell's seeds (METRICS.md), and mean ± std over seeds of the per-model values."""
+    cfg = self.config
+    cells = []
+    for (method, sparsity, kd), preds in predictions.items():
+      members = [r for r in records if (r["method"], r["sparsity"], r["kd"]) == (method, sparsity, kd)]
+      change = pm.relative_rate_change(self.labels, jnp.asarray(reference_predictions), jnp.asarray(np.stack(preds)),
+                                       self.data.num_classes, zero_rate=cfg.metrics.zero_rate,
+                                       convention=cfg.metrics.convention)
+      cell = {"method": method, "sparsity": sparsity, "kd": kd, "seeds": [r["seed"] for r in members],
+              "cev": _round(pm.cev_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)),
+              "sde": _round(pm.sde_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)),
+              "dfpr": _round(change.dfpr), "dfnr": _round(change.dfnr),
+              "zero_rate_classes": int(change.num_zero_rate_classes)}
+      for field in ("accuracy", "cev", "sde", "cka", "agreement", "realized_sparsity"):
+        values = np.array([r[field] for r in members], np.float64)
+        cell[f"{field}_seed_mean"] = _round(values.mean())
+        cell[f"{field}_seed_std"] = _round(values.std(ddof=1) if values.size > 1 else 0.0)
+      cells.append(cell)
+    return cells
+
   # ----------------------------------------------------------------------------------- the run
   def run(self) -> list[Record]:
     cfg = self.config
@@ -254,24 +297,25 @@ class Experiment:
     logging.info("dense model: test accuracy %.4f", records[0]["accuracy"])
 
     steps = {kd: self._step_fn(cfg.finetune, self.data.train, kd) for kd in (False, True)}
-    cells = [(m, s, seed) for m in cfg.pruning.methods for s in cfg.pruning.sparsities for seed in cfg.seeds]
+    todo = [(m, s, seed) for m in cfg.pruning.methods for s in cfg.pruning.sparsities for seed in cfg.seeds]
+    predictions: dict[tuple[str, float, bool], list[np.ndarray]] = {}
     t = time.perf_counter()
-    for i, (method, sparsity, seed) in enumerate(cells):
-      masks = prune(teacher["params"], method, sparsity, seed=seed)
-      target = mask_sparsity(masks)["global"]
+    for i, (method, sparsity, seed) in enumerate(todo):
       for kd in (False, True):
-        variables, masks = self.finetune(teacher, masks, method, sparsity, seed, kd, steps)
+        variables, masks = self.finetune(teacher, method, sparsity, seed, kd, steps)
         preds, feats = self.evaluate(variables, masks)
+        predictions.setdefault((method, sparsity, kd), []).append(preds)
         realized = sparsity_report(variables["params"])
         rec = {**base, "method": method, "sparsity": sparsity, "kd": kd, "seed": seed,
                **self.compare(reference, preds, feats),
-               "target_sparsity": _round(target),
+               "target_sparsity": _round(mask_sparsity(masks)["global"]),
                "realized_sparsity": _round(realized["global"]),
                "realized_sparsity_per_layer": {k: _round(v) for k, v in realized["per_layer"].items()}}
         records.append(rec)
         logging.info("[%d/%d] %-16s s=%-5g %s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f realised sparsity %.4f",
-                     i + 1, len(cells), method, sparsity, "KD" if kd else "CE", seed, rec["accuracy"],
+                     i + 1, len(todo), method, sparsity, "KD" if kd else "CE", seed, rec["accuracy"],
                      rec["cev"], rec["sde"], rec["cka"], rec["realized_sparsity"])
+    self.cells = self.population_cells(dense_pred, records, predictions)
     self.timings["pruned_models"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -283,8 +327,8 @@ class Experiment:
 
   def write_results(self, records: list[Record]) -> None:
     cfg = self.config
-    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    write_atomic(self.workdir / "results.jsonl", lines)
+    for name, rows in (("results.jsonl", records), ("cells.jsonl", self.cells)):
+      write_atomic(self.workdir / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     notes = [
         f"CEV in %², SDE in % (convention {cfg.metrics.convention!r}, zero reference rates: {cfg.metrics.zero_rate!r}); "
         "both measure how unevenly the per-class FPR/FNR changed relative to the dense model (METRICS.md).",
@@ -292,9 +336,9 @@ class Experiment:
         f"KD: (1-α)·CE + α·T²·KL with α = {cfg.kd.alpha:g}, T = {cfg.kd.temperature:g}; fine-tuned for "
         f"{cfg.finetune.epochs} epochs from the same masked weights as CE. Last-epoch models (no test-set selection).",
     ]
-    table = report.write_results_markdown(self.workdir / "results.md", records,
+    table = report.write_results_markdown(self.workdir / "results.md", records[0], self.cells,
                                           f"prunebias_jax: {cfg.model} on {self.data.name}", notes)
-    report.write_plots(self.workdir / "plots", records)
+    report.write_plots(self.workdir / "plots", records, self.cells, self.data.class_names)
     print(table, flush=True)
 
 

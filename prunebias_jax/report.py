@@ -1,8 +1,12 @@
-"""Human-readable outputs: the markdown table and the paper-style plots."""
+"""Human-readable outputs: the markdown table and the paper-style plots.
+
+Both read the per-cell records (one per method × sparsity × CE/KD): CEV/SDE of a cell come
+from the per-class rates averaged over its seeds, and accuracy/CKA are mean ± std over seeds.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,121 +16,110 @@ import numpy as np
 from prunebias_jax.files import write_atomic
 
 Record = dict[str, Any]
-SUMMARY_FIELDS = ("accuracy", "cev", "sde", "cka")
 
 
-def group_cells(records: Sequence[Record]) -> dict[tuple[str, float, bool], list[Record]]:
-  """{(method, sparsity, kd): [record per seed]} for the pruned models, in run order."""
-  cells: dict[tuple[str, float, bool], list[Record]] = defaultdict(list)
-  for r in records:
-    if r["method"] != "dense":
-      cells[(r["method"], r["sparsity"], r["kd"])].append(r)
-  return cells
+def _value(cell: Record, field: str) -> str:
+  """'x' for one seed; 'mean ± std' over seeds; CEV/SDE: the population value, then the
+  per-seed mean ± std in brackets."""
+  n = len(cell["seeds"])
+  mean, std = cell[f"{field}_seed_mean"], cell[f"{field}_seed_std"]
+  if field in ("cev", "sde"):
+    return f"{cell[field]:.4g}" if n == 1 else f"{cell[field]:.4g} ({mean:.4g} ± {std:.2g})"
+  return f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {std:.4f}"
 
 
-def _mean_std(values: Sequence[float]) -> str:
-  v = np.asarray(values, np.float64)
-  if v.size == 1:
-    return f"{v[0]:.4g}"
-  return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}"
-
-
-def results_table(records: Sequence[Record]) -> str:
-  """Markdown: one row per (method, sparsity), CE and KD side by side (mean ± std over seeds)."""
-  dense = [r for r in records if r["method"] == "dense"]
-  cells = group_cells(records)
-  seeds = sorted({r["seed"] for r in records if r["method"] != "dense"})
-  lines = []
-  if dense:
-    lines.append(f"Dense reference: accuracy {dense[0]['accuracy']:.4f} on {dense[0]['num_test_examples']} "
-                 f"test examples. Students per cell: {len(seeds)} (seeds {', '.join(map(str, seeds))}).")
-    lines.append("")
+def results_table(dense: Record, cells: Sequence[Record]) -> str:
+  """Markdown: one row per (method, sparsity), CE and KD side by side."""
+  seeds = sorted({s for c in cells for s in c["seeds"]})
+  lines = [f"Dense reference: accuracy {dense['accuracy']:.4f} on {dense['num_test_examples']} test examples. "
+           f"Students per cell: {len(seeds)} (seeds {', '.join(map(str, seeds))}).", ""]
   header = ["method", "sparsity"] + [f"{f} {k}" for f in ("acc", "CEV", "SDE", "CKA") for k in ("CE", "KD")]
   lines.append("| " + " | ".join(header) + " |")
   lines.append("|" + "---|" * len(header))
-  rows = list(dict.fromkeys((m, s) for (m, s, _) in cells))  # run order
-  for method, sparsity in rows:
+  by_key = {(c["method"], c["sparsity"], c["kd"]): c for c in cells}
+  for method, sparsity in dict.fromkeys((c["method"], c["sparsity"]) for c in cells):
     row = [method, f"{sparsity:g}"]
-    for field in SUMMARY_FIELDS:
+    for field in ("accuracy", "cev", "sde", "cka"):
       for kd in (False, True):
-        recs = cells.get((method, sparsity, kd), [])
-        row.append(_mean_std([r[field] for r in recs]) if recs else "–")
+        cell = by_key.get((method, sparsity, kd))
+        row.append(_value(cell, field) if cell else "–")
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
 
-def write_results_markdown(path: Path, records: Sequence[Record], title: str, notes: Sequence[str] = ()) -> str:
-  table = results_table(records)
+def write_results_markdown(path: Path, dense: Record, cells: Sequence[Record], title: str,
+                           notes: Sequence[str] = ()) -> str:
+  table = results_table(dense, cells)
   text = f"# {title}\n\n" + table + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
   write_atomic(path, text)
   return table
 
 
 def _savefig(fig, path: Path) -> None:
-  import io
-
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
   write_atomic(path, buf.getvalue())
 
 
-def write_plots(plot_dir: Path, records: Sequence[Record]) -> list[Path]:
-  """CEV and SDE vs sparsity (CE solid, KD dashed, a colour per method), accuracy vs sparsity,
-  and CKA vs CEV. Returns the written paths."""
+def write_plots(plot_dir: Path, records: Sequence[Record], cells: Sequence[Record],
+                class_names: Sequence[str]) -> list[Path]:
+  """bias_vs_sparsity.png (CEV, SDE; CE solid, KD dashed, a colour per method),
+  accuracy_vs_sparsity.png, cka_vs_cev.png (every pruned model) and class_changes.png
+  (per-class ΔFPR vs ΔFNR with the y = x line, a panel per method × sparsity)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  cells = group_cells(records)
-  methods = list(dict.fromkeys(m for (m, _, _) in cells))
+  methods = list(dict.fromkeys(c["method"] for c in cells))
+  sparsities = sorted({c["sparsity"] for c in cells})
   colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-  dense = [r for r in records if r["method"] == "dense"]
+  dense = next(r for r in records if r["method"] == "dense")
   written = []
 
   def series(method: str, kd: bool, field: str):
-    pts = sorted((s, np.mean([r[field] for r in recs])) for (m, s, k), recs in cells.items() if m == method and k == kd)
-    return [p[0] for p in pts], [p[1] for p in pts]
+    pts = sorted((c["sparsity"], c[field], c.get(field.replace("_seed_mean", "_seed_std"), 0.0))
+                 for c in cells if c["method"] == method and c["kd"] == kd)
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+  def save(fig, name: str) -> None:
+    path = plot_dir / name
+    _savefig(fig, path)
+    plt.close(fig)
+    written.append(path)
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, field, label in ((axes[0], "cev", "CEV (%²)"), (axes[1], "sde", "SDE (%)")):
     for m in methods:
       for kd, style in ((False, "-"), (True, "--")):
-        xs, ys = series(m, kd, field)
-        if xs:
-          ax.plot(xs, ys, style, marker="o", color=colors[m], label=f"{m} {'KD' if kd else 'CE'}")
+        xs, ys, _ = series(m, kd, field)
+        ax.plot(xs, ys, style, marker="o" if not kd else "^", color=colors[m], label=f"{m} {'KD' if kd else 'CE'}")
     ax.set_xlabel("sparsity")
     ax.set_ylabel(label)
     ax.set_yscale("symlog", linthresh=1.0)  # values span orders of magnitude across sparsities
     ax.set_title(f"{field.upper()} vs sparsity (solid CE, dashed KD)")
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7, loc="best")
-  path = plot_dir / "bias_vs_sparsity.png"
-  _savefig(fig, path)
-  plt.close(fig)
-  written.append(path)
+  save(fig, "bias_vs_sparsity.png")
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for m in methods:
     for kd, style in ((False, "-"), (True, "--")):
-      xs, ys = series(m, kd, "accuracy")
-      if xs:
-        ax.plot(xs, ys, style, marker="o", color=colors[m], label=f"{m} {'KD' if kd else 'CE'}")
-  if dense:
-    ax.axhline(dense[0]["accuracy"], color="k", lw=1, label="dense")
+      xs, ys, err = series(m, kd, "accuracy_seed_mean")
+      ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o" if not kd else "^", color=colors[m], capsize=2,
+                  label=f"{m} {'KD' if kd else 'CE'}")
+  ax.axhline(dense["accuracy"], color="k", lw=1, label="dense")
   ax.set_xlabel("sparsity")
-  ax.set_ylabel("test accuracy")
+  ax.set_ylabel("test accuracy (mean ± std over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  path = plot_dir / "accuracy_vs_sparsity.png"
-  _savefig(fig, path)
-  plt.close(fig)
-  written.append(path)
+  save(fig, "accuracy_vs_sparsity.png")
 
   fig, ax = plt.subplots(figsize=(6, 4))
+  pruned = [r for r in records if r["method"] != "dense"]
   for m in methods:
     for kd, marker in ((False, "o"), (True, "^")):
-      pts = [(r["cka"], r["cev"]) for (mm, _, k), recs in cells.items() if mm == m and k == kd for r in recs]
+      pts = [(r["cka"], r["cev"]) for r in pruned if r["method"] == m and r["kd"] == kd]
       if pts:
         ax.scatter(*zip(*pts), marker=marker, color=colors[m], label=f"{m} {'KD' if kd else 'CE'}", s=22)
   ax.set_xlabel("linear CKA with the dense model (penultimate features)")
@@ -134,8 +127,32 @@ def write_plots(plot_dir: Path, records: Sequence[Record]) -> list[Path]:
   ax.set_yscale("symlog", linthresh=1.0)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  path = plot_dir / "cka_vs_cev.png"
-  _savefig(fig, path)
-  plt.close(fig)
-  written.append(path)
+  save(fig, "cka_vs_cev.png")
+
+  by_key = {(c["method"], c["sparsity"], c["kd"]): c for c in cells}
+  fig, axes = plt.subplots(len(methods), len(sparsities), figsize=(2.6 * len(sparsities), 2.6 * len(methods)),
+                           squeeze=False)
+  for i, m in enumerate(methods):
+    for j, s in enumerate(sparsities):
+      ax = axes[i][j]
+      lim = 1.0
+      for kd, marker, color in ((False, "o", "tab:red"), (True, "^", "tab:blue")):
+        cell = by_key.get((m, s, kd))
+        if cell is None:
+          continue
+        x, y = np.asarray(cell["dfpr"], float), np.asarray(cell["dfnr"], float)
+        ax.scatter(x, y, marker=marker, color=color, s=14, label="KD" if kd else "CE")
+        lim = max(lim, float(np.abs(np.concatenate([x, y])).max()))
+      ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.7)  # ΔFPR = ΔFNR: the line SDE measures distance to
+      ax.set_xscale("symlog", linthresh=10.0)
+      ax.set_yscale("symlog", linthresh=10.0)
+      ax.set_title(f"{m} s={s:g}", fontsize=8)
+      ax.tick_params(labelsize=6)
+      if i == len(methods) - 1:
+        ax.set_xlabel("ΔFPR (%)", fontsize=7)
+      if j == 0:
+        ax.set_ylabel("ΔFNR (%)", fontsize=7)
+  axes[0][0].legend(fontsize=6)
+  fig.suptitle(f"per-class change vs the dense model ({len(class_names)} classes; seeds averaged)", fontsize=9)
+  save(fig, "class_changes.png")
   return written

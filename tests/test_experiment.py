@@ -31,7 +31,8 @@ def finished_run(tmp_path_factory):
 def test_outputs_written(finished_run):
   _, workdir, records = finished_run
   for name in ("results.jsonl", "results.md", "config.json", "dataset.json", "timings.json",
-               "plots/bias_vs_sparsity.png", "plots/accuracy_vs_sparsity.png", "plots/cka_vs_cev.png"):
+               "plots/bias_vs_sparsity.png", "plots/accuracy_vs_sparsity.png", "plots/cka_vs_cev.png",
+               "plots/class_changes.png", "cells.jsonl"):
     assert (workdir / name).is_file() and (workdir / name).stat().st_size > 0, name
   lines = (workdir / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(records) == 1 + 2 * 1 * 2  # dense + methods × sparsities × {CE, KD}
@@ -79,3 +80,59 @@ def test_workdir_of_a_different_config_is_refused(finished_run):
   other.kd.temperature = 2.0
   with pytest.raises(ConfigError, match="different config.*kd.temperature"):
     experiment.run(other, workdir)
+
+
+@pytest.fixture(scope="module")
+def gradual_two_seed_run(tmp_path_factory):
+  from configs.default import get_config
+
+  cfg = get_config()
+  cfg.dense.epochs = 2
+  cfg.finetune.epochs = 3
+  cfg.pruning.methods = ("layer_magnitude",)
+  cfg.pruning.sparsities = (0.8,)
+  cfg.pruning.schedule = "gradual"
+  cfg.pruning.frequency_epochs = 1
+  cfg.pruning.end_fraction = 0.7  # span 2: prune at epochs 0 (10%), 1 (AGP), 2 (target)
+  cfg.seeds = (0, 1)
+  workdir = tmp_path_factory.mktemp("gradual")
+  records = experiment.run(cfg, workdir)
+  cells = [json.loads(l) for l in (workdir / "cells.jsonl").read_text().splitlines()]
+  return workdir, records, cells
+
+
+def test_gradual_schedule_reaches_the_target_exactly(gradual_two_seed_run):
+  _, records, _ = gradual_two_seed_run
+  pruned = records[1:]
+  assert len(pruned) == 4  # 2 seeds × {CE, KD}
+  for r in pruned:
+    assert r["target_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert r["realized_sparsity"] == pytest.approx(r["target_sparsity"], abs=1e-6)
+    for frac in r["realized_sparsity_per_layer"].values():
+      assert frac == pytest.approx(0.8, abs=0.01)
+
+
+def test_cells_average_rates_over_seeds_before_the_change(gradual_two_seed_run):
+  workdir, records, cells = gradual_two_seed_run
+  dense = records[0]
+  counts = np.array(json.loads((workdir / "dataset.json").read_text())["test_class_counts"], float)
+  n = counts.sum()
+  assert len(cells) == 2 and {c["kd"] for c in cells} == {False, True}
+  for cell in cells:
+    members = [r for r in records[1:] if r["kd"] == cell["kd"]]
+    assert cell["seeds"] == [0, 1]
+    # Independent NumPy: mean rates over seeds, floor rule in the denominator, Simon Says constants.
+    ref_fpr, ref_fnr = np.array(dense["fpr"]), np.array(dense["fnr"])
+    fpr = np.mean([r["fpr"] for r in members], axis=0)
+    fnr = np.mean([r["fnr"] for r in members], axis=0)
+    den_fpr = np.where(ref_fpr > 0, ref_fpr, 1 / (n - counts))
+    den_fnr = np.where(ref_fnr > 0, ref_fnr, 1 / counts)
+    dfpr, dfnr = 100 * (fpr - ref_fpr) / den_fpr, 100 * (fnr - ref_fnr) / den_fnr
+    cev = 0.5 * (dfpr.var() + dfnr.var())
+    sde = np.mean(np.abs(dfpr - dfnr)) / np.sqrt(2)
+    assert cell["cev"] == pytest.approx(cev, rel=1e-3)
+    assert cell["sde"] == pytest.approx(sde, rel=1e-3)
+    assert cell["accuracy_seed_mean"] == pytest.approx(np.mean([r["accuracy"] for r in members]), abs=1e-6)
+    assert cell["cev_seed_std"] == pytest.approx(np.std([r["cev"] for r in members], ddof=1), rel=1e-4, abs=1e-3)
+  table = (workdir / "results.md").read_text()
+  assert "±" in table and "seeds 0, 1" in table

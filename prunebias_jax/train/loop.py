@@ -30,13 +30,18 @@ def _format_eta(seconds: float) -> str:
 
 def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch_size: int, epochs: int,
         seed: int, masks: PyTree | None = None, teacher_variables: PyTree | None = None,
-        alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0) -> tuple[TrainState, dict]:
-  """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`.
+        alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0,
+        epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
+        ) -> tuple[TrainState, dict, PyTree]:
+  """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
+  (state, summary, final masks).
 
   Step i uses the RNG fold_in(key(seed), i) and epoch e the order permutation(seed, e), so the
   run is a pure function of (state, data, seed). Logs `stage step i/N loss acc img/s ETA`
   every `progress_seconds` and at the end; a non-finite loss stops training with the stage,
-  step and last finite loss.
+  step and last finite loss. `epoch_hook(epoch, state, masks) -> (state, masks)` runs before
+  the first step of every epoch (gradual pruning changes the masks there; the masks are a
+  step argument, so new masks do not recompile the step).
   """
   total = steps_per_epoch(len(split), batch_size) * epochs
   base_rng = jax.random.key(seed)
@@ -46,7 +51,12 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   window, window_start, start = 0, time.perf_counter(), time.perf_counter()
   last_finite, last_log = float("nan"), time.perf_counter()
   summary: dict[str, float] = {}
+  current_epoch = -1
   for i, (epoch, images, labels) in enumerate(train_batches(split, batch_size, seed, 0, epochs)):
+    if epoch != current_epoch:
+      current_epoch = epoch
+      if epoch_hook is not None:
+        state, masks = epoch_hook(epoch, state, masks)
     state, metrics = step_fn(state, images, labels, jax.random.fold_in(base_rng, i), masks,
                              teacher_variables, alpha, temperature)
     sums = {k: sums[k] + metrics[k] for k in sums}
@@ -71,7 +81,7 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
   summary.update(steps=total, seconds=seconds, images_per_second=total * batch_size / max(seconds, 1e-9))
-  return state, summary
+  return state, summary, masks
 
 
 def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,
