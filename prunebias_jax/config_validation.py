@@ -79,6 +79,17 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "data.source", SOURCES)
   _positive_int(cfg, "data.batch_size")
   _positive_int(cfg, "data.eval_batch_size")
+  if cfg.data.source == "tfds":
+    _require(isinstance(cfg.data.name, str) and cfg.data.name != "", "data.name", cfg.data.name,
+             "a TFDS dataset name with data.source=tfds, e.g. --config.data.name=cifar10")
+  if cfg.data.source == "image_folder":
+    _require(isinstance(cfg.data.dir, str) and cfg.data.dir != "", "data.dir", cfg.data.dir,
+             "a folder with train/<class>/* and test/<class>/* with data.source=image_folder")
+  for field in ("train_examples", "test_examples"):
+    v = cfg.data[field]
+    _require(_is_int(v) and v >= 0, f"data.{field}", v, "an integer >= 0 (0 = all)")
+  size = cfg.data.image_size
+  _require(size is None or (_is_int(size) and size >= 8), "data.image_size", size, "None or an integer >= 8")
   tf = cfg.data.test_fraction
   _require(_is_real(tf) and 0 < tf < 1, "data.test_fraction", tf, "a number in (0, 1)")
   cp = cfg.data.crop_padding
@@ -94,6 +105,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   for stage in ("dense", "finetune"):
     _positive_int(cfg, f"{stage}.epochs")
+    if cfg[stage].batch_size is not None:
+      _positive_int(cfg, f"{stage}.batch_size")
     _optim(cfg, f"{stage}.optim")
 
   methods = _sequence(cfg, "pruning.methods")
@@ -129,9 +142,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _require(_is_real(ps) and ps > 0, "progress_seconds", ps, "a number > 0")
 
 
-def validate_against_dataset(cfg: ml_collections.ConfigDict, num_classes: int, train_size: int) -> None:
+def validate_against_dataset(cfg: ml_collections.ConfigDict, num_classes: int, teacher_train_size: int,
+                             finetune_train_size: int) -> None:
   """Checks that need the dataset's size (still before any training)."""
   for c in cfg.data.imbalance.classes:
     _require(c < num_classes, "data.imbalance.classes", c, f"class indices in [0, {num_classes - 1}]")
-  bs = cfg.data.batch_size
-  _require(bs <= train_size, "data.batch_size", bs, f"at most the training split size ({train_size})")
+  for stage, size in (("dense", teacher_train_size), ("finetune", finetune_train_size)):
+    own = cfg[stage].batch_size
+    field, bs = (f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)
+    _require(bs <= size, field, bs, f"at most the {stage} training split size ({size})")

@@ -129,8 +129,7 @@ class Experiment:
     _guard_workdir(self.workdir, cfg)
     t = time.perf_counter()
     self.data: Dataset = load_dataset(cfg.data)
-    validate_against_dataset(cfg, self.data.num_classes,
-                             min(len(self.data.train), len(self.data.teacher_train)))
+    validate_against_dataset(cfg, self.data.num_classes, len(self.data.teacher_train), len(self.data.train))
     self.timings["load_data"] = time.perf_counter() - t
     self.model = get_model(cfg.model, self.data.num_classes)
     write_json_atomic(self.workdir / "config.json", json.loads(cfg.to_json()))
@@ -152,9 +151,14 @@ class Experiment:
     self.labels = jnp.asarray(self.data.test.labels)
     self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std)
 
+  def batch_size(self, stage_cfg) -> int:
+    """The stage's own batch size, else data.batch_size."""
+    return stage_cfg.batch_size or self.config.data.batch_size
+
   def _step_fn(self, stage_cfg, split, kd: bool):
     cfg = self.config
-    optimizer = make_optimizer(stage_cfg.optim, steps_per_epoch(len(split), cfg.data.batch_size), stage_cfg.epochs)
+    optimizer = make_optimizer(stage_cfg.optim, steps_per_epoch(len(split), self.batch_size(stage_cfg)),
+                               stage_cfg.epochs)
     step = make_train_step(self.model, optimizer, mean=self.data.mean, std=self.data.std,
                            crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, kd=kd)
     return optimizer, step
@@ -177,7 +181,7 @@ class Experiment:
       logging.info("stage dense: training %s from scratch for %d epochs on %d images", cfg.model,
                    cfg.dense.epochs, len(split))
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
-      state, summary, _ = fit(state, step, split, stage="dense", batch_size=cfg.data.batch_size,
+      state, summary, _ = fit(state, step, split, stage="dense", batch_size=self.batch_size(cfg.dense),
                            epochs=cfg.dense.epochs, seed=cfg.seed, progress_seconds=cfg.progress_seconds)
       tree = {"params": state.params, "batch_stats": state.batch_stats}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
@@ -216,7 +220,7 @@ class Experiment:
       optimizer, step = steps[kd]
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
       state, summary, masks = fit(
-          state, step, self.data.train, stage=name, batch_size=cfg.data.batch_size, epochs=cfg.finetune.epochs,
+          state, step, self.data.train, stage=name, batch_size=self.batch_size(cfg.finetune), epochs=cfg.finetune.epochs,
           seed=seed, masks=masks, teacher_variables=teacher if kd else None, alpha=cfg.kd.alpha,
           temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds,
           epoch_hook=reprune if len(plan) > 1 else None)

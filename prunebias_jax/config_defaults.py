@@ -1,0 +1,81 @@
+"""Every config field with its default; `configs/*.py` start from `base_config()` and change
+what their experiment needs, so all configs share one schema (and one validator)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def sgd(learning_rate: float, *, schedule: str = "cosine", decay_epochs: Sequence[float] = (),
+        decay_factor: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> ml_collections.ConfigDict:
+  """SGD with momentum and L2 weight decay; schedule 'cosine' | 'step' | 'constant'."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, momentum=momentum, nesterov=False, weight_decay=weight_decay,
+      schedule=schedule, decay_epochs=tuple(decay_epochs), decay_factor=decay_factor))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with the embedded-digits defaults."""
+  config = ml_collections.ConfigDict()
+  config.model = "small_cnn"
+  config.seed = 0  # dense (teacher) initialisation and data order
+  config.seeds = (0,)  # one fine-tuned student per seed for every (method, sparsity, CE/KD) cell
+  config.runlocal = False  # apply runlocal_overrides: a minutes-long CPU check of the same pipeline
+  config.runlocal_overrides = ()  # ((dotted key, value), ...)
+  config.progress_seconds = 10.0  # a progress line at least this often during training
+  config.overwrite = False  # True: discard checkpoints/results of a different config in --workdir
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "digits"  # 'digits' (embedded) | 'tfds' | 'image_folder'
+  config.data.name = placeholder(str)  # tfds: dataset name, e.g. 'cifar10', 'cifar100', 'celeb_a'
+  config.data.data_dir = placeholder(str)  # tfds: a prepared TFDS directory (None: TFDS default)
+  config.data.dir = placeholder(str)  # image_folder: root with train/<class>/* and test/<class>/*
+  config.data.cache_dir = placeholder(str)  # image_folder decode cache (None: the user cache dir)
+  config.data.train_split = "train"
+  config.data.test_split = "test"
+  config.data.label_attribute = "Blond_Hair"  # celeb_a: the binary attribute used as label
+  config.data.group_attribute = placeholder(str)  # sensitive attribute (celeb_a: e.g. 'Male')
+  config.data.image_size = placeholder(int)  # resize to image_size² (None: keep)
+  config.data.train_examples = 0  # >0: a seeded stratified subset of the training split
+  config.data.test_examples = 0  # >0: a seeded stratified subset of the test split
+  config.data.test_fraction = 0.4  # digits only: stratified train/test split
+  config.data.split_seed = 0
+  config.data.batch_size = 64
+  config.data.eval_batch_size = 256
+  config.data.crop_padding = 1  # random crop after zero padding (0 = off)
+  config.data.flip = False  # random horizontal flip
+  config.data.imbalance = ml_collections.ConfigDict()
+  config.data.imbalance.classes = (3, 5, 8)
+  config.data.imbalance.keep_fractions = (0.1, 0.15, 0.2)
+  config.data.imbalance.seed = 0
+  config.data.imbalance.apply_to_dense = False  # paper: the teacher trains on balanced data
+
+  config.dense = ml_collections.ConfigDict()
+  config.dense.epochs = 30
+  config.dense.batch_size = placeholder(int)  # None: data.batch_size
+  config.dense.optim = sgd(0.05)
+
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.epochs = 10
+  config.finetune.batch_size = placeholder(int)  # None: data.batch_size
+  config.finetune.optim = sgd(0.05)
+
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.methods = ("l1_filter", "global_magnitude", "layer_magnitude", "random")
+  config.pruning.sparsities = (0.5, 0.7, 0.9, 0.95, 0.98)
+  config.pruning.schedule = "one_shot"  # or "gradual": AGP cubic from initial_sparsity to the target
+  config.pruning.initial_sparsity = 0.1
+  config.pruning.frequency_epochs = 5  # gradual: re-prune every k epochs ...
+  config.pruning.end_fraction = 0.5  # ... over this first fraction of fine-tuning
+
+  config.kd = ml_collections.ConfigDict()
+  config.kd.alpha = 0.9  # loss = (1-α)·CE + α·T²·KL(teacher_T ‖ student_T)
+  config.kd.temperature = 4.0
+
+  config.metrics = ml_collections.ConfigDict()
+  config.metrics.zero_rate = "floor"  # or "exclude" (METRICS.md; floor applies to the denominator)
+  config.metrics.convention = "simon_says"  # or "nas2022"
+  return config
