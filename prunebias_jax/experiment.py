@@ -30,7 +30,7 @@ from prunebias_jax import metrics as pm
 from prunebias_jax import report
 from prunebias_jax.checkpoint import ModelCheckpoint
 from prunebias_jax.config_validation import ConfigError, validate_against_dataset, validate_config
-from prunebias_jax.data import Dataset, load_dataset
+from prunebias_jax.data import Dataset, DataError, load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
 from prunebias_jax.files import check_writable, write_atomic, write_json_atomic
 from prunebias_jax.models import get_model
@@ -128,7 +128,10 @@ class Experiment:
                         "pass a directory you can write to") from None
     _guard_workdir(self.workdir, cfg)
     t = time.perf_counter()
-    self.data: Dataset = load_dataset(cfg.data)
+    try:
+      self.data: Dataset = load_dataset(cfg.data)
+    except DataError as e:  # bad data input is bad input: one line, exit code 2
+      raise ConfigError(str(e)) from None
     validate_against_dataset(cfg, self.data.num_classes, len(self.data.teacher_train), len(self.data.train))
     self.timings["load_data"] = time.perf_counter() - t
     self.model = get_model(cfg.model, self.data.num_classes)
@@ -301,7 +304,9 @@ class Experiment:
     logging.info("dense model: test accuracy %.4f", records[0]["accuracy"])
 
     steps = {kd: self._step_fn(cfg.finetune, self.data.train, kd) for kd in (False, True)}
-    todo = [(m, s, seed) for m in cfg.pruning.methods for s in cfg.pruning.sparsities for seed in cfg.seeds]
+    # Seed-major order: an interrupted sweep has whole seeds done, which a rerun with fewer
+    # seeds can already report (sweep axes reuse finished checkpoints).
+    todo = [(m, s, seed) for seed in cfg.seeds for m in cfg.pruning.methods for s in cfg.pruning.sparsities]
     predictions: dict[tuple[str, float, bool], list[np.ndarray]] = {}
     t = time.perf_counter()
     for i, (method, sparsity, seed) in enumerate(todo):

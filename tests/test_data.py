@@ -92,3 +92,13 @@ def test_normalize_matches_numpy():
   ref = (images / 255.0 - np.array(mean)) / np.array(std)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   np.testing.assert_allclose(out.reshape(-1, 3).mean(0), 0, atol=1e-5)
+
+
+def test_channel_stats_match_numpy_float64():
+  images = np.random.default_rng(3).integers(0, 256, (50, 5, 5, 3), dtype=np.uint8)
+  images[..., 2] = 7  # a constant channel: std falls back to 1
+  mean, std = channel_stats(images)
+  ref = images.reshape(-1, 3).astype(np.float64) / 255.0
+  np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(std[:2], ref.std(0)[:2], rtol=1e-12)
+  assert std[2] == 1.0
