@@ -22,11 +22,14 @@ EXIT_BAD_INPUT = 2
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops INFO records emitted from inside orbax/jax (warnings and errors still pass)."""
+  """Drops INFO records from inside orbax/jax/flax, and INFO/WARNING records from TFDS (which
+  warns about every folder it probes; our own error line says what is missing)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in ("/orbax/", "/jax/", "/flax/"))
+    path = record.pathname
+    if "/tensorflow_datasets/" in path:
+      return record.levelno >= std_logging.ERROR
+    return record.levelno >= std_logging.WARNING or not any(part in path for part in ("/orbax/", "/jax/", "/flax/"))
 
 
 def _fail(message: str) -> None:

@@ -45,6 +45,25 @@ def test_unwritable_workdir_exits_2(tmp_path):
   assert proc.returncode == 2 and "workdir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_bad_data_input_exits_2_before_training(tmp_path):
+  root = tmp_path / "images"
+  (root / "train" / "cat").mkdir(parents=True)  # no test split
+  proc = run_cli("--config.data.source=image_folder", f"--config.data.dir={root}", workdir=tmp_path / "w")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "test" in lines[0] and "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_unprepared_tfds_dir_exits_2_and_says_how_to_prepare(tmp_path):
+  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.data_dir={tmp_path / 'empty'}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert "prepare_data.py" in lines[0] and "cifar10" in lines[0]
+
+
 def test_missing_config_file_exits_2(tmp_path):
   cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/nope.py", f"--workdir={tmp_path}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
