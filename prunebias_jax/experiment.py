@@ -34,6 +34,7 @@ from prunebias_jax.data import Dataset, DataError, load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
 from prunebias_jax.files import check_writable, write_atomic, write_json_atomic
 from prunebias_jax.models import get_model
+from prunebias_jax.parallel import DataParallel
 from prunebias_jax.pruning.schedule import pruning_steps
 from prunebias_jax.pruning import apply_masks, mask_sparsity, masks_from_flat, masks_to_flat, prune, sparsity_report
 from prunebias_jax.train import create_state, evaluate, fit, make_eval_fn, make_optimizer, make_train_step
@@ -126,6 +127,14 @@ class Experiment:
     except OSError as e:
       raise ConfigError(f"--workdir {str(self.workdir)!r} is not writable ({e.strerror or e}); "
                         "pass a directory you can write to") from None
+    self.parallel = DataParallel()
+    for field in ("data.batch_size", "data.eval_batch_size", "dense.batch_size", "finetune.batch_size"):
+      value = cfg[field.split(".")[0]][field.split(".")[1]]
+      problem = value and self.parallel.check_batch_size(value, field)
+      if problem:
+        raise ConfigError(problem)
+    logging.info("devices: %d × %s over %d process(es); global batch %d sharded on the 'data' axis",
+                 self.parallel.num_devices, jax.devices()[0].platform, jax.process_count(), cfg.data.batch_size)
     _guard_workdir(self.workdir, cfg)
     t = time.perf_counter()
     try:
@@ -152,7 +161,8 @@ class Experiment:
                  self.data.train.class_counts(C).tolist())
     self.eval_images, eval_labels, _ = padded_eval_arrays(self.data.test, cfg.data.eval_batch_size)
     self.labels = jnp.asarray(self.data.test.labels)
-    self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std)
+    self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std,
+                                out_shardings=self.parallel.replicated)
 
   def batch_size(self, stage_cfg) -> int:
     """The stage's own batch size, else data.batch_size."""
@@ -185,6 +195,7 @@ class Experiment:
                    cfg.dense.epochs, len(split))
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
       state, summary, _ = fit(state, step, split, stage="dense", batch_size=self.batch_size(cfg.dense),
+                              parallel=self.parallel,
                            epochs=cfg.dense.epochs, seed=cfg.seed, progress_seconds=cfg.progress_seconds)
       tree = {"params": state.params, "batch_stats": state.batch_stats}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
@@ -226,14 +237,15 @@ class Experiment:
           state, step, self.data.train, stage=name, batch_size=self.batch_size(cfg.finetune), epochs=cfg.finetune.epochs,
           seed=seed, masks=masks, teacher_variables=teacher if kd else None, alpha=cfg.kd.alpha,
           temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds,
-          epoch_hook=reprune if len(plan) > 1 else None)
+          epoch_hook=reprune if len(plan) > 1 else None, parallel=self.parallel)
       tree = {"params": state.params, "batch_stats": state.batch_stats, "masks": masks_to_flat(masks)}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
     ckpt.close()
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, masks_from_flat(tree["params"], tree["masks"])
 
   def evaluate(self, variables, masks=None):
-    logits, features = evaluate(self.eval_fn, variables, masks, self.eval_images, len(self.data.test))
+    logits, features = evaluate(self.eval_fn, variables, masks, self.eval_images, len(self.data.test),
+                                parallel=self.parallel)
     return np.argmax(logits, axis=-1).astype(np.int32), features
 
   def compare(self, reference, predictions, features) -> Record:

@@ -14,6 +14,7 @@ from absl import logging
 
 from prunebias_jax.data.dataset import Split
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
+from prunebias_jax.parallel import DataParallel
 from prunebias_jax.train.state import TrainState
 
 PyTree = Any
@@ -32,18 +33,22 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
         seed: int, masks: PyTree | None = None, teacher_variables: PyTree | None = None,
         alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0,
         epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
-        ) -> tuple[TrainState, dict, PyTree]:
+        parallel: DataParallel | None = None) -> tuple[TrainState, dict, PyTree]:
   """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
   (state, summary, final masks).
 
   Step i uses the RNG fold_in(key(seed), i) and epoch e the order permutation(seed, e), so the
   run is a pure function of (state, data, seed). Logs `stage step i/N loss acc img/s ETA`
   every `progress_seconds` and at the end; a non-finite loss stops training with the stage,
-  step and last finite loss. `epoch_hook(epoch, state, masks) -> (state, masks)` runs before
+  step and last finite loss. With `parallel`, each process feeds its slice of every global
+  batch and the step runs sharded over the mesh (state, masks and teacher replicated). `epoch_hook(epoch, state, masks) -> (state, masks)` runs before
   the first step of every epoch (gradual pruning changes the masks there; the masks are a
   step argument, so new masks do not recompile the step).
   """
   total = steps_per_epoch(len(split), batch_size) * epochs
+  parallel = DataParallel() if parallel is None else parallel
+  local = parallel.process_slice(batch_size)
+  state, masks, teacher_variables = parallel.replicate((state, masks, teacher_variables))
   base_rng = jax.random.key(seed)
   alpha = jnp.float32(alpha)
   temperature = jnp.float32(temperature)
@@ -57,6 +62,8 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
       current_epoch = epoch
       if epoch_hook is not None:
         state, masks = epoch_hook(epoch, state, masks)
+        state, masks = parallel.replicate((state, masks))
+    images, labels = parallel.put_batch(images[local]), parallel.put_batch(labels[local])
     state, metrics = step_fn(state, images, labels, jax.random.fold_in(base_rng, i), masks,
                              teacher_variables, alpha, temperature)
     sums = {k: sums[k] + metrics[k] for k in sums}
@@ -85,7 +92,12 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
 
 
 def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,
-             num_examples: int) -> tuple[np.ndarray, np.ndarray]:
-  """Logits and penultimate features of the first `num_examples` rows of the padded set."""
+             num_examples: int, parallel: DataParallel | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Logits and penultimate features of the first `num_examples` rows of the padded set
+  (images (num_batches, batch, H, W, C); each batch is sharded over the devices)."""
+  parallel = DataParallel() if parallel is None else parallel
+  local = parallel.process_slice(images.shape[1])
+  variables, masks = parallel.replicate((variables, masks))
+  images = parallel.put_batch(images[:, local], parallel.eval_batches, axis=1)
   logits, features = jax.device_get(eval_fn(variables, masks, images))
   return np.asarray(logits[:num_examples]), np.asarray(features[:num_examples])

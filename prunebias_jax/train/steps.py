@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -57,16 +58,17 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
   return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_fn(model: nn.Module, *, mean, std) -> Callable:
+def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None) -> Callable:
   """Returns jitted `evaluate(variables, masks, images (B,bs,...), ...) -> (logits, features)`.
 
   One compiled pass over the whole padded test set (`lax.map` over batches keeps memory at one
-  batch of activations); callers drop the padded rows using the valid mask.
+  batch of activations); callers drop the padded rows using the valid mask. `out_shardings`
+  (e.g. replicated) makes the outputs readable on every process of a multi-host run.
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=out_shardings)
   def evaluate(variables, masks, images):
     variables = {**variables, "params": apply_masks(variables["params"], masks)}
 

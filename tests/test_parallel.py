@@ -1,0 +1,75 @@
+"""Data parallelism: 1 and 4 (faked CPU) devices give the same run, and bad batch sizes fail early.
+
+Each device count needs its own process (the CPU device count is fixed at JAX start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--config.runlocal=True", "--config.pruning.methods=('l1_filter','random')",
+        "--config.pruning.sparsities=(0.5,)", "--config.finetune.epochs=3"]
+
+
+def test_train_and_eval_steps_match_on_one_and_four_devices():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_parallel_equivalence.py")], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  for kd, r in result.items():
+    # 2 epochs of CE / KD fine-tuning (32 steps) with batch-norm: same to float tolerance.
+    assert r["max_variable_diff"] < 1e-3, (kd, r)
+    assert abs(r["loss_one"] - r["loss_four"]) < 1e-4 * max(1.0, abs(r["loss_one"])), (kd, r)
+    assert r["max_logit_diff"] < 1e-3, (kd, r)
+    assert r["argmax_disagreements"] == 0 and r["num_test"] == 719, (kd, r)
+
+
+def run(workdir: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/default.py", f"--workdir={workdir}",
+         *ARGS, *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_and_four(tmp_path_factory):
+  out = {}
+  for devices in (1, 4):
+    workdir = tmp_path_factory.mktemp(f"dev{devices}")
+    proc = run(workdir, devices)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"devices: {devices} × cpu" in proc.stderr
+    out[devices] = [json.loads(l) for l in (workdir / "results.jsonl").read_text().splitlines()]
+  return out
+
+
+def test_one_and_four_devices_agree(one_and_four):
+  single, multi = one_and_four[1], one_and_four[4]
+  assert len(single) == len(multi) == 1 + 2 * 2
+  for a, b in zip(single, multi):
+    assert (a["method"], a["sparsity"], a["kd"]) == (b["method"], b["sparsity"], b["kd"])
+    assert a["num_test_examples"] == b["num_test_examples"] == 719  # 719 % 4 != 0: padding is masked
+    # Same global batches, same RNG; only the order of float sums differs across devices.
+    assert abs(a["accuracy"] - b["accuracy"]) <= 3 / 719
+    assert a["realized_sparsity"] == b["realized_sparsity"]
+    np.testing.assert_allclose(a["cka"], b["cka"], atol=5e-3)
+    np.testing.assert_allclose(a["fpr"], b["fpr"], atol=3 / 719)
+    np.testing.assert_allclose(a["fnr"], b["fnr"], atol=3 / 70)
+    np.testing.assert_allclose(a["cev"], b["cev"], rtol=0.05, atol=1.0)
+
+
+def test_batch_not_divisible_by_devices_exits_2(tmp_path):
+  proc = run(tmp_path / "w", 4, "--config.data.batch_size=30")
+  lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("I")]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert lines[-1].startswith("error:") and "data.batch_size=30" in lines[-1] and "4 devices" in lines[-1]
