@@ -27,6 +27,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.runlocal_overrides = ()  # ((dotted key, value), ...)
   config.progress_seconds = 10.0  # a progress line at least this often during training
   config.overwrite = False  # True: discard checkpoints/results of a different config in --workdir
+  # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() before any JAX work.
+  # None: automatic on TPU (and when JAX_COORDINATOR_ADDRESS is set); True/False force it.
+  config.distributed = placeholder(bool)
+  config.coordinator_address = placeholder(str)  # e.g. "10.0.0.1:1234"; None: from the environment
+  config.num_processes = placeholder(int)
+  config.process_id = placeholder(int)
+  # Populations: train `population` students (seeds `seeds[0]`, `seeds[0]+1`, ...) of every cell
+  # in one vmapped, compiled step. 1 = one student per step (the seeds list is used as given).
+  config.population = 1
+  config.population_masks = "per_seed"  # "per_seed" (random pruning differs by seed) or "shared"
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "digits"  # 'digits' (embedded) | 'tfds' | 'image_folder'

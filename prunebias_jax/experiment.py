@@ -94,9 +94,11 @@ def _guard_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
         f"workdir {workdir} holds a run of a different config (differs at: {', '.join(differing[:5])}); "
         "use a new --workdir or --config.overwrite=True to discard it")
   logging.warning("overwrite=True: discarding the previous run in %s (differs at %s)", workdir, differing)
+  if jax.process_index() != 0:
+    return
   for name in ("checkpoints", "plots"):
     shutil.rmtree(workdir / name, ignore_errors=True)
-  for name in ("results.jsonl", "results.md", "timings.json", "dataset.json", "config.json"):
+  for name in ("results.jsonl", "cells.jsonl", "results.md", "timings.json", "dataset.json", "config.json"):
     (workdir / name).unlink(missing_ok=True)
 
 
@@ -144,6 +146,22 @@ class Experiment:
     validate_against_dataset(cfg, self.data.num_classes, len(self.data.teacher_train), len(self.data.train))
     self.timings["load_data"] = time.perf_counter() - t
     self.model = get_model(cfg.model, self.data.num_classes)
+    logging.info("data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
+                 "fine-tune class counts %s", self.data.name, len(self.data.teacher_train),
+                 len(self.data.train), len(self.data.test), self.data.image_shape, self.data.num_classes,
+                 self.data.train.class_counts(self.data.num_classes).tolist())
+    self.eval_images, _, _ = padded_eval_arrays(self.data.test, cfg.data.eval_batch_size)
+    self.labels = jnp.asarray(self.data.test.labels)
+    self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std,
+                                out_shardings=self.parallel.replicated)
+    # Multi-host: every process computes everything; only process 0 writes files of record
+    # (checkpoints go through Orbax, which coordinates the processes itself).
+    self.writer = jax.process_index() == 0
+    if self.writer:
+      self._write_run_description()
+
+  def _write_run_description(self) -> None:
+    cfg = self.config
     write_json_atomic(self.workdir / "config.json", json.loads(cfg.to_json()))
     C = self.data.num_classes
     write_json_atomic(self.workdir / "dataset.json", {
@@ -155,14 +173,6 @@ class Experiment:
         "test_class_counts": self.data.test.class_counts(C).tolist(),
         "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
     })
-    logging.info("data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
-                 "fine-tune class counts %s", self.data.name, len(self.data.teacher_train),
-                 len(self.data.train), len(self.data.test), self.data.image_shape, C,
-                 self.data.train.class_counts(C).tolist())
-    self.eval_images, eval_labels, _ = padded_eval_arrays(self.data.test, cfg.data.eval_batch_size)
-    self.labels = jnp.asarray(self.data.test.labels)
-    self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std,
-                                out_shardings=self.parallel.replicated)
 
   def batch_size(self, stage_cfg) -> int:
     """The stage's own batch size, else data.batch_size."""
@@ -340,10 +350,12 @@ class Experiment:
     self.timings["pruned_models"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    self.write_results(records)
+    if self.writer:
+      self.write_results(records)
     self.timings["report"] = time.perf_counter() - t
     self.timings["total"] = time.perf_counter() - start
-    write_json_atomic(self.workdir / "timings.json", {k: round(v, 3) for k, v in self.timings.items()})
+    if self.writer:
+      write_json_atomic(self.workdir / "timings.json", {k: round(v, 3) for k, v in self.timings.items()})
     return records
 
   def write_results(self, records: list[Record]) -> None:
