@@ -130,6 +130,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
            "a non-empty tuple of integers >= 0")
   _require(len(set(seeds)) == len(seeds), "seeds", seeds, "distinct seeds")
   _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+  pop = cfg.population
+  _require(_is_int(pop) and pop >= 1, "population", pop, "an integer >= 1")
+  _require(len(seeds) == 1 or len(seeds) % pop == 0, "population", pop,
+           f"a divisor of the number of seeds ({len(seeds)}), or pass a single seed to train seeds s..s+{pop}-1")
+  _choice(cfg, "population_masks", ("per_seed", "shared"))
 
   t = cfg.kd.temperature
   _require(_is_real(t) and t > 0, "kd.temperature", t, "a number > 0")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,18 @@ def _guard_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
     (workdir / name).unlink(missing_ok=True)
 
 
+def _stack(trees: Sequence[Any]) -> Any:
+  """Trees with identical structure → one tree with a leading member axis (None leaves stay)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, k: int) -> list[Any]:
+  """Inverse of `_stack` (k = 1: the tree itself, unstacked already)."""
+  if k == 1:
+    return [tree]
+  return [jax.tree.map(lambda x: x[j], tree) for j in range(k)]
+
+
 def _round(x, digits: int = 6):
   """Rounded floats (lists for arrays) so results.jsonl is compact and stable."""
   a = np.asarray(x, np.float64)
@@ -118,6 +130,8 @@ class Experiment:
     self.config = resolve_config(config, explicit_keys)
     self.workdir = Path(workdir)
     self.timings: dict[str, float] = {}
+    self._steps: dict = {}
+    self.population_eval_fns: dict = {}
 
   # ----------------------------------------------------------------------------------- set-up
   def prepare(self) -> None:
@@ -178,13 +192,18 @@ class Experiment:
     """The stage's own batch size, else data.batch_size."""
     return stage_cfg.batch_size or self.config.data.batch_size
 
-  def _step_fn(self, stage_cfg, split, kd: bool):
-    cfg = self.config
-    optimizer = make_optimizer(stage_cfg.optim, steps_per_epoch(len(split), self.batch_size(stage_cfg)),
-                               stage_cfg.epochs)
-    step = make_train_step(self.model, optimizer, mean=self.data.mean, std=self.data.std,
-                           crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, kd=kd)
-    return optimizer, step
+  def _step_fn(self, stage_cfg, split, kd: bool, population: int = 1, shared_masks: bool = True):
+    """(optimizer, jitted step), built once per (stage, kd, population) and reused."""
+    key = (id(stage_cfg), kd, population, shared_masks)
+    if key not in self._steps:
+      cfg = self.config
+      optimizer = make_optimizer(stage_cfg.optim, steps_per_epoch(len(split), self.batch_size(stage_cfg)),
+                                 stage_cfg.epochs)
+      step = make_train_step(self.model, optimizer, mean=self.data.mean, std=self.data.std,
+                             crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, kd=kd,
+                             population=population, shared_masks=shared_masks)
+      self._steps[key] = (optimizer, step)
+    return self._steps[key]
 
   # ----------------------------------------------------------------------------------- stages
   def dense_stage(self):
@@ -213,47 +232,75 @@ class Experiment:
     self.timings["dense"] = time.perf_counter() - t
     return tree
 
-  def finetune(self, teacher, method: str, sparsity: float, seed: int, kd: bool, steps):
-    """Fine-tunes the pruned teacher with CE or KD, or restores a finished fine-tune.
+  def finetune(self, teacher, method: str, sparsity: float, seeds: Sequence[int], kd: bool):
+    """Fine-tunes the pruned teacher with CE or KD once per seed, or restores finished ones.
 
     One-shot: masks at the target from the start. Gradual: masks from the AGP schedule,
     re-pruned from the current weights at the scheduled epochs (pruned units stay pruned).
-    Returns (variables, final masks).
+    Several seeds train together as a population: one vmapped step for all of them.
+    Returns [(variables, final masks)] per seed; every member has its own checkpoint.
     """
     cfg = self.config
-    name = f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}_seed{seed}"
+    k = len(seeds)
+    shared = k > 1 and cfg.population_masks == "shared"
+    names = [f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}_seed{seed}" for seed in seeds]
     plan = pruning_steps(cfg.finetune.epochs, sparsity, schedule=cfg.pruning.schedule,
                          initial=cfg.pruning.initial_sparsity, frequency=cfg.pruning.frequency_epochs,
                          end_fraction=cfg.pruning.end_fraction)
-    masks = prune(teacher["params"], method, plan[0], seed=seed)
-    ckpt = ModelCheckpoint(self.workdir / "checkpoints" / name)
-    tree = {"params": apply_masks(teacher["params"], masks), "batch_stats": teacher["batch_stats"],
-            "masks": masks_to_flat(masks)}
-    if ckpt.latest_step() is not None:
-      tree, _ = ckpt.restore(tree)
-      logging.info("  %s: restored", name)
+    masks = [prune(teacher["params"], method, plan[0], seed=seeds[0] if shared else seed) for seed in seeds]
+    trees = [{"params": apply_masks(teacher["params"], m), "batch_stats": teacher["batch_stats"],
+              "masks": masks_to_flat(m)} for m in masks]
+    ckpts = [ModelCheckpoint(self.workdir / "checkpoints" / name) for name in names]
+    if all(c.latest_step() is not None for c in ckpts):
+      trees = [c.restore(t)[0] for c, t in zip(ckpts, trees)]
+      logging.info("  %s: restored", ", ".join(names))
     else:
       def reprune(epoch, state, current_masks):
         if epoch == 0 or epoch not in plan:  # epoch 0's masks are already applied
           return state, current_masks
-        new_masks = prune(state.params, method, plan[epoch], seed=seed + 1000 * epoch,
-                          previous_masks=current_masks)
-        logging.info("  %s: epoch %d re-pruned to sparsity %.4f", name, epoch + 1, plan[epoch])
+        params = _unstack(state.params, k)
+        old = [current_masks] * k if shared or k == 1 else _unstack(current_masks, k)
+        new = [prune(params[0 if shared else j], method, plan[epoch], seed=seeds[0 if shared else j] + 1000 * epoch,
+                     previous_masks=old[j]) for j in range(k)]
+        logging.info("  %s: epoch %d re-pruned to sparsity %.4f", names[0] if k == 1 else names, epoch + 1,
+                     plan[epoch])
+        new_masks = new[0] if shared or k == 1 else _stack(new)
         return state.replace(params=apply_masks(state.params, new_masks)), new_masks
 
-      optimizer, step = steps[kd]
-      state = create_state(tree["params"], tree["batch_stats"], optimizer)
-      state, summary, masks = fit(
-          state, step, self.data.train, stage=name, batch_size=self.batch_size(cfg.finetune), epochs=cfg.finetune.epochs,
-          seed=seed, masks=masks, teacher_variables=teacher if kd else None, alpha=cfg.kd.alpha,
-          temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds,
+      optimizer, step = self._step_fn(cfg.finetune, self.data.train, kd, population=k, shared_masks=shared)
+      states = [create_state(t["params"], t["batch_stats"], optimizer) for t in trees]
+      state = states[0] if k == 1 else _stack(states)
+      step_masks = masks[0] if shared or k == 1 else _stack(masks)
+      state, summary, final = fit(
+          state, step, self.data.train, stage=names[0] if k == 1 else f"{names[0]}+{k - 1}",
+          batch_size=self.batch_size(cfg.finetune), epochs=cfg.finetune.epochs,
+          seed=seeds[0] if k == 1 else list(seeds), masks=step_masks, teacher_variables=teacher if kd else None,
+          alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds,
           epoch_hook=reprune if len(plan) > 1 else None, parallel=self.parallel)
-      tree = {"params": state.params, "batch_stats": state.batch_stats, "masks": masks_to_flat(masks)}
-      ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
-    ckpt.close()
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, masks_from_flat(tree["params"], tree["masks"])
+      members = _unstack(state, k)
+      final_masks = [final] * k if shared or k == 1 else _unstack(final, k)
+      trees = []
+      for ckpt, member, m in zip(ckpts, members, final_masks):
+        tree = {"params": member.params, "batch_stats": member.batch_stats, "masks": masks_to_flat(m)}
+        ckpt.save(int(member.step), tree, {"steps": int(member.step), **summary})
+        trees.append(tree)
+    for c in ckpts:
+      c.close()
+    return [({"params": t["params"], "batch_stats": t["batch_stats"]}, masks_from_flat(t["params"], t["masks"]))
+            for t in trees]
 
   def evaluate(self, variables, masks=None):
+    """Predictions and penultimate features on the full test set; a list of members is
+    evaluated in one vmapped pass."""
+    if isinstance(variables, list):
+      k = len(variables)
+      if k not in self.population_eval_fns:
+        self.population_eval_fns[k] = make_eval_fn(
+            self.model, mean=self.data.mean, std=self.data.std, out_shardings=self.parallel.replicated,
+            population=k, shared_masks=False)
+      logits, features = evaluate(self.population_eval_fns[k], _stack(variables), _stack(masks),
+                                  self.eval_images, len(self.data.test), parallel=self.parallel)
+      return list(np.argmax(logits, axis=-1).astype(np.int32)), list(features)
     logits, features = evaluate(self.eval_fn, variables, masks, self.eval_images, len(self.data.test),
                                 parallel=self.parallel)
     return np.argmax(logits, axis=-1).astype(np.int32), features
@@ -307,6 +354,16 @@ class Experiment:
       cells.append(cell)
     return cells
 
+  def seed_groups(self) -> list[tuple[int, ...]]:
+    """The students' seeds, grouped into populations trained together (seed-major order: an
+    interrupted sweep has whole groups done, which a rerun with fewer seeds already reports)."""
+    cfg = self.config
+    seeds = tuple(cfg.seeds)
+    n = cfg.population
+    if n > 1 and len(seeds) == 1:
+      seeds = tuple(range(seeds[0], seeds[0] + n))
+    return [seeds[i:i + n] for i in range(0, len(seeds), n)]
+
   # ----------------------------------------------------------------------------------- the run
   def run(self) -> list[Record]:
     cfg = self.config
@@ -325,27 +382,30 @@ class Experiment:
     }]
     logging.info("dense model: test accuracy %.4f", records[0]["accuracy"])
 
-    steps = {kd: self._step_fn(cfg.finetune, self.data.train, kd) for kd in (False, True)}
-    # Seed-major order: an interrupted sweep has whole seeds done, which a rerun with fewer
-    # seeds can already report (sweep axes reuse finished checkpoints).
-    todo = [(m, s, seed) for seed in cfg.seeds for m in cfg.pruning.methods for s in cfg.pruning.sparsities]
+    groups = self.seed_groups()
+    todo = [(m, s, group) for group in groups for m in cfg.pruning.methods for s in cfg.pruning.sparsities]
     predictions: dict[tuple[str, float, bool], list[np.ndarray]] = {}
     t = time.perf_counter()
-    for i, (method, sparsity, seed) in enumerate(todo):
+    for i, (method, sparsity, group) in enumerate(todo):
       for kd in (False, True):
-        variables, masks = self.finetune(teacher, method, sparsity, seed, kd, steps)
-        preds, feats = self.evaluate(variables, masks)
-        predictions.setdefault((method, sparsity, kd), []).append(preds)
-        realized = sparsity_report(variables["params"])
-        rec = {**base, "method": method, "sparsity": sparsity, "kd": kd, "seed": seed,
-               **self.compare(reference, preds, feats),
-               "target_sparsity": _round(mask_sparsity(masks)["global"]),
-               "realized_sparsity": _round(realized["global"]),
-               "realized_sparsity_per_layer": {k: _round(v) for k, v in realized["per_layer"].items()}}
-        records.append(rec)
-        logging.info("[%d/%d] %-16s s=%-5g %s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f realised sparsity %.4f",
-                     i + 1, len(todo), method, sparsity, "KD" if kd else "CE", seed, rec["accuracy"],
-                     rec["cev"], rec["sde"], rec["cka"], rec["realized_sparsity"])
+        members = self.finetune(teacher, method, sparsity, group, kd)
+        if len(members) == 1:
+          evaluated = [self.evaluate(*members[0])]
+        else:
+          preds, feats = self.evaluate([v for v, _ in members], [m for _, m in members])
+          evaluated = list(zip(preds, feats))
+        for seed, (variables, masks), (preds, feats) in zip(group, members, evaluated):
+          predictions.setdefault((method, sparsity, kd), []).append(preds)
+          realized = sparsity_report(variables["params"])
+          rec = {**base, "method": method, "sparsity": sparsity, "kd": kd, "seed": seed,
+                 **self.compare(reference, preds, feats),
+                 "target_sparsity": _round(mask_sparsity(masks)["global"]),
+                 "realized_sparsity": _round(realized["global"]),
+                 "realized_sparsity_per_layer": {k: _round(v) for k, v in realized["per_layer"].items()}}
+          records.append(rec)
+          logging.info("[%d/%d] %-16s s=%-5g %s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f realised sparsity %.4f",
+                       i + 1, len(todo), method, sparsity, "KD" if kd else "CE", seed, rec["accuracy"],
+                       rec["cev"], rec["sde"], rec["cka"], rec["realized_sparsity"])
     self.cells = self.population_cells(dense_pred, records, predictions)
     self.timings["pruned_models"] = time.perf_counter() - t
 

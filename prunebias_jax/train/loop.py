@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,7 +30,7 @@ def _format_eta(seconds: float) -> str:
 
 
 def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch_size: int, epochs: int,
-        seed: int, masks: PyTree | None = None, teacher_variables: PyTree | None = None,
+        seed: int | Sequence[int], masks: PyTree | None = None, teacher_variables: PyTree | None = None,
         alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0,
         epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
         parallel: DataParallel | None = None) -> tuple[TrainState, dict, PyTree]:
@@ -38,7 +38,9 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   (state, summary, final masks).
 
   Step i uses the RNG fold_in(key(seed), i) and epoch e the order permutation(seed, e), so the
-  run is a pure function of (state, data, seed). Logs `stage step i/N loss acc img/s ETA`
+  run is a pure function of (state, data, seed). A sequence of seeds trains a population with
+  a vmapped `step_fn` (state stacked on a leading member axis): member k sees exactly the
+  batches and RNG a single run with seeds[k] would see. Logs `stage step i/N loss acc img/s ETA`
   every `progress_seconds` and at the end; a non-finite loss stops training with the stage,
   step and last finite loss. With `parallel`, each process feeds its slice of every global
   batch and the step runs sharded over the mesh (state, masks and teacher replicated). `epoch_hook(epoch, state, masks) -> (state, masks)` runs before
@@ -49,7 +51,10 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   parallel = DataParallel() if parallel is None else parallel
   local = parallel.process_slice(batch_size)
   state, masks, teacher_variables = parallel.replicate((state, masks, teacher_variables))
-  base_rng = jax.random.key(seed)
+  population = not isinstance(seed, int)
+  seeds = list(seed) if population else [seed]
+  base_rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))  # key(s) per member
+  fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   alpha = jnp.float32(alpha)
   temperature = jnp.float32(temperature)
   sums = {"loss": jnp.float32(0), "accuracy": jnp.float32(0)}
@@ -57,21 +62,28 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   last_finite, last_log = float("nan"), time.perf_counter()
   summary: dict[str, float] = {}
   current_epoch = -1
-  for i, (epoch, images, labels) in enumerate(train_batches(split, batch_size, seed, 0, epochs)):
+  member_batches = zip(*(train_batches(split, batch_size, s, 0, epochs) for s in seeds))
+  for i, batches in enumerate(member_batches):
+    epoch = batches[0][0]
     if epoch != current_epoch:
       current_epoch = epoch
       if epoch_hook is not None:
         state, masks = epoch_hook(epoch, state, masks)
         state, masks = parallel.replicate((state, masks))
-    images, labels = parallel.put_batch(images[local]), parallel.put_batch(labels[local])
-    state, metrics = step_fn(state, images, labels, jax.random.fold_in(base_rng, i), masks,
-                             teacher_variables, alpha, temperature)
+    rngs = fold(base_rngs, i)
+    if population:  # (members, batch, ...): the batch axis (1) is the sharded one
+      images = parallel.put_batch(np.stack([b[1][local] for b in batches]), parallel.eval_batches, axis=1)
+      labels = parallel.put_batch(np.stack([b[2][local] for b in batches]), parallel.eval_batches, axis=1)
+    else:
+      images, labels, rngs = parallel.put_batch(batches[0][1][local]), parallel.put_batch(batches[0][2][local]), rngs[0]
+    state, metrics = step_fn(state, images, labels, rngs, masks, teacher_variables, alpha, temperature)
     sums = {k: sums[k] + metrics[k] for k in sums}
     window += 1
     now = time.perf_counter()
     if now - last_log >= progress_seconds or i + 1 == total:
       got = jax.device_get(sums)  # the only host sync: once per progress line
-      loss, acc = float(got["loss"]) / window, float(got["accuracy"]) / window
+      # Population: the mean over members (any non-finite member makes the mean non-finite).
+      loss, acc = float(np.mean(got["loss"])) / window, float(np.mean(got["accuracy"])) / window
       if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"{stage}: non-finite loss at step {i + 1}/{total} (epoch {epoch + 1}); last finite mean loss "
@@ -94,10 +106,11 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
 def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,
              num_examples: int, parallel: DataParallel | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Logits and penultimate features of the first `num_examples` rows of the padded set
-  (images (num_batches, batch, H, W, C); each batch is sharded over the devices)."""
+  (images (num_batches, batch, H, W, C); each batch is sharded over the devices). With a
+  population eval_fn the outputs have a leading member axis."""
   parallel = DataParallel() if parallel is None else parallel
   local = parallel.process_slice(images.shape[1])
   variables, masks = parallel.replicate((variables, masks))
   images = parallel.put_batch(images[:, local], parallel.eval_batches, axis=1)
   logits, features = jax.device_get(eval_fn(variables, masks, images))
-  return np.asarray(logits[:num_examples]), np.asarray(features[:num_examples])
+  return np.asarray(logits[..., :num_examples, :]), np.asarray(features[..., :num_examples, :])

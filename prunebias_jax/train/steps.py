@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,13 +19,18 @@ PyTree = Any
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, mean, std,
-                    crop_padding: int, flip: bool, kd: bool) -> Callable:
+                    crop_padding: int, flip: bool, kd: bool, population: int = 1,
+                    shared_masks: bool = True) -> Callable:
   """Returns jitted `step(state, images_u8, labels, rng, masks, teacher_variables, alpha, T)`.
 
   The forward pass uses params ⊙ masks (so pruned weights get zero gradient); after the
   optimizer update the params are re-masked, so momentum and weight decay cannot revive a
   pruned weight. With kd=True the teacher sees the same augmented batch in inference mode.
   `state` is donated. `alpha` and `T` are traced, so a temperature sweep compiles once.
+
+  population > 1: the same step `jax.vmap`-ed over a leading member axis of state, images,
+  labels and rng (and masks unless `shared_masks`); the teacher is shared. N students of a
+  cell then train in one compiled step.
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -55,20 +59,24 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
     }
     return new_state, metrics
 
+  if population > 1:
+    step = jax.vmap(step, in_axes=(0, 0, 0, 0, None if shared_masks else 0, None, None, None))
   return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None) -> Callable:
+def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None, population: int = 1,
+                 shared_masks: bool = True) -> Callable:
   """Returns jitted `evaluate(variables, masks, images (B,bs,...), ...) -> (logits, features)`.
 
   One compiled pass over the whole padded test set (`lax.map` over batches keeps memory at one
   batch of activations); callers drop the padded rows using the valid mask. `out_shardings`
   (e.g. replicated) makes the outputs readable on every process of a multi-host run.
+  population > 1: vmapped over stacked member variables (and masks unless shared) →
+  (members, n, ·) outputs.
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
-  @functools.partial(jax.jit, out_shardings=out_shardings)
   def evaluate(variables, masks, images):
     variables = {**variables, "params": apply_masks(variables["params"], masks)}
 
@@ -81,4 +89,6 @@ def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None) -> Callable
     logits, features = jax.lax.map(one_batch, images)
     return logits.reshape(-1, logits.shape[-1]), features.reshape(-1, features.shape[-1])
 
-  return evaluate
+  if population > 1:
+    evaluate = jax.vmap(evaluate, in_axes=(0, None if shared_masks else 0, None))
+  return jax.jit(evaluate, out_shardings=out_shardings)
