@@ -27,6 +27,29 @@ from prunebias_jax.metrics.cie import (
     pruning_identified_exemplars_all_disagree,
     save_cie_grid,
 )
+from prunebias_jax.metrics.fairness import (
+    CLASS_AGGREGATIONS,
+    EOD_AGGREGATIONS,
+    GroupRates,
+    demographic_parity_difference,
+    demographic_parity_difference_multiclass,
+    equalized_odds_difference,
+    equalized_odds_difference_multiclass,
+    group_rates,
+)
+from prunebias_jax.metrics.stats import (
+    ClasswiseSignificance,
+    benjamini_hochberg,
+    bootstrap_ci,
+    bootstrap_indices,
+    classwise_significance,
+    correlation_ci,
+    pearson,
+    per_class_accuracy,
+    permutation_test,
+    spearman,
+    welch_t_test,
+)
 from prunebias_jax.metrics.similarity import (
     cka_matrix,
     debiased_linear_cka,
@@ -45,6 +68,25 @@ from prunebias_jax.metrics.similarity import (
 )
 
 __all__ = [
+    "CLASS_AGGREGATIONS",
+    "ClasswiseSignificance",
+    "EOD_AGGREGATIONS",
+    "GroupRates",
+    "benjamini_hochberg",
+    "bootstrap_ci",
+    "bootstrap_indices",
+    "classwise_significance",
+    "correlation_ci",
+    "demographic_parity_difference",
+    "demographic_parity_difference_multiclass",
+    "equalized_odds_difference",
+    "equalized_odds_difference_multiclass",
+    "group_rates",
+    "pearson",
+    "per_class_accuracy",
+    "permutation_test",
+    "spearman",
+    "welch_t_test",
     "cie_report",
     "cka_matrix",
     "compression_identified_exemplars",
