@@ -84,8 +84,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.kd = ml_collections.ConfigDict()
   config.kd.alpha = 0.9  # loss = (1-α)·CE + α·T²·KL(teacher_T ‖ student_T)
   config.kd.temperature = 4.0
+  config.kd.temperatures = ()  # a KD temperature sweep: one KD student per value (empty: kd.temperature)
 
   config.metrics = ml_collections.ConfigDict()
   config.metrics.zero_rate = "floor"  # or "exclude" (METRICS.md; floor applies to the denominator)
   config.metrics.convention = "simon_says"  # or "nas2022"
+
+  config.analysis = ml_collections.ConfigDict()
+  config.analysis.dense_seeds = ()  # extra dense models: the dense population of CIE/significance
+  config.analysis.bootstrap_resamples = 200  # CIs of CEV/SDE/DPD/EOD per model (0 = off)
+  config.analysis.correlation_resamples = 1000
+  config.analysis.confidence = 0.95
+  config.analysis.permutations = 2000  # class-wise permutation tests
+  config.analysis.fdr_q = 0.05  # Benjamini-Hochberg
+  config.analysis.svcca_examples = 6400  # first n test examples for SVCCA (the authors' 6,400)
+  config.analysis.cie_grid_images = 32
   return config

@@ -141,6 +141,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   a = cfg.kd.alpha
   _require(_is_real(a) and 0 <= a <= 1, "kd.alpha", a, "a number in [0, 1]")
 
+  for t in _sequence(cfg, "kd.temperatures"):
+    _require(_is_real(t) and t > 0, "kd.temperatures", t, "temperatures > 0")
+  for s in _sequence(cfg, "analysis.dense_seeds"):
+    _require(_is_int(s) and s >= 0, "analysis.dense_seeds", s, "integers >= 0")
+  for field in ("bootstrap_resamples", "correlation_resamples", "permutations", "svcca_examples", "cie_grid_images"):
+    v = cfg.analysis[field]
+    _require(_is_int(v) and v >= 0, f"analysis.{field}", v, "an integer >= 0")
+  for field in ("confidence", "fdr_q"):
+    v = cfg.analysis[field]
+    _require(_is_real(v) and 0 < v < 1, f"analysis.{field}", v, "a number in (0, 1)")
   _choice(cfg, "metrics.zero_rate", ZERO_RATE_RULES)
   _choice(cfg, "metrics.convention", CONVENTIONS)
   ps = cfg.progress_seconds

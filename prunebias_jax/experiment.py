@@ -26,7 +26,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from prunebias_jax import analysis
 from prunebias_jax import metrics as pm
+from prunebias_jax.analysis import Outputs
 from prunebias_jax import report
 from prunebias_jax.checkpoint import ModelCheckpoint
 from prunebias_jax.config_validation import ConfigError, validate_against_dataset, validate_config
@@ -43,7 +45,8 @@ Record = dict[str, Any]
 # Sweep axes: extending them reuses the checkpoints of the cells already trained.
 SWEEP_KEYS = ("pruning.methods", "pruning.sparsities", "seeds")
 # Keys that change how a run reports, not what it computes.
-COSMETIC_KEYS = ("progress_seconds", "overwrite")
+COSMETIC_KEYS = ("progress_seconds", "overwrite", "distributed", "coordinator_address", "num_processes",
+                 "process_id")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -75,11 +78,12 @@ def resolve_config(config: ml_collections.ConfigDict, explicit_keys: Collection[
   return config
 
 
-def _guard_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses to mix results of a different config into an existing workdir."""
+def _must_discard(workdir: Path, config: ml_collections.ConfigDict) -> bool:
+  """True when `workdir` holds a run of a different config and overwrite=True; raises
+  ConfigError when it does and overwrite is off (never mixes results of two configs)."""
   path = workdir / "config.json"
   if not path.exists():
-    return
+    return False
   try:
     old = _flatten(json.loads(path.read_text()))
   except (OSError, json.JSONDecodeError) as e:
@@ -88,18 +92,32 @@ def _guard_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
   ignore = set(SWEEP_KEYS) | set(COSMETIC_KEYS)
   differing = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
   if not differing:
-    return
+    return False
   if not config.overwrite:
     raise ConfigError(
         f"workdir {workdir} holds a run of a different config (differs at: {', '.join(differing[:5])}); "
         "use a new --workdir or --config.overwrite=True to discard it")
   logging.warning("overwrite=True: discarding the previous run in %s (differs at %s)", workdir, differing)
-  if jax.process_index() != 0:
-    return
-  for name in ("checkpoints", "plots"):
-    shutil.rmtree(workdir / name, ignore_errors=True)
-  for name in ("results.jsonl", "cells.jsonl", "results.md", "timings.json", "dataset.json", "config.json"):
-    (workdir / name).unlink(missing_ok=True)
+  return True
+
+
+def _guard_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to mix results of a different config into an existing workdir. Multi-host: every
+  process decides before any process writes, and only process 0 deletes."""
+  discard = _must_discard(workdir, config)
+  multi = jax.process_count() > 1
+  if multi:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("prunebias_jax: workdir checked")
+  if discard and jax.process_index() == 0:
+    for name in ("checkpoints", "plots"):
+      shutil.rmtree(workdir / name, ignore_errors=True)
+    for name in ("results.jsonl", "cells.jsonl", "correlations.jsonl", "results.md", "timings.json",
+                 "dataset.json", "config.json"):
+      (workdir / name).unlink(missing_ok=True)
+  if multi:
+    multihost_utils.sync_global_devices("prunebias_jax: workdir ready")
 
 
 def _stack(trees: Sequence[Any]) -> Any:
@@ -206,33 +224,38 @@ class Experiment:
     return self._steps[key]
 
   # ----------------------------------------------------------------------------------- stages
-  def dense_stage(self):
-    """Trains the dense teacher from scratch, or restores it."""
+  def dense_stage(self, seed: int | None = None):
+    """Trains a dense model from scratch (the teacher: seed = config.seed), or restores it.
+    Extra seeds (analysis.dense_seeds) give the dense population of the CIE/significance
+    analyses; only the teacher is the reference for CEV/SDE and the KD teacher."""
     cfg = self.config
+    seed = cfg.seed if seed is None else seed
+    name = "dense" if seed == cfg.seed else f"dense_seed{seed}"
     split = self.data.teacher_train
     optimizer, step = self._step_fn(cfg.dense, split, kd=False)
     dummy = jnp.zeros((1,) + self.data.image_shape, jnp.float32)
-    variables = self.model.init(jax.random.key(cfg.seed), dummy, train=False)
-    ckpt = ModelCheckpoint(self.workdir / "checkpoints" / "dense")
+    variables = self.model.init(jax.random.key(seed), dummy, train=False)
+    ckpt = ModelCheckpoint(self.workdir / "checkpoints" / name)
     tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     t = time.perf_counter()
     if ckpt.latest_step() is not None:
       tree, meta = ckpt.restore(tree)
-      logging.info("stage dense: restored from %s (trained %d steps)", ckpt.directory, meta["steps"])
+      logging.info("stage %s: restored from %s (trained %d steps)", name, ckpt.directory, meta["steps"])
     else:
-      logging.info("stage dense: training %s from scratch for %d epochs on %d images", cfg.model,
+      logging.info("stage %s: training %s from scratch for %d epochs on %d images", name, cfg.model,
                    cfg.dense.epochs, len(split))
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
-      state, summary, _ = fit(state, step, split, stage="dense", batch_size=self.batch_size(cfg.dense),
-                              parallel=self.parallel,
-                           epochs=cfg.dense.epochs, seed=cfg.seed, progress_seconds=cfg.progress_seconds)
+      state, summary, _ = fit(state, step, split, stage=name, batch_size=self.batch_size(cfg.dense),
+                              parallel=self.parallel, epochs=cfg.dense.epochs, seed=seed,
+                              progress_seconds=cfg.progress_seconds)
       tree = {"params": state.params, "batch_stats": state.batch_stats}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
     ckpt.close()
-    self.timings["dense"] = time.perf_counter() - t
+    self.timings[name] = time.perf_counter() - t
     return tree
 
-  def finetune(self, teacher, method: str, sparsity: float, seeds: Sequence[int], kd: bool):
+  def finetune(self, teacher, method: str, sparsity: float, seeds: Sequence[int], kd: bool,
+               temperature: float | None = None):
     """Fine-tunes the pruned teacher with CE or KD once per seed, or restores finished ones.
 
     One-shot: masks at the target from the start. Gradual: masks from the AGP schedule,
@@ -243,7 +266,10 @@ class Experiment:
     cfg = self.config
     k = len(seeds)
     shared = k > 1 and cfg.population_masks == "shared"
-    names = [f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}_seed{seed}" for seed in seeds]
+    temperature = cfg.kd.temperature if temperature is None else temperature
+    # The config's own temperature keeps the plain name; a temperature sweep adds _T<t>.
+    suffix = f"_T{temperature:g}" if kd and temperature != cfg.kd.temperature else ""
+    names = [f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}{suffix}_seed{seed}" for seed in seeds]
     plan = pruning_steps(cfg.finetune.epochs, sparsity, schedule=cfg.pruning.schedule,
                          initial=cfg.pruning.initial_sparsity, frequency=cfg.pruning.frequency_epochs,
                          end_fraction=cfg.pruning.end_fraction)
@@ -275,7 +301,7 @@ class Experiment:
           state, step, self.data.train, stage=names[0] if k == 1 else f"{names[0]}+{k - 1}",
           batch_size=self.batch_size(cfg.finetune), epochs=cfg.finetune.epochs,
           seed=seeds[0] if k == 1 else list(seeds), masks=step_masks, teacher_variables=teacher if kd else None,
-          alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, progress_seconds=cfg.progress_seconds,
+          alpha=cfg.kd.alpha, temperature=temperature, progress_seconds=cfg.progress_seconds,
           epoch_hook=reprune if len(plan) > 1 else None, parallel=self.parallel)
       members = _unstack(state, k)
       final_masks = [final] * k if shared or k == 1 else _unstack(final, k)
@@ -290,67 +316,92 @@ class Experiment:
             for t in trees]
 
   def evaluate(self, variables, masks=None):
-    """Predictions and penultimate features on the full test set; a list of members is
-    evaluated in one vmapped pass."""
+    """Outputs (predictions, logits, per-layer features) on the full test set; a list of
+    members is evaluated in one vmapped pass and gives a list."""
     if isinstance(variables, list):
       k = len(variables)
       if k not in self.population_eval_fns:
         self.population_eval_fns[k] = make_eval_fn(
             self.model, mean=self.data.mean, std=self.data.std, out_shardings=self.parallel.replicated,
             population=k, shared_masks=False)
-      logits, features = evaluate(self.population_eval_fns[k], _stack(variables), _stack(masks),
-                                  self.eval_images, len(self.data.test), parallel=self.parallel)
-      return list(np.argmax(logits, axis=-1).astype(np.int32)), list(features)
-    logits, features = evaluate(self.eval_fn, variables, masks, self.eval_images, len(self.data.test),
-                                parallel=self.parallel)
-    return np.argmax(logits, axis=-1).astype(np.int32), features
+      logits, layers = evaluate(self.population_eval_fns[k], _stack(variables), _stack(masks),
+                                self.eval_images, len(self.data.test), parallel=self.parallel)
+      return [Outputs(np.argmax(logits[j], -1).astype(np.int32), logits[j], {n: v[j] for n, v in layers.items()})
+              for j in range(k)]
+    logits, layers = evaluate(self.eval_fn, variables, masks, self.eval_images, len(self.data.test),
+                              parallel=self.parallel)
+    return Outputs(np.argmax(logits, axis=-1).astype(np.int32), logits, layers)
 
-  def compare(self, reference, predictions, features) -> Record:
+  def compare(self, reference: Outputs, model: Outputs, seed: int = 0) -> Record:
     """Metrics of one model against the dense reference (all on the full test set)."""
     cfg = self.config
     C = self.data.num_classes
-    ref_pred, ref_feat = reference
-    preds = jnp.asarray(predictions)
+    predictions = model.predictions
+    preds, ref_pred = jnp.asarray(predictions), jnp.asarray(reference.predictions)
     rates = pm.per_class_rates(self.labels, preds, C)
-    change = pm.relative_rate_change(self.labels, jnp.asarray(ref_pred), preds, C,
+    change = pm.relative_rate_change(self.labels, ref_pred, preds, C,
                                      zero_rate=cfg.metrics.zero_rate, convention=cfg.metrics.convention)
     cev = pm.cev_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)
     sde = pm.sde_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)
     recall = 1.0 - np.asarray(rates.fnr)
-    return {
+    record = {
         "accuracy": _round(np.mean(predictions == self.data.test.labels)),
         "cev": _round(cev),
         "sde": _round(sde),
-        "cka": _round(pm.linear_cka(jnp.asarray(ref_feat), jnp.asarray(features))),
-        "agreement": _round(pm.prediction_agreement(jnp.asarray(ref_pred), preds)),
+        "cka": _round(pm.linear_cka(jnp.asarray(reference.layers["features"]), jnp.asarray(model.layers["features"]))),
+        "agreement": _round(pm.prediction_agreement(ref_pred, preds)),
         "zero_rate_classes": int(change.num_zero_rate_classes),
         "per_class_recall": _round(recall),
         "fpr": _round(rates.fpr),
         "fnr": _round(rates.fnr),
         "dfpr": _round(change.dfpr),
         "dfnr": _round(change.dfnr),
+        **analysis.similarity_by_layer(reference, model, cfg.analysis.svcca_examples),
     }
+    groups = self.data.test.groups
+    if groups is not None:
+      fair = analysis.fairness(self.data.test.labels, groups, predictions, C, self.num_groups)
+      ref_fair = self.dense_fairness if hasattr(self, "dense_fairness") else fair
+      record.update(fair)
+      record.update({f"{k}_change": (None if v is None or ref_fair[k] is None else round(v - ref_fair[k], 6))
+                     for k, v in fair.items()})
+    record.update(analysis.bootstrap_intervals(
+        self.data.test.labels, reference.predictions, predictions, groups, C, self.num_groups, cfg.analysis,
+        cfg.metrics, seed))
+    return record
 
-  def population_cells(self, reference_predictions, records: list[Record],
-                       predictions: dict[tuple[str, float, bool], list[np.ndarray]]) -> list[Record]:
-    """One record per (method, sparsity, kd): CEV/SDE from the per-class rates averaged over the
-    cell's seeds (METRICS.md), and mean ± std over seeds of the per-model values."""
+  def population_cells(self, dense_outputs: list[Outputs], records: list[Record],
+                       outputs: dict[tuple, list[Outputs]]) -> list[Record]:
+    """One record per (method, sparsity, kd, temperature): CEV/SDE from the per-class rates
+    averaged over the cell's seeds (METRICS.md), mean ± std over seeds of the per-model values,
+    CIE against the dense population and class-wise significance (analysis.py)."""
     cfg = self.config
+    reference = dense_outputs[0].predictions
     cells = []
-    for (method, sparsity, kd), preds in predictions.items():
-      members = [r for r in records if (r["method"], r["sparsity"], r["kd"]) == (method, sparsity, kd)]
-      change = pm.relative_rate_change(self.labels, jnp.asarray(reference_predictions), jnp.asarray(np.stack(preds)),
+    self.cie_indices = {}
+    for i, ((method, sparsity, kd, temperature), outs) in enumerate(outputs.items()):
+      members = [r for r in records if (r["method"], r["sparsity"], r["kd"], r["temperature"])
+                 == (method, sparsity, kd, temperature)]
+      preds = np.stack([o.predictions for o in outs])
+      change = pm.relative_rate_change(self.labels, jnp.asarray(reference), jnp.asarray(preds),
                                        self.data.num_classes, zero_rate=cfg.metrics.zero_rate,
                                        convention=cfg.metrics.convention)
-      cell = {"method": method, "sparsity": sparsity, "kd": kd, "seeds": [r["seed"] for r in members],
+      cell = {"method": method, "sparsity": sparsity, "kd": kd, "temperature": temperature,
+              "seeds": [r["seed"] for r in members],
               "cev": _round(pm.cev_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)),
               "sde": _round(pm.sde_from_changes(change.dfpr, change.dfnr, change.valid, convention=cfg.metrics.convention)),
               "dfpr": _round(change.dfpr), "dfnr": _round(change.dfnr),
               "zero_rate_classes": int(change.num_zero_rate_classes)}
-      for field in ("accuracy", "cev", "sde", "cka", "agreement", "realized_sparsity"):
-        values = np.array([r[field] for r in members], np.float64)
-        cell[f"{field}_seed_mean"] = _round(values.mean())
-        cell[f"{field}_seed_std"] = _round(values.std(ddof=1) if values.size > 1 else 0.0)
+      for field in ("accuracy", "cev", "sde", "cka", "cka_debiased", "svcca", "agreement", "realized_sparsity",
+                    "dpd", "eod", "dpd_change", "eod_change"):
+        values = np.array([r[field] for r in members if r.get(field) is not None], np.float64)
+        if values.size:
+          cell[f"{field}_seed_mean"] = _round(values.mean())
+          cell[f"{field}_seed_std"] = _round(values.std(ddof=1) if values.size > 1 else 0.0)
+      extra, cie_order = analysis.cell_analysis(self.data.test.labels, [o.predictions for o in dense_outputs],
+                                                list(preds), self.data.num_classes, cfg.analysis, seed=cfg.seed + i)
+      cell.update(extra)
+      self.cie_indices[(method, sparsity, kd, temperature)] = cie_order
       cells.append(cell)
     return cells
 
@@ -370,68 +421,104 @@ class Experiment:
     start = time.perf_counter()
     self.prepare()
     teacher = self.dense_stage()
-    dense_pred, dense_feat = self.evaluate(teacher)
-    reference = (dense_pred, dense_feat)
+    dense_population = [teacher] + [self.dense_stage(s) for s in cfg.analysis.dense_seeds if s != cfg.seed]
+    dense_outputs = [self.evaluate(v) for v in dense_population]
+    reference = dense_outputs[0]
+    groups = self.data.test.groups
+    self.num_groups = int(groups.max()) + 1 if groups is not None else 0
+    if groups is not None:
+      self.dense_fairness = analysis.fairness(self.data.test.labels, groups, reference.predictions,
+                                              self.data.num_classes, self.num_groups)
     base = {"model": cfg.model, "dataset": self.data.name, "num_test_examples": len(self.data.test)}
-    dense_sparsity = sparsity_report(teacher["params"])
-    records: list[Record] = [{
-        **base, "method": "dense", "sparsity": 0.0, "kd": False, "seed": cfg.seed,
-        **self.compare(reference, dense_pred, dense_feat),
-        "realized_sparsity": _round(dense_sparsity["global"]),
-        "realized_sparsity_per_layer": {k: _round(v) for k, v in dense_sparsity["per_layer"].items()},
-    }]
-    logging.info("dense model: test accuracy %.4f", records[0]["accuracy"])
+    records: list[Record] = []
+    for seed, variables, out in zip([cfg.seed] + [s for s in cfg.analysis.dense_seeds if s != cfg.seed],
+                                    dense_population, dense_outputs):
+      dense_sparsity = sparsity_report(variables["params"])
+      records.append({
+          **base, "method": "dense", "sparsity": 0.0, "kd": False, "temperature": None, "seed": seed,
+          "reference": seed == cfg.seed, **self.compare(reference, out, seed),
+          "realized_sparsity": _round(dense_sparsity["global"]),
+          "realized_sparsity_per_layer": {k: _round(v) for k, v in dense_sparsity["per_layer"].items()},
+      })
+      logging.info("dense model (seed %d): test accuracy %.4f", seed, records[-1]["accuracy"])
 
-    groups = self.seed_groups()
-    todo = [(m, s, group) for group in groups for m in cfg.pruning.methods for s in cfg.pruning.sparsities]
-    predictions: dict[tuple[str, float, bool], list[np.ndarray]] = {}
+    temperatures = tuple(cfg.kd.temperatures) or (cfg.kd.temperature,)
+    variants = [(False, None)] + [(True, t) for t in temperatures]
+    todo = [(m, s, group) for group in self.seed_groups() for m in cfg.pruning.methods for s in cfg.pruning.sparsities]
+    outputs: dict[tuple, list[Outputs]] = {}
     t = time.perf_counter()
     for i, (method, sparsity, group) in enumerate(todo):
-      for kd in (False, True):
-        members = self.finetune(teacher, method, sparsity, group, kd)
+      for kd, temperature in variants:
+        members = self.finetune(teacher, method, sparsity, group, kd, temperature)
         if len(members) == 1:
           evaluated = [self.evaluate(*members[0])]
         else:
-          preds, feats = self.evaluate([v for v, _ in members], [m for _, m in members])
-          evaluated = list(zip(preds, feats))
-        for seed, (variables, masks), (preds, feats) in zip(group, members, evaluated):
-          predictions.setdefault((method, sparsity, kd), []).append(preds)
+          evaluated = self.evaluate([v for v, _ in members], [m for _, m in members])
+        for seed, (variables, masks), out in zip(group, members, evaluated):
+          outputs.setdefault((method, sparsity, kd, temperature), []).append(out)
           realized = sparsity_report(variables["params"])
-          rec = {**base, "method": method, "sparsity": sparsity, "kd": kd, "seed": seed,
-                 **self.compare(reference, preds, feats),
+          rec = {**base, "method": method, "sparsity": sparsity, "kd": kd, "temperature": temperature, "seed": seed,
+                 **self.compare(reference, out, seed),
                  "target_sparsity": _round(mask_sparsity(masks)["global"]),
                  "realized_sparsity": _round(realized["global"]),
                  "realized_sparsity_per_layer": {k: _round(v) for k, v in realized["per_layer"].items()}}
           records.append(rec)
-          logging.info("[%d/%d] %-16s s=%-5g %s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f realised sparsity %.4f",
-                       i + 1, len(todo), method, sparsity, "KD" if kd else "CE", seed, rec["accuracy"],
-                       rec["cev"], rec["sde"], rec["cka"], rec["realized_sparsity"])
-    self.cells = self.population_cells(dense_pred, records, predictions)
+          label = f"KD T={temperature:g}" if kd else "CE"
+          logging.info("[%d/%d] %-16s s=%-5g %-8s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f SVCCA %.4f "
+                       "realised sparsity %.4f", i + 1, len(todo), method, sparsity, label, seed, rec["accuracy"],
+                       rec["cev"], rec["sde"], rec["cka"], rec["svcca"] or float("nan"), rec["realized_sparsity"])
     self.timings["pruned_models"] = time.perf_counter() - t
+    t = time.perf_counter()
+    self.cells = self.population_cells(dense_outputs, records, outputs)
+    self.correlations = analysis.correlations(records, cfg.analysis, cfg.seed)
+    self.timings["analysis"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if self.writer:
-      self.write_results(records)
+      self.write_results(records, reference, outputs)
     self.timings["report"] = time.perf_counter() - t
     self.timings["total"] = time.perf_counter() - start
     if self.writer:
       write_json_atomic(self.workdir / "timings.json", {k: round(v, 3) for k, v in self.timings.items()})
     return records
 
-  def write_results(self, records: list[Record]) -> None:
+  def write_results(self, records: list[Record], reference: Outputs, outputs: dict[tuple, list[Outputs]]) -> None:
     cfg = self.config
-    for name, rows in (("results.jsonl", records), ("cells.jsonl", self.cells)):
+    for name, rows in (("results.jsonl", records), ("cells.jsonl", self.cells),
+                       ("correlations.jsonl", self.correlations)):
       write_atomic(self.workdir / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     notes = [
         f"CEV in %², SDE in % (convention {cfg.metrics.convention!r}, zero reference rates: {cfg.metrics.zero_rate!r}); "
-        "both measure how unevenly the per-class FPR/FNR changed relative to the dense model (METRICS.md).",
+        "both measure how unevenly the per-class FPR/FNR changed relative to the dense model (METRICS.md). With "
+        "several seeds a cell's CEV/SDE come from the seed-averaged rates; brackets: per-seed mean ± std.",
         "CKA: linear CKA between the penultimate features of the dense and the pruned model on the test set.",
         f"KD: (1-α)·CE + α·T²·KL with α = {cfg.kd.alpha:g}, T = {cfg.kd.temperature:g}; fine-tuned for "
         f"{cfg.finetune.epochs} epochs from the same masked weights as CE. Last-epoch models (no test-set selection).",
     ]
-    table = report.write_results_markdown(self.workdir / "results.md", records[0], self.cells,
-                                          f"prunebias_jax: {cfg.model} on {self.data.name}", notes)
-    report.write_plots(self.workdir / "plots", records, self.cells, self.data.class_names)
+    main_cells = [c for c in self.cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
+    dense = next(r for r in records if r["method"] == "dense")
+    table = report.write_results_markdown(
+        self.workdir / "results.md", dense, main_cells, f"prunebias_jax: {cfg.model} on {self.data.name}", notes,
+        extra=report.analysis_sections(self.cells, analysis.correlation_table(self.correlations),
+                                       cfg.kd.temperature, self.data.test.groups is not None))
+    plots = self.workdir / "plots"
+    report.write_plots(plots, [r for r in records if r["method"] != "dense" or r.get("reference")], main_cells,
+                       self.data.class_names)
+    report.write_similarity_scatter(plots / "similarity_vs_bias.png", records)
+    # The cell with the most CIEs: its top CIE images, and its layer-by-layer CKA with the dense model.
+    top = max(self.cells, key=lambda c: (c["num_cie"], c["sparsity"]))
+    key = (top["method"], top["sparsity"], top["kd"], top["temperature"])
+    members = outputs[key]
+    compressed_modes = np.asarray(pm.modal_predictions(np.stack([o.predictions for o in members]), self.data.num_classes))
+    pm.save_cie_grid(plots / "cie_grid.png", self.data.test.images, self.cie_indices[key][:cfg.analysis.cie_grid_images],
+                     reference.predictions, compressed_modes, self.data.test.labels, self.data.class_names,
+                     max_images=cfg.analysis.cie_grid_images)
+    names = sorted(reference.similarity_layers())
+    matrix = pm.cka_matrix([jnp.asarray(reference.similarity_layers()[n]) for n in names],
+                           [jnp.asarray(members[0].similarity_layers()[n]) for n in names])
+    student = "CE" if not top["kd"] else f"KD T={top['temperature']:g}"
+    report.write_cka_heatmap(plots / "cka_layers.png", matrix, names, names,
+                             f"linear CKA, dense vs {top['method']} s={top['sparsity']:g} {student} seed {top['seeds'][0]}")
     print(table, flush=True)
 
 

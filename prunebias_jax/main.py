@@ -71,6 +71,13 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
   from prunebias_jax.config_validation import ConfigError
+  from prunebias_jax.distributed import maybe_initialize
+
+  try:  # multi-host: jax.distributed.initialize() must come before any other JAX call
+    maybe_initialize(config)
+  except ConfigError as e:
+    _fail(_one_line(e))
+
   from prunebias_jax.experiment import run
 
   try:

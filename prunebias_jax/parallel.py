@@ -62,4 +62,8 @@ class DataParallel:
 
   def replicate(self, tree: PyTree) -> PyTree:
     """Every leaf replicated on every device (None leaves stay None)."""
+    if jax.process_count() > 1:
+      # A restored checkpoint lives on one local device; device_put cannot move it across
+      # hosts, but every process holds the same values, so go through host memory.
+      tree = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree)
     return jax.device_put(tree, self.replicated)

@@ -48,9 +48,10 @@ def results_table(dense: Record, cells: Sequence[Record]) -> str:
 
 
 def write_results_markdown(path: Path, dense: Record, cells: Sequence[Record], title: str,
-                           notes: Sequence[str] = ()) -> str:
+                           notes: Sequence[str] = (), extra: str = "") -> str:
   table = results_table(dense, cells)
   text = f"# {title}\n\n" + table + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
+  text += ("\n" + extra) if extra else ""
   write_atomic(path, text)
   return table
 
@@ -156,3 +157,97 @@ def write_plots(plot_dir: Path, records: Sequence[Record], cells: Sequence[Recor
   fig.suptitle(f"per-class change vs the dense model ({len(class_names)} classes; seeds averaged)", fontsize=9)
   save(fig, "class_changes.png")
   return written
+
+
+def _fmt(v, spec: str = ".4g") -> str:
+  return "–" if v is None else format(v, spec)
+
+
+def analysis_sections(cells: Sequence[Record], correlation_markdown: str, main_temperature: float,
+                      has_groups: bool) -> str:
+  """Markdown sections after the main table: group fairness, CIE and significance, the KD
+  temperature study (when several temperatures ran), similarity–bias correlations."""
+  label = lambda c: "CE" if not c["kd"] else f"KD T={c['temperature']:g}"
+  out = []
+  if has_groups:
+    out += ["## Group fairness (test set, by the sensitive attribute)", "",
+            "| method | sparsity | student | DPD | EOD | ΔDPD vs dense | ΔEOD vs dense |", "|---|---|---|---|---|---|---|"]
+    for c in cells:
+      out.append(f"| {c['method']} | {c['sparsity']:g} | {label(c)} | {_fmt(c.get('dpd_seed_mean'))} | "
+                 f"{_fmt(c.get('eod_seed_mean'))} | {_fmt(c.get('dpd_change_seed_mean'))} | {_fmt(c.get('eod_change_seed_mean'))} |")
+    out.append("")
+  out += ["## Compression Identified Exemplars and class-wise significance", "",
+          "CIE: the modal prediction of the cell's pruned models differs from that of the dense models "
+          "(Hooker et al. 2020). Significance: per-class accuracy, pruned vs dense populations, Welch's t-test "
+          "and a permutation test with Benjamini–Hochberg at q = 0.05.", "",
+          "| method | sparsity | student | CIE fraction | dense acc CIE / rest | pruned acc CIE / rest | "
+          "classes changed (Welch) | (permutation) |", "|---|---|---|---|---|---|---|---|"]
+  for c in cells:
+    sig_w = _fmt(c.get("significant_fraction_welch"), ".0%") if "significant_fraction_welch" in c else "n/a"
+    sig_p = _fmt(c.get("significant_fraction_permutation"), ".0%") if "significant_fraction_permutation" in c else "n/a"
+    out.append(f"| {c['method']} | {c['sparsity']:g} | {label(c)} | {_fmt(c['cie_fraction'], '.4f')} | "
+               f"{_fmt(c['dense_accuracy_on_cie'], '.3f')} / {_fmt(c['dense_accuracy_on_non_cie'], '.3f')} | "
+               f"{_fmt(c['pruned_accuracy_on_cie'], '.3f')} / {_fmt(c['pruned_accuracy_on_non_cie'], '.3f')} | "
+               f"{sig_w} | {sig_p} |")
+  if any("significance" in c for c in cells):
+    out += ["", f"Significance: {next(c['significance'] for c in cells if 'significance' in c)}."]
+  out.append("")
+  temps = sorted({c["temperature"] for c in cells if c["kd"]})
+  if len(temps) > 1:
+    out += ["## KD temperature study", "", "| method | sparsity | T | acc | CEV | SDE | DPD | EOD |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c in sorted((c for c in cells if c["kd"]), key=lambda c: (c["method"], c["sparsity"], c["temperature"])):
+      out.append(f"| {c['method']} | {c['sparsity']:g} | {c['temperature']:g} | {_fmt(c['accuracy_seed_mean'], '.4f')} | "
+                 f"{_fmt(c['cev'])} | {_fmt(c['sde'])} | {_fmt(c.get('dpd_seed_mean'))} | {_fmt(c.get('eod_seed_mean'))} |")
+    out.append("")
+  out += ["## Similarity to the dense model vs bias (all pruned models)", "",
+          "CKA / debiased CKA: penultimate features; SVCCA: distance of the logits (as the paper's authors); "
+          "agreement: fraction of equal predictions. r [95% bootstrap CI].", "", correlation_markdown]
+  return "\n".join(out)
+
+
+def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
+  """CEV against each similarity (CKA, agreement, SVCCA distance), one point per pruned model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  pruned = [r for r in records if r["method"] != "dense"]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  for ax, field, label in zip(axes, ("cka", "agreement", "svcca"),
+                              ("linear CKA (penultimate)", "prediction agreement", "SVCCA distance (logits)")):
+    for kd, marker, color in ((False, "o", "tab:red"), (True, "^", "tab:blue")):
+      pts = [(r[field], r["cev"]) for r in pruned if r["kd"] == kd and r.get(field) is not None]
+      if pts:
+        ax.scatter(*zip(*pts), marker=marker, color=color, s=18, label="KD" if kd else "CE")
+    ax.set_xlabel(label)
+    ax.set_ylabel("CEV (%²)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  _savefig(fig, path)
+  plt.close(fig)
+
+
+def write_cka_heatmap(path: Path, matrix, row_names: Sequence[str], col_names: Sequence[str], title: str) -> None:
+  """Layer × layer CKA between the dense (rows) and a pruned model (columns)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  m = np.asarray(matrix, float)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(col_names), 1.0 + 0.6 * len(row_names)))
+  im = ax.imshow(m, vmin=0, vmax=1, cmap="magma")
+  ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right", fontsize=7)
+  ax.set_yticks(range(len(row_names)), row_names, fontsize=7)
+  for i in range(m.shape[0]):
+    for j in range(m.shape[1]):
+      ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if m[i, j] < 0.6 else "k")
+  ax.set_ylabel("dense")
+  ax.set_xlabel("pruned")
+  ax.set_title(title, fontsize=8)
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  _savefig(fig, path)
+  plt.close(fig)

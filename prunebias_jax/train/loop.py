@@ -104,13 +104,14 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
 
 
 def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,
-             num_examples: int, parallel: DataParallel | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Logits and penultimate features of the first `num_examples` rows of the padded set
+             num_examples: int, parallel: DataParallel | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Logits and per-layer features ({'features': penultimate, 'stage1': ..., ...}) of the
+  first `num_examples` rows of the padded set
   (images (num_batches, batch, H, W, C); each batch is sharded over the devices). With a
   population eval_fn the outputs have a leading member axis."""
   parallel = DataParallel() if parallel is None else parallel
   local = parallel.process_slice(images.shape[1])
   variables, masks = parallel.replicate((variables, masks))
   images = parallel.put_batch(images[:, local], parallel.eval_batches, axis=1)
-  logits, features = jax.device_get(eval_fn(variables, masks, images))
-  return np.asarray(logits[..., :num_examples, :]), np.asarray(features[..., :num_examples, :])
+  logits, layers = jax.device_get(eval_fn(variables, masks, images))
+  return np.asarray(logits[..., :num_examples, :]), {k: np.asarray(v[..., :num_examples, :]) for k, v in layers.items()}

@@ -66,7 +66,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
 
 def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None, population: int = 1,
                  shared_masks: bool = True) -> Callable:
-  """Returns jitted `evaluate(variables, masks, images (B,bs,...), ...) -> (logits, features)`.
+  """Returns jitted `evaluate(variables, masks, images (B,bs,...)) -> (logits, layers)`.
+
+  `layers` maps 'features' (the penultimate vector) and every sown stage output
+  ('stage1', ...; feature maps averaged over space, so each is (n, channels)) to float32
+  arrays: what the per-layer similarity analysis compares.
 
   One compiled pass over the whole padded test set (`lax.map` over batches keeps memory at one
   batch of activations); callers drop the padded rows using the valid mask. `out_shardings`
@@ -83,11 +87,15 @@ def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None, population:
     def one_batch(batch_images):
       logits, state = model.apply(variables, normalize(batch_images, mean, std), train=False,
                                   mutable=["intermediates"])
-      features = state["intermediates"]["features"][0]
-      return logits.astype(jnp.float32), features.reshape(features.shape[0], -1).astype(jnp.float32)
+      layers = {}
+      for name, (value, *_) in state["intermediates"].items():
+        value = value.astype(jnp.float32)
+        layers[name] = value.mean(axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
+      return logits.astype(jnp.float32), layers
 
-    logits, features = jax.lax.map(one_batch, images)
-    return logits.reshape(-1, logits.shape[-1]), features.reshape(-1, features.shape[-1])
+    logits, layers = jax.lax.map(one_batch, images)
+    merge = lambda x: x.reshape((-1,) + x.shape[2:])  # (batches, batch, d) → (n, d)
+    return merge(logits), {name: merge(v) for name, v in layers.items()}
 
   if population > 1:
     evaluate = jax.vmap(evaluate, in_axes=(0, None if shared_masks else 0, None))
