@@ -11,7 +11,8 @@ from prunebias_jax import experiment
 from prunebias_jax.config_validation import ConfigError
 
 RECORD_KEYS = {"method", "sparsity", "kd", "seed", "accuracy", "cev", "sde", "cka", "realized_sparsity",
-               "realized_sparsity_per_layer", "fpr", "fnr", "dfpr", "dfnr", "agreement", "zero_rate_classes"}
+               "realized_sparsity_per_layer", "fpr", "fnr", "dfpr", "dfnr", "agreement", "zero_rate_classes",
+               "temperature", "layer_cka", "layer_svcca", "svcca", "cka_debiased", "cev_ci", "sde_ci"}
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,17 @@ def test_outputs_written(finished_run):
   _, workdir, records = finished_run
   for name in ("results.jsonl", "results.md", "config.json", "dataset.json", "timings.json",
                "plots/bias_vs_sparsity.png", "plots/accuracy_vs_sparsity.png", "plots/cka_vs_cev.png",
-               "plots/class_changes.png", "cells.jsonl"):
+               "plots/class_changes.png", "cells.jsonl", "correlations.jsonl", "plots/cie_grid.png",
+               "plots/cka_layers.png", "plots/similarity_vs_bias.png"):
     assert (workdir / name).is_file() and (workdir / name).stat().st_size > 0, name
   lines = (workdir / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(records) == 1 + 2 * 1 * 2  # dense + methods × sparsities × {CE, KD}
   assert not list(workdir.glob("**/*.tmp"))  # atomic writes leave no temporaries
   table = (workdir / "results.md").read_text()
   assert "| l1_filter | 0.7 |" in table and "CEV KD" in table
+  assert "## Compression Identified Exemplars" in table and "## Similarity to the dense model vs bias" in table
+  cells = [json.loads(l) for l in (workdir / "cells.jsonl").read_text().splitlines()]
+  assert all("cie_fraction" in c and "significance" in c for c in cells)  # 1 dense model, 1 seed
 
 
 def test_records_are_consistent(finished_run):
