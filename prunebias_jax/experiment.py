@@ -167,8 +167,6 @@ class Experiment:
       problem = value and self.parallel.check_batch_size(value, field)
       if problem:
         raise ConfigError(problem)
-    logging.info("devices: %d × %s over %d process(es); global batch %d sharded on the 'data' axis",
-                 self.parallel.num_devices, jax.devices()[0].platform, jax.process_count(), cfg.data.batch_size)
     _guard_workdir(self.workdir, cfg)
     t = time.perf_counter()
     try:
@@ -182,6 +180,9 @@ class Experiment:
                  "fine-tune class counts %s", self.data.name, len(self.data.teacher_train),
                  len(self.data.train), len(self.data.test), self.data.image_shape, self.data.num_classes,
                  self.data.train.class_counts(self.data.num_classes).tolist())
+    # Logged only once the input is known good: bad input ends the run with one line.
+    logging.info("devices: %d × %s over %d process(es); global batch %d sharded on the 'data' axis",
+                 self.parallel.num_devices, jax.devices()[0].platform, jax.process_count(), cfg.data.batch_size)
     self.eval_images, _, _ = padded_eval_arrays(self.data.test, cfg.data.eval_batch_size)
     self.labels = jnp.asarray(self.data.test.labels)
     self.eval_fn = make_eval_fn(self.model, mean=self.data.mean, std=self.data.std,
