@@ -99,30 +99,36 @@ def bootstrap_intervals(labels: np.ndarray, reference: np.ndarray, predictions: 
   if cfg.bootstrap_resamples <= 0:
     return {}
   key = jax.random.key(seed)
-  kw = dict(zero_rate=metrics_cfg.zero_rate, convention=metrics_cfg.convention)
-  stats = {
-      "cev": functools.partial(pm.combined_error_variance, num_classes=num_classes, **kw),
-      "sde": functools.partial(pm.symmetric_distance_error, num_classes=num_classes, **kw),
-  }
   arrays = (jnp.asarray(labels), jnp.asarray(reference), jnp.asarray(predictions))
   out = {}
-  for i, (name, fn) in enumerate(stats.items()):
+  for i, name in enumerate(("cev", "sde")):
+    fn = _statistic(name, num_classes, 0, metrics_cfg.zero_rate, metrics_cfg.convention)
     _, lo, hi = pm.bootstrap_ci(fn, *arrays, key=jax.random.fold_in(key, i),
                                 num_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence)
     out[f"{name}_ci"] = [_f(lo), _f(hi)]
   if groups is not None:
-    g = jnp.asarray(groups)
-    if num_classes == 2:
-      dpd = lambda y, p, gg: pm.demographic_parity_difference(p, gg, num_groups=num_groups)
-      eod = lambda y, p, gg: pm.equalized_odds_difference(y, p, gg, num_groups=num_groups)
-    else:
-      dpd = lambda y, p, gg: pm.demographic_parity_difference_multiclass(p, gg, num_classes, num_groups=num_groups)
-      eod = lambda y, p, gg: pm.equalized_odds_difference_multiclass(y, p, gg, num_classes, num_groups=num_groups)
-    for i, (name, fn) in enumerate((("dpd", dpd), ("eod", eod))):
-      _, lo, hi = pm.bootstrap_ci(fn, arrays[0], arrays[2], g, key=jax.random.fold_in(key, 10 + i),
+    for i, name in enumerate(("dpd", "eod")):
+      fn = _statistic(name, num_classes, num_groups, "", "")
+      _, lo, hi = pm.bootstrap_ci(fn, arrays[0], arrays[2], jnp.asarray(groups), key=jax.random.fold_in(key, 10 + i),
                                   num_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence)
       out[f"{name}_ci"] = [_f(lo), _f(hi)]
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _statistic(name: str, num_classes: int, num_groups: int, zero_rate: str, convention: str):
+  """The bootstrapped statistic as one cached function object: `bootstrap_ci` compiles per
+  function identity, so a fresh partial per model would recompile for every model."""
+  if name in ("cev", "sde"):
+    fn = pm.combined_error_variance if name == "cev" else pm.symmetric_distance_error
+    return functools.partial(fn, num_classes=num_classes, zero_rate=zero_rate, convention=convention)
+  if name == "dpd":
+    if num_classes == 2:
+      return lambda y, p, g: pm.demographic_parity_difference(p, g, num_groups=num_groups)
+    return lambda y, p, g: pm.demographic_parity_difference_multiclass(p, g, num_classes, num_groups=num_groups)
+  if num_classes == 2:
+    return lambda y, p, g: pm.equalized_odds_difference(y, p, g, num_groups=num_groups)
+  return lambda y, p, g: pm.equalized_odds_difference_multiclass(y, p, g, num_classes, num_groups=num_groups)
 
 
 def cell_analysis(labels: np.ndarray, dense_predictions: Sequence[np.ndarray], member_predictions: Sequence[np.ndarray],
