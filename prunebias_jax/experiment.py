@@ -31,6 +31,7 @@ from prunebias_jax import metrics as pm
 from prunebias_jax.analysis import Outputs
 from prunebias_jax import report
 from prunebias_jax.checkpoint import ModelCheckpoint
+from prunebias_jax.config_defaults import base_config
 from prunebias_jax.config_validation import ConfigError, validate_against_dataset, validate_config
 from prunebias_jax.data import Dataset, DataError, load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
@@ -89,7 +90,10 @@ def _must_discard(workdir: Path, config: ml_collections.ConfigDict) -> bool:
   except (OSError, json.JSONDecodeError) as e:
     raise ConfigError(f"{path} is unreadable ({e}); use a new --workdir or --config.overwrite=True") from None
   new = _flatten(json.loads(config.to_json()))
-  ignore = set(SWEEP_KEYS) | set(COSMETIC_KEYS)
+  # A workdir written before a config field existed ran with that field's default.
+  defaults = _flatten(json.loads(base_config().to_json()))
+  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
+  ignore = set(SWEEP_KEYS) | set(COSMETIC_KEYS) | {"runlocal_overrides"}
   differing = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
   if not differing:
     return False

@@ -141,3 +141,20 @@ def test_cells_average_rates_over_seeds_before_the_change(gradual_two_seed_run):
     assert cell["cev_seed_std"] == pytest.approx(np.std([r["cev"] for r in members], ddof=1), rel=1e-4, abs=1e-3)
   table = (workdir / "results.md").read_text()
   assert "±" in table and "seeds 0, 1" in table
+
+
+def test_workdir_from_before_a_new_field_is_accepted(finished_run):
+  """A config.json written before a field existed counts as that field's default."""
+  cfg, workdir, _ = finished_run
+  saved = json.loads((workdir / "config.json").read_text())
+  try:
+    trimmed = dict(saved)
+    trimmed.pop("analysis")
+    (workdir / "config.json").write_text(json.dumps(trimmed))
+    experiment._must_discard(workdir, experiment.resolve_config(cfg))  # no ConfigError
+    changed = experiment.resolve_config(cfg)
+    changed.analysis.bootstrap_resamples = 7
+    with pytest.raises(ConfigError, match="analysis.bootstrap_resamples"):
+      experiment._must_discard(workdir, changed)
+  finally:
+    (workdir / "config.json").write_text(json.dumps(saved))
