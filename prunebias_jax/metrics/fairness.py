@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prunebias_jax.metrics.bias import _check_choice  # one string-option check for all metrics
 from prunebias_jax.metrics.confusion import _check_num_classes
 
 __all__ = [
@@ -116,12 +117,6 @@ class GroupRates(NamedTuple):
 # --------------------------------------------------------------------------
 # Validation helpers (Python side, before jit)
 # --------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 
 def _check_num_groups(num_groups: int) -> int:

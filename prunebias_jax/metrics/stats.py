@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from prunebias_jax.metrics.bias import _check_choice  # one string-option check for all metrics
 from prunebias_jax.metrics.confusion import _check_num_classes, _safe_div, confusion_matrix
 
 __all__ = [
@@ -71,12 +72,6 @@ INTERVALS: tuple[str, ...] = ("percentile", "basic")
 # --------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 
 def _check_positive_int(name: str, value: Any) -> int:
