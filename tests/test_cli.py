@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, workdir: Path | str) -> subprocess.CompletedProcess:
   cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/default.py", f"--workdir={workdir}", *args]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -58,7 +58,7 @@ def test_bad_data_input_exits_2_before_training(tmp_path):
 def test_unprepared_tfds_dir_exits_2_and_says_how_to_prepare(tmp_path):
   cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
          f"--config.data.data_dir={tmp_path / 'empty'}"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
   assert "prepare_data.py" in lines[0] and "cifar10" in lines[0]
