@@ -366,7 +366,7 @@ class Experiment:
     groups = self.data.test.groups
     if groups is not None:
       fair = analysis.fairness(self.data.test.labels, groups, predictions, C, self.num_groups)
-      ref_fair = self.dense_fairness if hasattr(self, "dense_fairness") else fair
+      ref_fair = self.dense_fairness  # set in run() before any model is compared
       record.update(fair)
       record.update({f"{k}_change": (None if v is None or ref_fair[k] is None else round(v - ref_fair[k], 6))
                      for k, v in fair.items()})

@@ -101,17 +101,8 @@ def linear_cka(
 @jax.jit
 def _linear_cka_jit(features_x, features_y, weights) -> jax.Array:
     dtype = _compute_dtype()
-    x = jnp.asarray(features_x)
-    y = jnp.asarray(features_y)
-    if x.ndim < 1 or y.ndim < 1:
-        raise ValueError("features must have a leading example axis (n, ...)")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"features_x and features_y must have the same number of examples, got {x.shape[0]} and {y.shape[0]}"
-        )
+    x, y = _flatten_pair(features_x, features_y, dtype)
     n = x.shape[0]
-    x = x.reshape((n, -1)).astype(dtype)
-    y = y.reshape((n, -1)).astype(dtype)
 
     if weights is None:
         w = sqrt_w = None
