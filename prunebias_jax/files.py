@@ -8,18 +8,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from prunebias_jax.faults import crash_point
+
+TMP_SUFFIX = ".tmp"
+
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
   """Writes to a temporary file in the same directory, fsyncs, then renames over `path`."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   payload = data.encode() if isinstance(data, str) else data
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(payload)
       f.flush()
       os.fsync(f.fileno())
+    crash_point(f"write:{path.name}")  # tests: a kill here must leave the old `path` intact
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
@@ -38,3 +43,37 @@ def check_writable(directory: str | os.PathLike) -> None:
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write-check.")
   os.close(fd)
   os.unlink(tmp)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+  """Deletes the `.<name>.*.tmp` files that `write_atomic` leaves when a run is killed between
+  writing and renaming (they are never read); returns what was removed."""
+  directory = Path(directory)
+  removed = []
+  if directory.is_dir():
+    for tmp in directory.rglob(f".*{TMP_SUFFIX}"):
+      if tmp.is_file() and not tmp.is_symlink():
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+  return removed
+
+
+def directory_size(directory: str | os.PathLike) -> int:
+  """Bytes in all regular files under `directory`."""
+  total = 0
+  for root, _, files in os.walk(directory):
+    for name in files:
+      try:
+        st = os.lstat(os.path.join(root, name))
+      except OSError:
+        continue
+      total += st.st_size
+  return total
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} TiB"

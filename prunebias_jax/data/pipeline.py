@@ -32,19 +32,26 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(
-    split: Split, batch_size: int, seed: int, start_epoch: int = 0, num_epochs: int | None = None
+    split: Split, batch_size: int, seed: int, start_epoch: int = 0, num_epochs: int | None = None,
+    skip: int = 0,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-  """Yields (epoch, images uint8, labels int32) for shuffled full batches, epoch after epoch."""
+  """Yields (epoch, images uint8, labels int32) for shuffled full batches, epoch after epoch.
+
+  `skip`: start after the first `skip` batches (a resumed stage): the batches that follow are
+  exactly those an uninterrupted iterator would yield next, without gathering the skipped ones.
+  """
   n = len(split)
   per_epoch = steps_per_epoch(n, batch_size)
   if per_epoch == 0:
     raise ValueError(f"batch_size {batch_size} is larger than the training split ({n} examples)")
-  epoch = start_epoch
+  epoch = start_epoch + skip // per_epoch
+  first = skip % per_epoch
   while num_epochs is None or epoch < start_epoch + num_epochs:
     order = epoch_permutation(n, seed, epoch)
-    for b in range(per_epoch):
+    for b in range(first, per_epoch):
       idx = np.sort(order[b * batch_size:(b + 1) * batch_size])  # sorted gather is cache friendlier
       yield epoch, split.images[idx], split.labels[idx]
+    first = 0
     epoch += 1
 
 

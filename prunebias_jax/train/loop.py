@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from prunebias_jax.checkpoint import StageCheckpoint
 from prunebias_jax.data.dataset import Split
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
+from prunebias_jax.faults import crash_point
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.train.state import TrainState
 
@@ -21,7 +23,10 @@ PyTree = Any
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN/Inf loss."""
+  """Training produced a NaN/Inf loss (and `nonfinite='stop'`)."""
+
+
+NONFINITE_RULES = ("stop", "skip")
 
 
 def _format_eta(seconds: float) -> str:
@@ -29,11 +34,34 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+@jax.jit
+def _accumulate(window: dict, persistent: dict, metrics: dict, step: jax.Array) -> tuple[dict, dict]:
+  """Adds one step's metrics on the device (no host sync). `window` holds the sums since the
+  last progress line over steps with a finite loss; `persistent` the number of non-finite
+  steps, the first one (-1: none) and the last finite loss before it."""
+  finite = metrics["nonfinite"] == 0
+  first = persistent["first_bad"]
+  first = jnp.where((first < 0) & jnp.any(~finite), step, first)
+  window = {
+      "loss": window["loss"] + jnp.where(finite, metrics["loss"], 0.0),
+      "accuracy": window["accuracy"] + jnp.where(finite, metrics["accuracy"], 0.0),
+      "finite": window["finite"] + finite.astype(jnp.int32),
+  }
+  persistent = {
+      "nonfinite": persistent["nonfinite"] + (~finite).astype(jnp.int32),
+      "first_bad": first,
+      "last_finite": jnp.where(first < 0, metrics["loss"], persistent["last_finite"]),
+      "last_finite_step": jnp.where(first < 0, step, persistent["last_finite_step"]),
+  }
+  return window, persistent
+
+
 def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch_size: int, epochs: int,
         seed: int | Sequence[int], masks: PyTree | None = None, teacher_variables: PyTree | None = None,
         alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0,
         epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
-        parallel: DataParallel | None = None) -> tuple[TrainState, dict, PyTree]:
+        parallel: DataParallel | None = None, checkpoint: StageCheckpoint | None = None,
+        nonfinite: str = "stop") -> tuple[TrainState, dict, PyTree]:
   """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
   (state, summary, final masks).
 
@@ -41,29 +69,54 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   run is a pure function of (state, data, seed). A sequence of seeds trains a population with
   a vmapped `step_fn` (state stacked on a leading member axis): member k sees exactly the
   batches and RNG a single run with seeds[k] would see. Logs `stage step i/N loss acc img/s ETA`
-  every `progress_seconds` and at the end; a non-finite loss stops training with the stage,
-  step and last finite loss. With `parallel`, each process feeds its slice of every global
-  batch and the step runs sharded over the mesh (state, masks and teacher replicated). `epoch_hook(epoch, state, masks) -> (state, masks)` runs before
-  the first step of every epoch (gradual pruning changes the masks there; the masks are a
-  step argument, so new masks do not recompile the step).
+  every `progress_seconds` and at the end. With `parallel`, each process feeds its slice of
+  every global batch and the step runs sharded over the mesh (state, masks and teacher
+  replicated). `epoch_hook(epoch, state, masks) -> (state, masks)` runs before the first step
+  of every epoch (gradual pruning changes the masks there; the masks are a step argument, so
+  new masks do not recompile the step).
+
+  `checkpoint`: the state and masks are saved every `checkpoint.every_steps` steps, and a
+  stage that finds a saved step continues from it; since the data order and RNG depend only on
+  (seed, step), the resumed run computes exactly what the uninterrupted one would have.
+
+  `nonfinite`: 'stop' raises NonFiniteLossError naming the stage, the first step with a
+  NaN/Inf loss and the last finite loss (checked at every progress line and before every
+  checkpoint, so a poisoned state is never saved); 'skip' needs a step built with
+  `skip_nonfinite=True`, which leaves the state unchanged on such steps, and counts them.
   """
-  total = steps_per_epoch(len(split), batch_size) * epochs
+  if nonfinite not in NONFINITE_RULES:
+    raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_RULES)}")
+  per_epoch = steps_per_epoch(len(split), batch_size)
+  total = per_epoch * epochs
   parallel = DataParallel() if parallel is None else parallel
   local = parallel.process_slice(batch_size)
-  state, masks, teacher_variables = parallel.replicate((state, masks, teacher_variables))
   population = not isinstance(seed, int)
   seeds = list(seed) if population else [seed]
+  start_step = 0
+  if checkpoint is not None and checkpoint.latest_step() is not None:
+    saved, start_step = checkpoint.restore(_checkpoint_tree(state, masks))
+    state, masks = saved["state"], saved.get("masks")
+    logging.info("%s: resumed from the mid-stage checkpoint at step %d/%d (%s)", stage, start_step, total,
+                 checkpoint.directory)
+  state, masks, teacher_variables = parallel.replicate((state, masks, teacher_variables))
   base_rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))  # key(s) per member
   fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   alpha = jnp.float32(alpha)
   temperature = jnp.float32(temperature)
-  sums = {"loss": jnp.float32(0), "accuracy": jnp.float32(0)}
+  shape = (len(seeds),) if population else ()
+  fresh_window = lambda: {"loss": jnp.zeros(shape), "accuracy": jnp.zeros(shape),
+                          "finite": jnp.zeros(shape, jnp.int32)}
+  window_sums = fresh_window()
+  persistent = {"nonfinite": jnp.zeros(shape, jnp.int32), "first_bad": jnp.int32(-1),
+                "last_finite": jnp.full(shape, jnp.nan), "last_finite_step": jnp.int32(-1)}
   window, window_start, start = 0, time.perf_counter(), time.perf_counter()
-  last_finite, last_log = float("nan"), time.perf_counter()
+  last_log, reported_bad = time.perf_counter(), 0
   summary: dict[str, float] = {}
-  current_epoch = -1
-  member_batches = zip(*(train_batches(split, batch_size, s, 0, epochs) for s in seeds))
-  for i, batches in enumerate(member_batches):
+  # A stage resumed mid-epoch already ran that epoch's hook (its masks were saved); one resumed
+  # at an epoch boundary has not, like an uninterrupted run about to start that epoch.
+  current_epoch = start_step // per_epoch if start_step % per_epoch else -1
+  member_batches = zip(*(train_batches(split, batch_size, s, 0, epochs, skip=start_step) for s in seeds))
+  for i, batches in enumerate(member_batches, start=start_step):
     epoch = batches[0][0]
     if epoch != current_epoch:
       current_epoch = epoch
@@ -77,30 +130,54 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
     else:
       images, labels, rngs = parallel.put_batch(batches[0][1][local]), parallel.put_batch(batches[0][2][local]), rngs[0]
     state, metrics = step_fn(state, images, labels, rngs, masks, teacher_variables, alpha, temperature)
-    sums = {k: sums[k] + metrics[k] for k in sums}
+    window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
     window += 1
+    done = i + 1
+    save = checkpoint is not None and checkpoint.due(done, total)
     now = time.perf_counter()
-    if now - last_log >= progress_seconds or i + 1 == total:
-      got = jax.device_get(sums)  # the only host sync: once per progress line
-      # Population: the mean over members (any non-finite member makes the mean non-finite).
-      loss, acc = float(np.mean(got["loss"])) / window, float(np.mean(got["accuracy"])) / window
-      if not math.isfinite(loss):
+    if now - last_log >= progress_seconds or done == total or save:
+      # The only host syncs: once per progress line and before a checkpoint.
+      got, bad = jax.device_get((window_sums, persistent))
+      first_bad = int(bad["first_bad"])
+      if first_bad >= 0 and nonfinite == "stop":
+        last = float(np.mean(bad["last_finite"]))
+        last_text = (f"last finite loss {last:.4g} at step {int(bad['last_finite_step']) + 1}"
+                     if int(bad["last_finite_step"]) >= 0 else "no finite loss before it")
         raise NonFiniteLossError(
-            f"{stage}: non-finite loss at step {i + 1}/{total} (epoch {epoch + 1}); last finite mean loss "
-            f"{last_finite:.4g}. Lower the learning rate or check the data.")
-      last_finite = loss
+            f"{stage}: non-finite loss at step {first_bad + 1}/{total} (epoch {first_bad // per_epoch + 1}); "
+            f"{last_text}. Lower the learning rate, check the data, or set --config.nonfinite=skip")
+      skipped = int(np.max(bad["nonfinite"]))
+      if skipped > reported_bad:
+        logging.warning("%s: skipped %d step(s) with a non-finite loss so far (first at step %d)", stage,
+                        skipped, first_bad + 1)
+        reported_bad = skipped
+      # Population: the mean over members of each member's mean over its finite steps.
+      finite = np.maximum(np.asarray(got["finite"]), 1)
+      loss = float(np.mean(np.asarray(got["loss"]) / finite))
+      acc = float(np.mean(np.asarray(got["accuracy"]) / finite))
       now = time.perf_counter()
       rate = window * batch_size / max(now - window_start, 1e-9)
-      eta = (total - i - 1) * batch_size / max(rate, 1e-9)
-      logging.info("%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s", stage, i + 1, total,
+      eta = (total - done) * batch_size / max(rate, 1e-9)
+      logging.info("%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s", stage, done, total,
                    epoch + 1, epochs, loss, acc, rate, _format_eta(eta))
       summary = {"train_loss": loss, "train_accuracy": acc}
-      sums = {k: jnp.zeros_like(v) for k, v in sums.items()}
+      window_sums = fresh_window()
       window, window_start, last_log = 0, now, now
+      if save:
+        checkpoint.save(done, _checkpoint_tree(state, masks))
+        window_start = time.perf_counter()  # the save is not training throughput
+    crash_point(f"{stage}:step{done}")
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
-  summary.update(steps=total, seconds=seconds, images_per_second=total * batch_size / max(seconds, 1e-9))
+  steps_run = total - start_step
+  summary.update(steps=total, seconds=seconds, images_per_second=steps_run * batch_size / max(seconds, 1e-9),
+                 resumed_at_step=start_step, nonfinite_steps=int(np.max(jax.device_get(persistent["nonfinite"]))))
   return state, summary, masks
+
+
+def _checkpoint_tree(state: TrainState, masks: PyTree | None) -> dict:
+  """What a mid-stage checkpoint holds: the full train state, and the masks when there are any."""
+  return {"state": state} if masks is None else {"state": state, "masks": masks}
 
 
 def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,

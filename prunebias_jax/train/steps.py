@@ -20,7 +20,7 @@ PyTree = Any
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, mean, std,
                     crop_padding: int, flip: bool, kd: bool, population: int = 1,
-                    shared_masks: bool = True) -> Callable:
+                    shared_masks: bool = True, skip_nonfinite: bool = False) -> Callable:
   """Returns jitted `step(state, images_u8, labels, rng, masks, teacher_variables, alpha, T)`.
 
   The forward pass uses params ⊙ masks (so pruned weights get zero gradient); after the
@@ -31,6 +31,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
   population > 1: the same step `jax.vmap`-ed over a leading member axis of state, images,
   labels and rng (and masks unless `shared_masks`); the teacher is shared. N students of a
   cell then train in one compiled step.
+
+  skip_nonfinite: a step whose loss is NaN/Inf leaves params, batch stats and optimizer state
+  as they were (the step counter still advances, so the learning-rate schedule and the data
+  order stay those of the uninterrupted run). Either way `metrics['nonfinite']` is 1 for such
+  a step, so the loop can stop or count without an extra host sync.
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -51,9 +56,15 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
     (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates), masks)
+    finite = jnp.isfinite(loss)
+    if skip_nonfinite:  # keep the old values where the loss was not finite
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, batch_stats, opt_state = keep((params, batch_stats, opt_state),
+                                            (state.params, state.batch_stats, state.opt_state))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics = {
         "loss": loss,
+        "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         "ce": ce,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
     }
