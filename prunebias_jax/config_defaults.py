@@ -27,6 +27,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.runlocal_overrides = ()  # ((dotted key, value), ...)
   config.progress_seconds = 10.0  # a progress line at least this often during training
   config.overwrite = False  # True: discard checkpoints/results of a different config in --workdir
+  # A NaN/Inf training loss: "stop" (error naming the stage, step and last finite loss) or
+  # "skip" (that step's update is dropped; the count is logged and kept in the checkpoint).
+  config.nonfinite = "stop"
+  # Computation dtype of the models: "float32", or "bfloat16" (mixed precision: bf16
+  # convolutions and matmuls, float32 params, optimizer state, batch-norm statistics and loss).
+  config.compute_dtype = "float32"
+  # Mid-stage checkpoints: a training stage saves its state every `every_steps` steps (0: only
+  # the finished model) and a rerun continues from the last one; the last `keep` are kept.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 500
+  config.checkpoint.keep = 2
   # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() before any JAX work.
   # None: automatic on TPU (and when JAX_COORDINATOR_ADDRESS is set); True/False force it.
   config.distributed = placeholder(bool)

@@ -6,6 +6,7 @@ allowed; `main` prints that line and exits with code 2.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -16,7 +17,9 @@ from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
 from prunebias_jax.models import available_models
 from prunebias_jax.pruning import METHODS
 from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
-from prunebias_jax.train import SCHEDULES
+from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")  # TODO(issue 6 helper): import from models
 
 
 class ConfigError(ValueError):
@@ -28,7 +31,8 @@ def _is_int(v) -> bool:
 
 
 def _is_real(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+  """A finite real number (NaN and ±Inf are never a meaningful setting)."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -73,8 +77,75 @@ def _optim(cfg, prefix: str) -> None:
   _require(_is_real(f) and 0 < f <= 1, f"{prefix}.decay_factor", f, "a number in (0, 1]")
 
 
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string",
+               tuple: "a tuple, e.g. '(1,2)'"}
+
+
+def _type_ok(value, kind: type) -> bool:
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return _is_int(value)
+  if kind is float:
+    return _is_real(value)
+  if kind is str:
+    return isinstance(value, str)
+  if kind in (tuple, list):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, kind)
+
+
+def check_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
+                 prefix: str = "") -> None:
+  """Every field of `cfg` is a field of the schema (`base_config()`), of the schema's type.
+
+  A field whose default is None (`placeholder(type)`) may be None or of that type; floats must
+  be finite. Catches a misspelt field in a config file (`config.dense.epoch = 3`), which
+  ml_collections would otherwise accept silently.
+  """
+  if schema is None:
+    from prunebias_jax.config_defaults import base_config
+    schema = base_config()
+  for key in cfg.keys():
+    if key not in schema:
+      known = ", ".join(sorted(schema.keys()))
+      raise ConfigError(f"config.{prefix}{key} is not a known field; the fields{' of config.' + prefix[:-1] if prefix else ''} "
+                        f"are: {known}")
+  for key in schema.keys():
+    dotted = f"{prefix}{key}"
+    if key not in cfg:
+      raise ConfigError(f"config.{dotted} is missing; start config files from prunebias_jax.config_defaults.base_config()")
+    default, value = schema[key], cfg[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      _require(isinstance(value, (ml_collections.ConfigDict, dict)), dotted, value, "a group of fields")
+      check_schema(ml_collections.ConfigDict(value) if isinstance(value, dict) else value, default, dotted + ".")
+      continue
+    kind = schema.get_ref(key).get_type()
+    if default is None:  # a placeholder: None or its type
+      _require(value is None or _type_ok(value, kind), dotted, value, f"None or {_TYPE_NAMES.get(kind, kind.__name__)}")
+    else:
+      _require(_type_ok(value, kind), dotted, value, _TYPE_NAMES.get(kind, kind.__name__))
+
+
+def check_runlocal_overrides(cfg: ml_collections.ConfigDict) -> None:
+  """`runlocal_overrides` is a tuple of (dotted field, value) pairs naming known fields."""
+  from prunebias_jax.config_defaults import base_config
+  schema = base_config()
+  overrides = cfg.get("runlocal_overrides", ())
+  _require(isinstance(overrides, (tuple, list)), "runlocal_overrides", overrides, "a tuple of (dotted field, value) pairs")
+  for item in overrides:
+    _require(isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str), "runlocal_overrides",
+             item, "(dotted field, value) pairs, e.g. ('dense.epochs', 1)")
+    node = schema
+    for part in item[0].split("."):
+      _require(isinstance(node, ml_collections.ConfigDict) and part in node, "runlocal_overrides", item[0],
+               "known dotted fields, e.g. 'dense.epochs'")
+      node = node[part]
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first value that cannot run."""
+  check_schema(cfg)
   _choice(cfg, "model", available_models())
   _choice(cfg, "data.source", SOURCES)
   _positive_int(cfg, "data.batch_size")
@@ -155,6 +226,17 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "metrics.convention", CONVENTIONS)
   ps = cfg.progress_seconds
   _require(_is_real(ps) and ps > 0, "progress_seconds", ps, "a number > 0")
+  _choice(cfg, "nonfinite", NONFINITE_RULES)
+  _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
+  every = cfg.checkpoint.every_steps
+  _require(_is_int(every) and every >= 0, "checkpoint.every_steps", every, "an integer >= 0 (0 = only finished models)")
+  _positive_int(cfg, "checkpoint.keep")
+  for field in ("data.split_seed", "data.imbalance.seed"):
+    v = _get(cfg, field)
+    _require(_is_int(v) and v >= 0, field, v, "an integer >= 0")
+  for field in ("data.train_split", "data.test_split", "data.label_attribute"):
+    v = _get(cfg, field)
+    _require(isinstance(v, str) and v.strip() != "", field, v, "a non-empty string")
 
 
 def validate_against_dataset(cfg: ml_collections.ConfigDict, num_classes: int, teacher_train_size: int,

@@ -7,8 +7,12 @@
          → every model evaluated on the full test set; metrics against the dense reference
          → results.jsonl, results.md, plots/, config.json, dataset.json, timings.json
 
-Every trained model is an Orbax checkpoint in the workdir; a rerun restores instead of
-retraining, and since evaluation is deterministic it rewrites the same results.jsonl.
+Every trained model is an Orbax checkpoint in the workdir, and a training stage in progress
+saves mid-stage checkpoints (`checkpoint.every_steps`); a rerun of the same command restores
+finished models, continues an interrupted stage from its last step, and — since the data
+order, the RNG and the evaluation are deterministic — writes the same results.jsonl, byte for
+byte on CPU, as a run that was never interrupted. Every file of record is written to a
+temporary name and renamed, so a killed run never leaves a half-written one.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from prunebias_jax import analysis
 from prunebias_jax import metrics as pm
 from prunebias_jax.analysis import Outputs
 from prunebias_jax import report
-from prunebias_jax.checkpoint import ModelCheckpoint
+from prunebias_jax.checkpoint import ModelCheckpoint, StageCheckpoint
 from prunebias_jax.config_defaults import base_config
-from prunebias_jax.config_validation import ConfigError, validate_against_dataset, validate_config
+from prunebias_jax.config_validation import (ConfigError, check_runlocal_overrides, validate_against_dataset,
+                                             validate_config)
 from prunebias_jax.data import Dataset, DataError, load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
-from prunebias_jax.files import check_writable, write_atomic, write_json_atomic
+from prunebias_jax.faults import crash_point
+from prunebias_jax.files import (check_writable, directory_size, format_bytes, remove_stale_temporaries,
+                                 write_atomic, write_json_atomic)
 from prunebias_jax.models import get_model
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.pruning.schedule import pruning_steps
@@ -47,7 +54,8 @@ Record = dict[str, Any]
 SWEEP_KEYS = ("pruning.methods", "pruning.sparsities", "seeds")
 # Keys that change how a run reports, not what it computes.
 COSMETIC_KEYS = ("progress_seconds", "overwrite", "distributed", "coordinator_address", "num_processes",
-                 "process_id")
+                 "process_id", "checkpoint.every_steps", "checkpoint.keep")
+PARTIAL = "partial"  # checkpoints/partial/<stage>: mid-stage checkpoints of stages in progress
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -67,6 +75,7 @@ def resolve_config(config: ml_collections.ConfigDict, explicit_keys: Collection[
   Keys the user set on the command line (`explicit_keys`, dotted) win over runlocal's values.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy; the caller's stays as is
+  check_runlocal_overrides(config)
   if config.get("runlocal") and config.get("runlocal_overrides"):
     for dotted, value in config.runlocal_overrides:
       if dotted in explicit_keys:
@@ -145,6 +154,38 @@ def _round(x, digits: int = 6):
   return [_round(v, digits) for v in a]
 
 
+# Why a headline metric can be undefined (METRICS.md: no NaN is printed silently).
+UNDEFINED_REASONS = {
+    "cev": "no class has a defined rate change (metrics.zero_rate='exclude' dropped every class)",
+    "sde": "no class has a defined rate change (metrics.zero_rate='exclude' dropped every class)",
+    "cka": "a model's penultimate features are constant on the test set (CKA's denominator is 0)",
+    "cka_debiased": "constant features or fewer than 4 test examples (the unbiased HSIC denominator is not positive)",
+    "svcca": "constant logits or fewer than 2 examples (analysis.svcca_examples)",
+}
+
+
+def undefined_metrics(record: Record) -> dict[str, str]:
+  """{metric: reason} for the headline metrics of `record` that are NaN/None."""
+  out = {}
+  for field, reason in UNDEFINED_REASONS.items():
+    if field not in record:
+      continue
+    v = record[field]
+    if v is None or isinstance(v, str) or not np.isfinite(v):
+      out[field] = reason
+  return out
+
+
+def _note_undefined(record: Record, what: str) -> None:
+  """Adds `undefined_metrics` to the record and says so in the log, when there are any."""
+  undefined = undefined_metrics(record)
+  if undefined:
+    record["undefined_metrics"] = undefined
+    for field, reason in undefined.items():
+      logging.warning("%s: %s is undefined (%s); results.jsonl records it as %r", what, field, reason,
+                      record[field])
+
+
 class Experiment:
   """One run of the pipeline in `workdir`; see the module docstring."""
 
@@ -172,6 +213,9 @@ class Experiment:
       if problem:
         raise ConfigError(problem)
     _guard_workdir(self.workdir, cfg)
+    if jax.process_index() == 0:
+      for tmp in remove_stale_temporaries(self.workdir):  # left by a run killed mid-write
+        logging.info("removed %s (a temporary file of an interrupted run)", tmp)
     t = time.perf_counter()
     try:
       self.data: Dataset = load_dataset(cfg.data)
@@ -180,6 +224,14 @@ class Experiment:
     validate_against_dataset(cfg, self.data.num_classes, len(self.data.teacher_train), len(self.data.train))
     self.timings["load_data"] = time.perf_counter() - t
     self.model = get_model(cfg.model, self.data.num_classes)
+    try:  # tracing only (no compute): a model that cannot take these images fails here, not mid-run
+      jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros((1,) + self.data.image_shape), train=False))
+    except Exception as e:  # Flax/XLA shape errors come as many types
+      raise ConfigError(
+          f"config.model={cfg.model!r} cannot take {'×'.join(map(str, self.data.image_shape))} images "
+          f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); choose another model or set data.image_size") from None
+    self.checkpoint_expect = {"model": cfg.model, "num_classes": self.data.num_classes}
+    self._check_checkpoints()
     logging.info("data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
                  "fine-tune class counts %s", self.data.name, len(self.data.teacher_train),
                  len(self.data.train), len(self.data.test), self.data.image_shape, self.data.num_classes,
@@ -196,6 +248,46 @@ class Experiment:
     self.writer = jax.process_index() == 0
     if self.writer:
       self._write_run_description()
+
+  def _check_checkpoints(self) -> None:
+    """Reads the metadata of every checkpoint in the workdir before any training, so a
+    checkpoint of another model or a damaged one stops the run now (CheckpointError, exit 2),
+    not hours later, and is never overwritten."""
+    root = self.workdir / "checkpoints"
+    if not root.is_dir():
+      return
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name != PARTIAL]
+    dirs += [d for d in (root / PARTIAL).iterdir() if d.is_dir()] if (root / PARTIAL).is_dir() else []
+    for d in sorted(dirs):
+      ckpt = ModelCheckpoint(d, expect=self.checkpoint_expect)
+      try:
+        if ckpt.latest_step() is not None:
+          ckpt.read_meta()
+      finally:
+        ckpt.close()
+
+  def _model_checkpoint(self, name: str) -> ModelCheckpoint:
+    return ModelCheckpoint(self.workdir / "checkpoints" / name, expect=self.checkpoint_expect)
+
+  def _stage_checkpoint(self, stage: str) -> StageCheckpoint | None:
+    every = self.config.checkpoint.every_steps
+    if not every:
+      return None
+    return StageCheckpoint(self.workdir / "checkpoints" / PARTIAL / stage, every, self.config.checkpoint.keep,
+                           expect=self.checkpoint_expect)
+
+  def _finish_stage(self, partial: StageCheckpoint | None) -> None:
+    """The stage's models are saved: its mid-stage checkpoints are no longer needed."""
+    if partial is None:
+      return
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("prunebias_jax: stage saved")
+    if jax.process_index() == 0:
+      partial.discard()
+    else:
+      partial.close()
 
   def _write_run_description(self) -> None:
     cfg = self.config
@@ -224,7 +316,8 @@ class Experiment:
                                  stage_cfg.epochs)
       step = make_train_step(self.model, optimizer, mean=self.data.mean, std=self.data.std,
                              crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, kd=kd,
-                             population=population, shared_masks=shared_masks)
+                             population=population, shared_masks=shared_masks,
+                             skip_nonfinite=cfg.nonfinite == "skip")
       self._steps[key] = (optimizer, step)
     return self._steps[key]
 
@@ -240,7 +333,7 @@ class Experiment:
     optimizer, step = self._step_fn(cfg.dense, split, kd=False)
     dummy = jnp.zeros((1,) + self.data.image_shape, jnp.float32)
     variables = self.model.init(jax.random.key(seed), dummy, train=False)
-    ckpt = ModelCheckpoint(self.workdir / "checkpoints" / name)
+    ckpt = self._model_checkpoint(name)
     tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     t = time.perf_counter()
     if ckpt.latest_step() is not None:
@@ -250,11 +343,15 @@ class Experiment:
       logging.info("stage %s: training %s from scratch for %d epochs on %d images", name, cfg.model,
                    cfg.dense.epochs, len(split))
       state = create_state(tree["params"], tree["batch_stats"], optimizer)
+      partial = self._stage_checkpoint(name)
       state, summary, _ = fit(state, step, split, stage=name, batch_size=self.batch_size(cfg.dense),
                               parallel=self.parallel, epochs=cfg.dense.epochs, seed=seed,
-                              progress_seconds=cfg.progress_seconds)
+                              progress_seconds=cfg.progress_seconds, checkpoint=partial,
+                              nonfinite=cfg.nonfinite)
       tree = {"params": state.params, "batch_stats": state.batch_stats}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
+      self._finish_stage(partial)
+      crash_point(f"saved:{name}")
     ckpt.close()
     self.timings[name] = time.perf_counter() - t
     return tree
@@ -281,7 +378,7 @@ class Experiment:
     masks = [prune(teacher["params"], method, plan[0], seed=seeds[0] if shared else seed) for seed in seeds]
     trees = [{"params": apply_masks(teacher["params"], m), "batch_stats": teacher["batch_stats"],
               "masks": masks_to_flat(m)} for m in masks]
-    ckpts = [ModelCheckpoint(self.workdir / "checkpoints" / name) for name in names]
+    ckpts = [self._model_checkpoint(name) for name in names]
     if all(c.latest_step() is not None for c in ckpts):
       trees = [c.restore(t)[0] for c, t in zip(ckpts, trees)]
       logging.info("  %s: restored", ", ".join(names))
@@ -302,8 +399,10 @@ class Experiment:
       states = [create_state(t["params"], t["batch_stats"], optimizer) for t in trees]
       state = states[0] if k == 1 else _stack(states)
       step_masks = masks[0] if shared or k == 1 else _stack(masks)
+      stage = names[0] if k == 1 else f"{names[0]}+{k - 1}"
+      partial = self._stage_checkpoint(stage)
       state, summary, final = fit(
-          state, step, self.data.train, stage=names[0] if k == 1 else f"{names[0]}+{k - 1}",
+          state, step, self.data.train, stage=stage, checkpoint=partial, nonfinite=cfg.nonfinite,
           batch_size=self.batch_size(cfg.finetune), epochs=cfg.finetune.epochs,
           seed=seeds[0] if k == 1 else list(seeds), masks=step_masks, teacher_variables=teacher if kd else None,
           alpha=cfg.kd.alpha, temperature=temperature, progress_seconds=cfg.progress_seconds,
@@ -315,6 +414,8 @@ class Experiment:
         tree = {"params": member.params, "batch_stats": member.batch_stats, "masks": masks_to_flat(m)}
         ckpt.save(int(member.step), tree, {"steps": int(member.step), **summary})
         trees.append(tree)
+      self._finish_stage(partial)
+      crash_point(f"saved:{stage}")
     for c in ckpts:
       c.close()
     return [({"params": t["params"], "batch_stats": t["batch_stats"]}, masks_from_flat(t["params"], t["masks"]))
@@ -339,6 +440,7 @@ class Experiment:
 
   def compare(self, reference: Outputs, model: Outputs, seed: int = 0) -> Record:
     """Metrics of one model against the dense reference (all on the full test set)."""
+    crash_point("compare")
     cfg = self.config
     C = self.data.num_classes
     predictions = model.predictions
@@ -445,6 +547,7 @@ class Experiment:
           "realized_sparsity": _round(dense_sparsity["global"]),
           "realized_sparsity_per_layer": {k: _round(v) for k, v in dense_sparsity["per_layer"].items()},
       })
+      _note_undefined(records[-1], f"dense seed {seed}")
       logging.info("dense model (seed %d): test accuracy %.4f", seed, records[-1]["accuracy"])
 
     temperatures = tuple(cfg.kd.temperatures) or (cfg.kd.temperature,)
@@ -469,6 +572,7 @@ class Experiment:
                  "realized_sparsity_per_layer": {k: _round(v) for k, v in realized["per_layer"].items()}}
           records.append(rec)
           label = f"KD T={temperature:g}" if kd else "CE"
+          _note_undefined(rec, f"{method} s={sparsity:g} {label} seed {seed}")
           logging.info("[%d/%d] %-16s s=%-5g %-8s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f SVCCA %.4f "
                        "realised sparsity %.4f", i + 1, len(todo), method, sparsity, label, seed, rec["accuracy"],
                        rec["cev"], rec["sde"], rec["cka"], rec["svcca"] or float("nan"), rec["realized_sparsity"])
@@ -485,6 +589,10 @@ class Experiment:
     self.timings["total"] = time.perf_counter() - start
     if self.writer:
       write_json_atomic(self.workdir / "timings.json", {k: round(v, 3) for k, v in self.timings.items()})
+      size = directory_size(self.workdir)
+      logging.info("workdir %s: %s on disk (checkpoints %s; keep fewer with checkpoint.keep, or delete "
+                   "checkpoints/ once results are final)", self.workdir, format_bytes(size),
+                   format_bytes(directory_size(self.workdir / "checkpoints")))
     return records
 
   def write_results(self, records: list[Record], reference: Outputs, outputs: dict[tuple, list[Outputs]]) -> None:

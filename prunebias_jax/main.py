@@ -2,8 +2,10 @@
 
 Config values are overridden with `--config.key=value`, e.g.
 `--config.pruning.sparsities='(0.5,0.9)' --config.kd.temperature=2`. Bad input (an unknown
-key, a wrong type, a value out of range, an unwritable workdir) ends the run before any
-training with one line on stderr and exit code 2.
+key, a wrong type, a value out of range, an unwritable workdir, a checkpoint in the workdir
+that belongs to another model or is damaged) ends the run before any training with one line
+on stderr and exit code 2. A NaN/Inf training loss (with `nonfinite='stop'`) ends it with one
+line and exit code 3. The config file named by --config is the only Python the run executes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -32,19 +35,19 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not any(part in path for part in ("/orbax/", "/jax/", "/flax/"))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_BAD_INPUT)
+  sys.exit(code)
 
 
 def _one_line(e: BaseException) -> str:
   return " ".join(str(e).split())
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's parser, but a bad flag or config override is one line and exit code 2."""
   try:
-    return FLAGS(argv)
+    return flag_values(argv)
   except flags.Error as e:
     _fail(_one_line(e))
   except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
@@ -70,8 +73,10 @@ def main(argv: list[str]) -> None:
   # Orbax logs several INFO lines per checkpoint through absl; keep the console to our own lines.
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
+  from prunebias_jax.checkpoint import CheckpointError
   from prunebias_jax.config_validation import ConfigError
   from prunebias_jax.distributed import maybe_initialize
+  from prunebias_jax.train import NonFiniteLossError
 
   try:  # multi-host: jax.distributed.initialize() must come before any other JAX call
     maybe_initialize(config)
@@ -82,8 +87,10 @@ def main(argv: list[str]) -> None:
 
   try:
     run(config, FLAGS.workdir, explicit_keys=set(config_flags.get_override_values(FLAGS["config"])))
-  except ConfigError as e:
+  except (ConfigError, CheckpointError) as e:
     _fail(_one_line(e))
+  except NonFiniteLossError as e:  # checkpoints of finished stages are kept; a rerun resumes
+    _fail(_one_line(e), EXIT_NONFINITE)
 
 
 def cli() -> None:
