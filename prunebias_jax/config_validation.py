@@ -216,9 +216,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _require(_is_real(t) and t > 0, "kd.temperatures", t, "temperatures > 0")
   for s in _sequence(cfg, "analysis.dense_seeds"):
     _require(_is_int(s) and s >= 0, "analysis.dense_seeds", s, "integers >= 0")
-  for field in ("bootstrap_resamples", "correlation_resamples", "permutations", "svcca_examples", "cie_grid_images"):
+  for field in ("bootstrap_resamples", "cie_grid_images"):
     v = cfg.analysis[field]
-    _require(_is_int(v) and v >= 0, f"analysis.{field}", v, "an integer >= 0")
+    _require(_is_int(v) and v >= 0, f"analysis.{field}", v, "an integer >= 0 (0 = off)")
+  for field in ("correlation_resamples", "permutations"):
+    v = cfg.analysis[field]
+    _require(_is_int(v) and v >= 1, f"analysis.{field}", v, "an integer >= 1")
+  v = cfg.analysis.svcca_examples
+  _require(_is_int(v) and (v == 0 or v >= 2), "analysis.svcca_examples", v,
+           "0 (the whole test set) or an integer >= 2 (SVCCA needs two examples)")
   for field in ("confidence", "fdr_q"):
     v = cfg.analysis[field]
     _require(_is_real(v) and 0 < v < 1, f"analysis.{field}", v, "a number in (0, 1)")

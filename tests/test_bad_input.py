@@ -1,0 +1,346 @@
+"""Bad input everywhere: fuzzed config values, foreign and damaged checkpoints, NaN losses,
+and nothing from data or checkpoints is ever executed or unpickled."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ml_collections import config_flags
+
+from prunebias_jax import distributed, experiment, main
+from prunebias_jax.checkpoint import CheckpointError, ModelCheckpoint
+from prunebias_jax.config_defaults import base_config
+from prunebias_jax.config_validation import ConfigError, check_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key in cfg.keys():
+    if isinstance(cfg[key], ml_collections.ConfigDict):
+      out += _fields(cfg[key], f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+FIELDS = _fields(base_config())
+# A value given for one field can be reported against its partner (a pair must agree).
+PARTNERS = {
+    "data.source": ("data.name", "data.dir"),
+    "data.imbalance.classes": ("data.imbalance.keep_fractions",),
+    "data.imbalance.keep_fractions": ("data.imbalance.classes",),
+    "seeds": ("population",),
+    "data.batch_size": ("dense.batch_size", "finetune.batch_size"),
+    "num_processes": ("process_id",),
+}
+
+_scalar = st.one_of(
+    st.integers(-10**9, 10**9), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+    st.sampled_from(["None", "", "0", "-1", "1e400", "nan", "inf", "resnet20", "tfds", "cifar10", "shared",
+                     "skip", "bfloat16", "(", "'", "l1_filter", "cosine", "exclude"]),
+    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+)
+_value = st.one_of(_scalar, st.lists(_scalar, max_size=4).map(lambda xs: "(" + ",".join(map(str, xs)) + ",)"))
+
+
+def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str, int | None]:
+  """The CLI's own parsing (main.parse_flags) on fresh flags: (config, stderr, exit code)."""
+  argv = ["prunebias_jax", "--config", str(ROOT / "configs/default.py"), *argv]
+  fv = flags.FlagValues()
+  # config_flags finds the --config.* overrides in sys_argv (main's FLAGS: sys.argv).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  err = io.StringIO()
+  with redirect_stderr(err):
+    try:
+      main.parse_flags(argv, fv)
+      config = fv["config"].value
+      config.to_dict()
+    except SystemExit as e:
+      return None, err.getvalue(), e.code
+  return config, err.getvalue(), None
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(FIELDS), value=_value)
+def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
+  """Any value for any field, as typed on the command line: the run either gets past every
+  check done before training (and the model/data set-up), or stops with exit code 2 and one
+  line that names the field — never a traceback."""
+  config, err, code = _parse([f"--config.{field}={value}"])
+  if config is None:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert field.split(".")[-1] in lines[0] or str(value)[:20] in lines[0], lines[0]
+    return
+  with tempfile.TemporaryDirectory() as workdir:
+    try:
+      distributed._arguments(config)  # what main checks before initialising JAX
+      exp = experiment.Experiment(config, workdir)
+      exp.prepare()
+    except ConfigError as e:
+      message = str(e)
+      assert "\n" not in message
+      names = (field,) + PARTNERS.get(field, ())
+      assert any(n in message for n in names), (field, value, message)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("dense.epochs", "3.5", "dense.epochs"),
+    ("dense.optim.learning_rate", "inf", "learning_rate=inf"),
+    ("kd.temperature", "nan", "kd.temperature=nan"),
+    ("nonfinite", "ignore", "nonfinite='ignore'"),
+    ("compute_dtype", "float16", "compute_dtype='float16'"),
+    ("checkpoint.every_steps", "-1", "checkpoint.every_steps=-1"),
+    ("checkpoint.keep", "0", "checkpoint.keep=0"),
+    ("data.label_attribute", "", "data.label_attribute"),
+])
+def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):
+  config, err, code = _parse([f"--config.{field}={value}"])
+  if config is None:
+    assert code == 2 and expected.split("=")[0].split(".")[-1] in err
+    return
+  with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+    experiment.Experiment(config, tmp_path).prepare()
+
+
+def test_a_misspelt_field_in_a_config_file_is_refused():
+  cfg = base_config()
+  cfg.dense.epoch = 3  # ml_collections accepts new fields silently
+  with pytest.raises(ConfigError, match=r"config\.dense\.epoch is not a known field"):
+    check_schema(cfg)
+  cfg = base_config()
+  cfg.runlocal_overrides = (("dense.epoch", 1),)
+  with pytest.raises(ConfigError, match=r"runlocal_overrides='dense\.epoch'"):
+    experiment.resolve_config(cfg)
+
+
+def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path, monkeypatch):
+  import flax.linen as nn
+
+  class NeedsLargeImages(nn.Module):
+    """Like an ImageNet model given 8×8 digits: shape errors only show when it is traced."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.Conv(4, (9, 9), padding="VALID")(x)  # 8×8 → a negative size
+      return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+  monkeypatch.setattr(experiment, "get_model", lambda name, num_classes: NeedsLargeImages())
+  cfg = base_config()
+  with pytest.raises(ConfigError, match=r"config\.model='small_cnn' cannot take 8×8×1 images"):
+    experiment.Experiment(cfg, tmp_path).prepare()
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("field,values", [
+    ("bootstrap_resamples", (0, 1, 2)), ("correlation_resamples", (0, 1, 2)), ("permutations", (0, 1)),
+    ("svcca_examples", (0, 1, 2)), ("confidence", (1e-9, 0.999999)), ("fdr_q", (1e-9, 0.99999)),
+])
+def test_every_analysis_value_the_validator_accepts_runs(field, values):
+  """The boundary values of the analysis settings: refused with ConfigError, or the analysis
+  runs with them (a value that passes validation must not crash hours later)."""
+  from prunebias_jax import analysis
+  from prunebias_jax.analysis import Outputs
+  from prunebias_jax.config_validation import validate_config
+
+  rng = np.random.default_rng(0)
+  n, C = 40, 10
+  labels = rng.integers(0, C, n)
+  ref = np.where(rng.random(n) < 0.2, 0, labels)
+  preds = [np.where(rng.random(n) < 0.3, rng.integers(0, C, n), labels) for _ in range(2)]
+  for value in values:
+    cfg = base_config()
+    cfg.analysis[field] = value
+    try:
+      validate_config(cfg)
+    except ConfigError as e:
+      assert f"analysis.{field}" in str(e)
+      continue
+    analysis.bootstrap_intervals(labels, ref, preds[0], None, C, 0, cfg.analysis, cfg.metrics, 0)
+    analysis.cell_analysis(labels, [ref, preds[1]], preds, C, cfg.analysis, seed=0)
+    records = [{"method": "m", "sparsity": s, "kd": kd, "temperature": None, "seed": 0, "accuracy": 0.5,
+                "agreement": 0.5, **{k: float(rng.random()) for k in ("cev", "sde", "cka", "svcca", "cka_debiased")}}
+               for s in (0.5, 0.7, 0.9) for kd in (False, True)]
+    analysis.correlations(records, cfg.analysis, 0)
+    layers = {name: rng.normal(size=(n, d)).astype(np.float32) for name, d in (("features", 16), ("logits", C))}
+    out = Outputs(ref, layers["logits"], layers)
+    analysis.similarity_by_layer(out, out, cfg.analysis.svcca_examples)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _tree_hash(directory: Path) -> str:
+  h = hashlib.sha256()
+  for p in sorted(directory.rglob("*")):
+    h.update(str(p.relative_to(directory)).encode())
+    if p.is_file():
+      h.update(p.read_bytes())
+  return h.hexdigest()
+
+
+def _tiny(workdir: Path) -> experiment.Experiment:
+  cfg = base_config()
+  cfg.dense.epochs = 1
+  cfg.progress_seconds = 1e9
+  return experiment.Experiment(cfg, workdir)
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+  foreign = ModelCheckpoint(tmp_path / "checkpoints" / "dense", expect={"model": "resnet20", "num_classes": 10})
+  foreign.save(100, {"params": {"w": jnp.ones((3, 3))}}, {"steps": 100})
+  foreign.close()
+  before = _tree_hash(tmp_path / "checkpoints")
+  with pytest.raises(CheckpointError, match=r"model='resnet20', this run has model='small_cnn'.*left untouched"):
+    _tiny(tmp_path).prepare()
+  assert _tree_hash(tmp_path / "checkpoints") == before
+
+
+def test_checkpoint_without_metadata_of_other_shapes_is_refused_and_kept(tmp_path):
+  # As written by an older version: no model name or array signature in the metadata.
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints" / "dense",
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  manager.save(16, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": {"w": np.ones((3, 3), np.float32)},
+                                   "batch_stats": {"m": np.zeros(2, np.float32)}}),
+      meta=ocp.args.JsonSave({"steps": 16})))
+  manager.wait_until_finished()
+  manager.close()
+  before = _tree_hash(tmp_path / "checkpoints")
+  exp = _tiny(tmp_path)
+  exp.prepare()
+  with pytest.raises(CheckpointError, match=r"checkpoint .*dense.16 cannot be used by this run"):
+    exp.dense_stage()
+  assert _tree_hash(tmp_path / "checkpoints") == before
+
+
+@pytest.fixture(scope="module")
+def trained_dense(tmp_path_factory) -> Path:
+  workdir = tmp_path_factory.mktemp("dense")
+  exp = _tiny(workdir)
+  exp.prepare()
+  exp.dense_stage()
+  return workdir
+
+
+def _copy(src: Path, dst: Path) -> Path:
+  import shutil
+
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_damaged_checkpoint_metadata_is_refused_before_training(trained_dense, tmp_path):
+  workdir = _copy(trained_dense, tmp_path / "w")
+  (meta,) = (workdir / "checkpoints" / "dense").glob("*/meta/metadata")
+  meta.write_bytes(b"\x00\x01 not json")
+  before = _tree_hash(workdir / "checkpoints")
+  with pytest.raises(CheckpointError, match="metadata is unreadable"):
+    _tiny(workdir).prepare()
+  assert _tree_hash(workdir / "checkpoints") == before
+
+
+def test_damaged_checkpoint_arrays_are_refused_and_kept(trained_dense, tmp_path):
+  workdir = _copy(trained_dense, tmp_path / "w")
+  state_dir = next((workdir / "checkpoints" / "dense").glob("*/state"))
+  for f in state_dir.rglob("*"):
+    if f.is_file() and f.parent.name == "d":  # the array data files
+      f.write_bytes(b"garbage")
+  before = _tree_hash(workdir / "checkpoints")
+  exp = _tiny(workdir)
+  exp.prepare()
+  with pytest.raises(CheckpointError, match="restoring failed"):
+    exp.dense_stage()
+  assert _tree_hash(workdir / "checkpoints") == before
+
+
+def test_restoring_a_good_checkpoint_still_works(trained_dense, tmp_path):
+  workdir = _copy(trained_dense, tmp_path / "w")
+  exp = _tiny(workdir)
+  exp.prepare()
+  tree = exp.dense_stage()
+  assert set(tree) == {"params", "batch_stats"}
+
+
+def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/default.py", f"--workdir={workdir}",
+         "--config.dense.epochs=1", "--config.finetune.epochs=1", "--config.pruning.methods=('random',)",
+         "--config.pruning.sparsities=(0.5,)", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_foreign_checkpoint_exits_2_with_one_line(tmp_path):
+  foreign = ModelCheckpoint(tmp_path / "checkpoints" / "dense", expect={"model": "resnet20", "num_classes": 10})
+  foreign.save(100, {"params": {"w": jnp.ones((3, 3))}}, {"steps": 100})
+  foreign.close()
+  proc = _cli(tmp_path)
+  lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("I", "W"))]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and "resnet20" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_nonfinite_loss_exits_3_with_stage_and_step(tmp_path):
+  proc = _cli(tmp_path, "--config.dense.optim.learning_rate=1e30", "--config.progress_seconds=1000")
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: dense: non-finite loss at step") and "last finite loss" in last
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "checkpoints" / "dense").exists() or not any((tmp_path / "checkpoints" / "dense").iterdir())
+
+
+# ------------------------------------------------------------------------------------ safety
+FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
+FORBIDDEN_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
+
+
+def test_no_code_runs_from_data_or_checkpoints():
+  """No module of the package imports a pickle-like loader, calls eval/exec, or loads NumPy
+  files with allow_pickle=True (config files, loaded by ml_collections from the path the user
+  names, are the only Python a run executes)."""
+  problems = []
+  for path in sorted((ROOT / "prunebias_jax").rglob("*.py")):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+      where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+      if isinstance(node, ast.Import):
+        problems += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in FORBIDDEN_MODULES]
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in FORBIDDEN_MODULES:
+        problems.append(f"{where} imports from {node.module}")
+      elif isinstance(node, ast.Call):
+        name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        if name in FORBIDDEN_CALLS:
+          problems.append(f"{where} calls {name}")
+        if name in ("load", "loads") and any(k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant)
+                                                                              and k.value.value is False)
+                                             for k in node.keywords):
+          problems.append(f"{where} loads with allow_pickle")
+        if name == "load" and isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "np":
+          if not any(k.arg == "allow_pickle" for k in node.keywords):
+            problems.append(f"{where} np.load without allow_pickle=False")
+  assert not problems, problems
+
+
+def test_the_image_cache_never_unpickles(tmp_path):
+  from prunebias_jax.data import image_folder
+
+  path = tmp_path / "cache.npz"
+  np.savez(path, key=np.asarray("k"), images=np.array([object()], dtype=object), labels=np.zeros(1))
+  assert image_folder._load_cache(path, "k") is None  # refused (and re-decoded), not unpickled
