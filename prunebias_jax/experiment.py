@@ -158,7 +158,7 @@ def _round(x, digits: int = 6):
 UNDEFINED_REASONS = {
     "cev": "no class has a defined rate change (metrics.zero_rate='exclude' dropped every class)",
     "sde": "no class has a defined rate change (metrics.zero_rate='exclude' dropped every class)",
-    "cka": "a model's penultimate features are constant on the test set (CKA's denominator is 0)",
+    "cka": "the penultimate features contain NaN/Inf",
     "cka_debiased": "constant features or fewer than 4 test examples (the unbiased HSIC denominator is not positive)",
     "svcca": "constant logits or fewer than 2 examples (analysis.svcca_examples)",
 }

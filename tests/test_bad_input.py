@@ -344,3 +344,13 @@ def test_the_image_cache_never_unpickles(tmp_path):
   path = tmp_path / "cache.npz"
   np.savez(path, key=np.asarray("k"), images=np.array([object()], dtype=object), labels=np.zeros(1))
   assert image_folder._load_cache(path, "k") is None  # refused (and re-decoded), not unpickled
+
+
+def test_undefined_metrics_are_recorded_with_the_reason_never_silently(caplog):
+  record = {"cev": "nan", "sde": 12.5, "cka": 0.9, "svcca": None, "cka_debiased": 0.4}
+  experiment._note_undefined(record, "random s=0.9 CE seed 0")
+  assert set(record["undefined_metrics"]) == {"cev", "svcca"}
+  assert "zero_rate='exclude'" in record["undefined_metrics"]["cev"]
+  fine = {"cev": 1.0, "sde": 2.0, "cka": 0.5}
+  experiment._note_undefined(fine, "x")
+  assert "undefined_metrics" not in fine
