@@ -14,12 +14,11 @@ import ml_collections
 
 from prunebias_jax.data import SOURCES
 from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
-from prunebias_jax.models import available_models
+from prunebias_jax.models import COMPUTE_DTYPES, available_models
 from prunebias_jax.pruning import METHODS
 from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")  # TODO(issue 6 helper): import from models
 
 
 class ConfigError(ValueError):

@@ -223,7 +223,7 @@ class Experiment:
       raise ConfigError(str(e)) from None
     validate_against_dataset(cfg, self.data.num_classes, len(self.data.teacher_train), len(self.data.train))
     self.timings["load_data"] = time.perf_counter() - t
-    self.model = get_model(cfg.model, self.data.num_classes)
+    self.model = get_model(cfg.model, self.data.num_classes, dtype=cfg.compute_dtype)
     try:  # tracing only (no compute): a model that cannot take these images fails here, not mid-run
       jax.eval_shape(lambda: self.model.init(jax.random.key(0), jnp.zeros((1,) + self.data.image_shape), train=False))
     except Exception as e:  # Flax/XLA shape errors come as many types

@@ -145,7 +145,7 @@ def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path
       x = nn.Conv(4, (9, 9), padding="VALID")(x)  # 8×8 → a negative size
       return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
-  monkeypatch.setattr(experiment, "get_model", lambda name, num_classes: NeedsLargeImages())
+  monkeypatch.setattr(experiment, "get_model", lambda name, num_classes, dtype: NeedsLargeImages())
   cfg = base_config()
   with pytest.raises(ConfigError, match=r"config\.model='small_cnn' cannot take 8×8×1 images"):
     experiment.Experiment(cfg, tmp_path).prepare()

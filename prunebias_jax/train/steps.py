@@ -46,8 +46,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
     def loss_fn(params):
       variables = {"params": apply_masks(params, masks), "batch_stats": state.batch_stats}
       logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      logits = logits.astype(jnp.float32)  # softmax, CE and KL in float32 under mixed precision
       if kd:
-        teacher_logits = model.apply(teacher_variables, x, train=False)
+        teacher_logits = model.apply(teacher_variables, x, train=False).astype(jnp.float32)
         loss, ce = kd_objective(logits, teacher_logits, labels, alpha, temperature)
       else:
         loss = ce = cross_entropy(logits, labels)
