@@ -1,11 +1,12 @@
 # The two commands of the README: `make demo` and `make test`. Both build $(VENV) first.
+# `make bench`: the speed benchmark (installs the `bench` extra, PyTorch) → docs/benchmarks.md + .json.
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/default
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) scripts/benchmark.py --json docs/benchmarks.json --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,781 @@
+"""Speed of prunebias_jax against PyTorch and NumPy baselines, measured side by side.
+
+    python scripts/benchmark.py                       # every section, default sizes
+    python scripts/benchmark.py --quick               # a fast smoke run (tiny sizes, no torch.compile)
+    python scripts/benchmark.py --sections train --models resnet20 --batches 128 --repeats 7
+    python scripts/benchmark.py --json runs/bench.json --markdown docs/benchmarks.md
+
+Sections (`--sections`, comma separated):
+
+* ``train``: the masked CE+KD train step (teacher forward included, SGD momentum + weight decay,
+  masks applied in the forward pass and re-applied after the update) of
+  `prunebias_jax.train.make_train_step` vs the PyTorch reference of `scripts/torch_reference.py`
+  (eager NCHW, eager channels-last, `torch.compile` channels-last). Same batch (uint8 NHWC,
+  normalised inside the step), no augmentation on either side, 50% l1-filter masks.
+  Images/s, the ratio JAX/PyTorch, and TFLOP/s from XLA's cost analysis of the compiled JAX step
+  (the same FLOP count is used for the PyTorch rows: it is the same work); against the chip's
+  bf16 peak where the device kind is in `PEAK_BF16_FLOPS`.
+* ``eval``: one full evaluation pass (logits + penultimate features) over `--eval-n` images:
+  `make_eval_fn` vs the PyTorch model in eval mode (inference_mode), same batch size.
+* ``metrics``: CEV + SDE + linear CKA on n examples x d features, C classes: the project's jnp
+  kernels vs a vectorised NumPy reference (np.bincount confusion counts, feature-space CKA) vs
+  the pipeline of the paper's authors (scikit-learn `confusion_matrix` per model, an n x n Gram
+  CKA as in common PyTorch CKA packages, only where n x n fits: `--gram-max-n`). Time and the
+  peak RSS increase of each kernel; one subprocess per n.
+* ``population``: `--population` students in one vmapped step vs as many sequential steps.
+
+Every timing: warm-up first (compilation excluded and reported separately), then `--repeats`
+interleaved repetitions (all variants of a row one after another, so machine noise hits all
+alike) of `--steps` steps each; the median is reported. `os.getloadavg()` is recorded with every
+row. PyTorch is optional (`pip install .[bench]`): without it the PyTorch columns say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+ALPHA, TEMPERATURE = 0.9, 4.0
+MARK_BEGIN = "<!-- BEGIN GENERATED: scripts/benchmark.py -->"
+MARK_END = "<!-- END GENERATED: scripts/benchmark.py -->"
+
+#: Dense bf16 tensor-core peak FLOP/s by device kind (vendor datasheets, no sparsity). First
+#: matching substring wins, so the more specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4e12),
+    ("GH200", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12),
+)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+  for key, value in PEAK_BF16_FLOPS:
+    if key.lower() in device_kind.lower():
+      return value
+  return None
+
+
+def try_import_torch():
+  try:
+    import torch  # noqa: F401
+    import torch_reference  # noqa: F401
+    return torch
+  except Exception as err:  # noqa: BLE001 - optional dependency
+    return f"PyTorch unavailable ({type(err).__name__}: {err}); pip install '.[bench]'"
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def environment(torch_mod) -> dict[str, Any]:
+  import flax
+  import optax
+  import sklearn
+  dev = jax.devices()[0]
+  env = {
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
+      "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+      "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+      "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+      "sklearn": sklearn.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "peak_bf16_flops": peak_bf16_flops(dev.device_kind) if dev.platform != "cpu" else None,
+  }
+  if isinstance(torch_mod, str):
+    env["torch"] = torch_mod
+  else:
+    env["torch"] = torch_mod.__version__
+    env["torch_threads"] = torch_mod.get_num_threads()
+    env["torch_cuda"] = bool(torch_mod.cuda.is_available())
+  return env
+
+
+def load() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+  """Seconds of each fn over `repeats` rounds; in each round every fn runs once, in turn."""
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def flops_of(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost["flops"])
+  except Exception:  # noqa: BLE001 - cost analysis is best effort
+    return None
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def _jax_train_setup(name: str, batch: int, dtype: str, seed: int = 0, augment: bool = False):
+  from prunebias_jax.config_defaults import sgd
+  from prunebias_jax.models import get_model
+  from prunebias_jax.pruning import apply_masks, prune
+  from prunebias_jax.train import create_state, make_optimizer, make_train_step
+
+  model = get_model(name, 10, dtype=dtype)
+  teacher = get_model(name, 10).init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), train=False)
+  masks = prune(teacher["params"], "l1_filter", 0.5)
+  opt = make_optimizer(sgd(0.05), steps_per_epoch=100, epochs=1)
+  step = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4 if augment else 0, flip=augment, kd=True)
+  state = create_state(apply_masks(teacher["params"], masks), teacher["batch_stats"], opt)
+  return model, teacher, masks, opt, step, state
+
+
+def bench_train(args, torch_mod, results: list[dict]) -> None:
+  on_gpu = jax.devices()[0].platform == "gpu"
+  for name in args.models:
+    for batch in args.batches:
+      rng = np.random.default_rng(0)
+      images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+      labels = rng.integers(0, 10, (batch,)).astype(np.int32)
+      row: dict[str, Any] = {"model": name, "batch": batch, "steps": args.steps, "repeats": args.repeats,
+                             "variants": {}, "errors": {}, "augmentation": "none (both sides)"}
+      fns: dict[str, Callable[[], Any]] = {}
+      flops = None
+      ji, jl = jax.device_put(images), jax.device_put(labels)
+      a, t = jnp.float32(ALPHA), jnp.float32(TEMPERATURE)
+      for dtype in args.jax_dtypes:
+        vname = "jax" if dtype == "float32" else f"jax_{dtype}"
+        _, teacher, masks, _, step, state = _jax_train_setup(name, batch, dtype)
+        key = jax.random.key(1)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, ji, jl, key, masks, teacher, a, t).compile()
+        compile_s = time.perf_counter() - t0
+        f = flops_of(compiled)
+        if dtype == "float32" or flops is None:
+          flops = f
+        box = [state]
+
+        def run(compiled=compiled, box=box, masks=masks, teacher=teacher, key=key):
+          for _ in range(args.steps):
+            box[0], metrics = compiled(box[0], ji, jl, key, masks, teacher, a, t)
+          jax.block_until_ready((box[0], metrics))
+
+        run()
+        fns[vname] = run
+        row["variants"][vname] = {"compile_s": compile_s, "flops_per_step": f}
+      if isinstance(torch_mod, str):
+        row["errors"]["torch"] = torch_mod
+      else:
+        _add_torch_train_variants(args, torch_mod, name, images, labels, fns, row, on_gpu)
+      times = interleaved(fns, args.repeats)
+      row["load_after"] = load()
+      _finish_rows(row, times, batch * args.steps, flops, args.steps)
+      results.append(row)
+      _print_row("train", row)
+
+
+def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gpu) -> None:
+  import torch_reference as tr
+  device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+  ti = torch.from_numpy(images.copy()).to(device)
+  tl = torch.from_numpy(labels.astype(np.int64)).to(device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  amps = [d for d in args.jax_dtypes]
+  for vname in args.torch_variants:
+    for amp in amps:
+      full = "torch_" + vname + ("" if amp == "float32" else f"_{amp}")
+      cl = vname.endswith("_cl")
+      try:
+        student, teacher, opt = tr.build(name, channels_last=cl, device=device)
+        step = tr.make_step(student, teacher, opt, mean=MEAN, std=STD, channels_last=cl,
+                            compile=vname.startswith("compile"), alpha=ALPHA, temperature=TEMPERATURE,
+                            amp_dtype=None if amp == "float32" else getattr(torch, amp))
+        t0 = time.perf_counter()
+        step(ti, tl)
+        sync()
+        first_s = time.perf_counter() - t0
+        step(ti, tl)
+        sync()
+      except Exception as err:  # noqa: BLE001 - e.g. torch.compile without a working compiler
+        row["errors"][full] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        traceback.print_exc()
+        continue
+
+      def run(step=step):
+        for _ in range(args.steps):
+          loss = step(ti, tl)
+        sync()
+        return loss
+
+      fns[full] = run
+      row["variants"][full] = {"compile_s": first_s if vname.startswith("compile") else None,
+                               "first_call_s": first_s}
+
+
+def _finish_rows(row, times, items_per_run, flops, steps) -> None:
+  peak = peak_bf16_flops(jax.devices()[0].device_kind) if jax.devices()[0].platform != "cpu" else None
+  med = {k: statistics.median(v) for k, v in times.items()}
+  for k, v in med.items():
+    d = row["variants"].setdefault(k, {})
+    d["seconds_median"] = v
+    d["seconds_all"] = times[k]
+    d["items_per_s"] = items_per_run / v
+    fl = d.get("flops_per_step") or flops
+    if fl:
+      d["tflops"] = fl * steps / v / 1e12
+      if peak:
+        d["fraction_of_bf16_peak"] = fl * steps / v / peak
+  for j in [k for k in med if k.startswith("jax")]:
+    row.setdefault("ratios", {})[j] = {t: med[t] / med[j] for t in med if t.startswith("torch")}
+
+
+def _print_row(section, row) -> None:
+  parts = [f"{k}={v['items_per_s']:.0f}/s" for k, v in row["variants"].items() if "items_per_s" in v]
+  print(f"[{section}] {row.get('model', '')} batch={row.get('batch', '')} load={row.get('load_after')} "
+        + " ".join(parts) + (f" errors={row['errors']}" if row.get("errors") else ""), flush=True)
+  for j, r in row.get("ratios", {}).items():
+    print("   ", j, " ".join(f"{k}:{v:.2f}x" for k, v in r.items()), flush=True)
+
+
+# ----------------------------------------------------------------------------- evaluation pass
+
+
+def bench_eval(args, torch_mod, results: list[dict]) -> None:
+  from prunebias_jax.models import get_model
+  from prunebias_jax.pruning import apply_masks, prune
+  from prunebias_jax.train import make_eval_fn
+
+  on_gpu = jax.devices()[0].platform == "gpu"
+  for name in args.models:
+    n, bs = args.eval_n, min(args.eval_batch, args.eval_n)
+    n = (n // bs) * bs
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    model = get_model(name, 10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    masks = prune(variables["params"], "l1_filter", 0.5)
+    evaluate = make_eval_fn(model, mean=MEAN, std=STD)
+    jimages = jax.device_put(images.reshape((n // bs, bs, 32, 32, 3)))
+    t0 = time.perf_counter()
+    compiled = jax.jit(evaluate).lower(variables, masks, jimages).compile()
+    row: dict[str, Any] = {"model": name, "n": n, "batch": bs, "repeats": args.repeats, "variants": {}, "errors": {}}
+    row["variants"]["jax"] = {"compile_s": time.perf_counter() - t0}
+    fns = {"jax": lambda: jax.block_until_ready(compiled(variables, masks, jimages))}
+    fns["jax"]()
+    if isinstance(torch_mod, str):
+      row["errors"]["torch"] = torch_mod
+    else:
+      import torch_reference as tr
+      device = "cuda" if on_gpu and torch_mod.cuda.is_available() else "cpu"
+      sync = torch_mod.cuda.synchronize if device == "cuda" else (lambda: None)
+      ti = torch_mod.from_numpy(images).to(device)
+      for vname in args.eval_torch_variants:
+        cl = vname.endswith("_cl")
+        student, _, _ = tr.build(name, channels_last=cl, device=device)
+        ev = tr.make_eval(student, mean=MEAN, std=STD, channels_last=cl, batch=bs)
+
+        def run(ev=ev):
+          out = ev(ti)
+          sync()
+          return out
+
+        run()
+        fns["torch_" + vname] = run
+    times = interleaved(fns, args.repeats)
+    row["load_after"] = load()
+    _finish_rows(row, times, n, None, 1)
+    results.append(row)
+    _print_row("eval", row)
+
+
+# ----------------------------------------------------------------------------- metric kernels
+
+
+def numpy_rates(labels: np.ndarray, predictions: np.ndarray, num_classes: int):
+  """(FPR, FNR) per class from np.bincount confusion counts (vectorised, no Python loop)."""
+  cm = np.bincount(labels.astype(np.int64) * num_classes + predictions, minlength=num_classes**2)
+  cm = cm.reshape(num_classes, num_classes).astype(np.float64)
+  return _rates_from_cm(cm)
+
+
+def _rates_from_cm(cm: np.ndarray):
+  tp = np.diag(cm)
+  fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+  tn = cm.sum() - tp - fp - fn
+  with np.errstate(invalid="ignore", divide="ignore"):
+    fpr = np.where(fp + tn > 0, fp / np.maximum(fp + tn, 1), 0.0)
+    fnr = np.where(fn + tp > 0, fn / np.maximum(fn + tp, 1), 0.0)
+  return fpr, fnr, fp + tn, fn + tp
+
+
+def numpy_cev_sde(ref_rates, cmp_rates) -> tuple[float, float]:
+  """CEV and SDE (Simon Says constants, zero_rate='floor') from (fpr, fnr, negatives, positives)."""
+  ref_fpr, ref_fnr, neg, pos = ref_rates
+  cmp_fpr, cmp_fnr = cmp_rates[0], cmp_rates[1]
+  valid = (neg > 0) & (pos > 0)
+  den_fpr = np.where(ref_fpr <= 0, 1.0 / np.maximum(neg, 1.0), ref_fpr)
+  den_fnr = np.where(ref_fnr <= 0, 1.0 / np.maximum(pos, 1.0), ref_fnr)
+  dfpr = (100.0 * (cmp_fpr - ref_fpr) / den_fpr)[valid]
+  dfnr = (100.0 * (cmp_fnr - ref_fnr) / den_fnr)[valid]
+  cev = 0.5 * (dfpr.var() + dfnr.var())
+  sde = float(np.mean(np.abs(dfpr - dfnr)) / math.sqrt(2.0))
+  return float(cev), sde
+
+
+def numpy_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+  """Feature-space linear CKA ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), O(d^2) extra memory
+  beyond the centred copies (float32 BLAS, like the project's kernel)."""
+  xc = x - x.mean(0, keepdims=True)
+  yc = y - y.mean(0, keepdims=True)
+  cross = np.linalg.norm(yc.T @ xc) ** 2
+  return float(cross / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
+
+
+def numpy_metrics(labels, ref_pred, pred, x, y, num_classes):
+  cev, sde = numpy_cev_sde(numpy_rates(labels, ref_pred, num_classes), numpy_rates(labels, pred, num_classes))
+  return cev, sde, numpy_linear_cka(x, y)
+
+
+def sklearn_rates(labels, predictions, num_classes):
+  from sklearn.metrics import confusion_matrix
+  cm = confusion_matrix(labels, predictions, labels=np.arange(num_classes)).astype(np.float64)
+  return _rates_from_cm(cm)
+
+
+def gram_linear_cka(x, y, torch_mod=None) -> float:
+  """CKA through the n x n Gram matrices K = X X^T, L = Y Y^T (as common PyTorch CKA packages do):
+  HSIC(K, L) = <HKH, HLH>. The centring uses row/column means (O(n^2)), the same result as the
+  packages' H @ K @ H products but cheaper, so this baseline is if anything flattered."""
+  if torch_mod is not None and not isinstance(torch_mod, str):
+    t = torch_mod
+    xt, yt = t.from_numpy(x), t.from_numpy(y)
+
+    def centred_gram(a):
+      k = a @ a.T
+      return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+    k = centred_gram(xt)
+    hkl = (k * centred_gram(yt)).sum()
+    del k
+    kk = centred_gram(xt).square().sum().sqrt()
+    ll = centred_gram(yt).square().sum().sqrt()
+    return float(hkl / (kk * ll))
+
+  def centred_gram_np(a):
+    k = a @ a.T
+    return k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True) + k.mean()
+
+  k = centred_gram_np(x)
+  hkl = float((k * centred_gram_np(y)).sum())
+  del k
+  kk = float(np.sqrt((centred_gram_np(x) ** 2).sum()))
+  ll = float(np.sqrt((centred_gram_np(y) ** 2).sum()))
+  return hkl / (kk * ll)
+
+
+def paper_metrics(labels, ref_pred, pred, x, y, num_classes, torch_mod=None, gram: bool = True):
+  cev, sde = numpy_cev_sde(sklearn_rates(labels, ref_pred, num_classes), sklearn_rates(labels, pred, num_classes))
+  return cev, sde, (gram_linear_cka(x, y, torch_mod) if gram else float("nan"))
+
+
+def jax_metrics_fn(num_classes: int):
+  from prunebias_jax.metrics import cev_from_changes, linear_cka, relative_rate_change, sde_from_changes
+
+  def fn(labels, ref_pred, pred, x, y):
+    change = relative_rate_change(labels, ref_pred, pred, num_classes)
+    cev = cev_from_changes(change.dfpr, change.dfnr, change.valid)
+    sde = sde_from_changes(change.dfpr, change.dfnr, change.valid)
+    cka = linear_cka(x, y)
+    cev, sde, cka = jax.block_until_ready((cev, sde, cka))
+    return float(cev), float(sde), float(cka)
+
+  return fn
+
+
+def metric_inputs(n: int, d: int, num_classes: int, seed: int = 0):
+  """Labels, two prediction vectors (~80% / ~75% accurate) and two correlated float32 feature
+  matrices, generated in chunks so that generation never needs more than the result."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.int32)
+  noise = lambda p: np.where(rng.random(n) < p, rng.integers(0, num_classes, n), labels).astype(np.int32)
+  ref_pred, pred = noise(0.2), noise(0.25)
+  x = np.empty((n, d), np.float32)
+  y = np.empty((n, d), np.float32)
+  mix = rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
+  for i in range(0, n, 65536):
+    j = min(n, i + 65536)
+    x[i:j] = rng.standard_normal((j - i, d), dtype=np.float32)
+    y[i:j] = x[i:j] @ mix + rng.standard_normal((j - i, d), dtype=np.float32)
+  return labels, ref_pred, pred, x, y
+
+
+def _rss_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return -1
+
+
+def _reset_peak() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def metrics_child(n: int, d: int, num_classes: int, repeats: int, gram_max_n: int, out: str) -> None:
+  """One n: every implementation's peak RSS increase (one call each, after warm-up), then
+  interleaved timings. Runs in its own process (`--_metrics-child`)."""
+  torch_mod = try_import_torch()
+  labels, ref_pred, pred, x, y = metric_inputs(n, d, num_classes)
+  jl, jr, jp = jax.device_put(labels), jax.device_put(ref_pred), jax.device_put(pred)
+  jx, jy = jax.device_put(x), jax.device_put(y)
+  jax.block_until_ready((jx, jy))
+  jfn = jax_metrics_fn(num_classes)
+  gram = n <= gram_max_n
+  impls: dict[str, Callable[[], Any]] = {
+      "jax": lambda: jfn(jl, jr, jp, jx, jy),
+      "numpy": lambda: numpy_metrics(labels, ref_pred, pred, x, y, num_classes),
+      "paper": lambda: paper_metrics(labels, ref_pred, pred, x, y, num_classes, torch_mod, gram=gram),
+  }
+  res: dict[str, Any] = {"n": n, "d": d, "num_classes": num_classes, "repeats": repeats,
+                         "gram_cka": gram, "inputs_mb": (x.nbytes + y.nbytes) / 2**20,
+                         "gram_backend": ("torch " + torch_mod.__version__) if not isinstance(torch_mod, str) else "numpy",
+                         "variants": {}}
+  t0 = time.perf_counter()
+  values = {"jax": impls["jax"]()}  # compile
+  res["jax_first_call_s"] = time.perf_counter() - t0
+  for name, fn in impls.items():
+    gc.collect()
+    base = _rss_kb("VmRSS")
+    ok = _reset_peak()
+    values[name] = fn()
+    peak = _rss_kb("VmHWM")
+    res["variants"][name] = {"peak_rss_increase_mb": (peak - base) / 1024 if ok else None, "values": values[name]}
+  times = interleaved(impls, repeats)
+  for name, v in times.items():
+    res["variants"][name]["seconds_median"] = statistics.median(v)
+    res["variants"][name]["seconds_all"] = v
+  res["load_after"] = load()
+  res["ratios"] = {k: res["variants"][k]["seconds_median"] / res["variants"]["jax"]["seconds_median"]
+                   for k in impls if k != "jax"}
+  with open(out, "w") as f:
+    json.dump(res, f)
+
+
+def bench_metrics(args, results: list[dict]) -> None:
+  for n in args.metric_n:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "m.json")
+      cmd = [sys.executable, os.path.abspath(__file__), "--_metrics-child", str(n), str(args.metric_d),
+             str(args.metric_classes), str(args.metric_repeats), str(args.gram_max_n), out]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode != 0 or not os.path.exists(out):
+        row = {"n": n, "d": args.metric_d, "error": proc.stderr[-2000:]}
+        print("[metrics] failed:", row["error"], flush=True)
+      else:
+        with open(out) as f:
+          row = json.load(f)
+        v = row["variants"]
+        print(f"[metrics] n={n} load={row['load_after']} " + " ".join(
+            f"{k}={x['seconds_median']:.3f}s/{x['peak_rss_increase_mb']}MB" for k, x in v.items())
+            + " ratios " + " ".join(f"{k}:{r:.2f}x" for k, r in row["ratios"].items()), flush=True)
+    results.append(row)
+
+
+# ----------------------------------------------------------------------------- population
+
+
+def bench_population(args, results: list[dict]) -> None:
+  k, bs, name = args.population, args.population_batch, args.population_model
+  _, teacher, masks, opt, single, state = _jax_train_setup(name, bs, "float32")
+  from prunebias_jax.models import get_model
+  from prunebias_jax.train import create_state, make_train_step
+
+  model = get_model(name, 10)
+  pop = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True,
+                        population=k, shared_masks=True)
+  single = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (k, bs, 32, 32, 3), dtype=np.uint8))
+  labels = jnp.asarray(rng.integers(0, 10, (k, bs), dtype=np.int32))
+  keys = jax.random.split(jax.random.key(1), k)
+  a, t = jnp.float32(ALPHA), jnp.float32(TEMPERATURE)
+  params = state.params
+  seq = [create_state(params, teacher["batch_stats"], opt) for _ in range(k)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)])
+  box = {"seq": seq, "pop": stacked}
+
+  def run_sequential():
+    for _ in range(args.steps):
+      for j in range(k):
+        box["seq"][j], m = single(box["seq"][j], images[j], labels[j], keys[j], masks, teacher, a, t)
+    jax.block_until_ready(box["seq"])
+
+  def run_population():
+    for _ in range(args.steps):
+      box["pop"], m = pop(box["pop"], images, labels, keys, masks, teacher, a, t)
+    jax.block_until_ready(box["pop"])
+
+  t0 = time.perf_counter()
+  run_sequential()
+  seq_compile = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  run_population()
+  pop_compile = time.perf_counter() - t0
+  times = interleaved({"sequential": run_sequential, "vmap": run_population}, args.repeats)
+  row: dict[str, Any] = {"model": name, "population": k, "batch_per_member": bs, "steps": args.steps,
+                         "repeats": args.repeats, "augmentation": "crop 4 + flip (in the step)",
+                         "variants": {"sequential": {"first_call_s": seq_compile}, "vmap": {"first_call_s": pop_compile}}}
+  row["load_after"] = load()
+  _finish_rows(row, times, k * bs * args.steps, None, args.steps)
+  row["speedup_vs_sequential"] = row["variants"]["sequential"]["seconds_median"] / row["variants"]["vmap"]["seconds_median"]
+  results.append(row)
+  print(f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
+        f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
+        f"speedup={row['speedup_vs_sequential']:.2f}x", flush=True)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(x, spec=".0f", none="–"):
+  return none if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+  env = report["environment"]
+  dev = (f"{env['platform']} ({env['device_kind']}) × {env['device_count']}"
+         + (f", CPU {env['cpu']}, {env['cpu_count']} cores" if env["platform"] == "cpu" else ""))
+  lines = [
+      f"### Run of {env['date']} on {dev}", "",
+      f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy {env['numpy']}, "
+      f"scikit-learn {env['sklearn']}, torch {env['torch']}"
+      + (f" ({env.get('torch_threads')} threads)" if "torch_threads" in env else "")
+      + f", Python {env['python']}; XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; command: `{report['command']}`. "
+      f"Load average (1/5/15 min) at start {report['load_start']}, per row below.", "",
+  ]
+  peak = env.get("peak_bf16_flops")
+  if report.get("train"):
+    lines += ["#### Masked CE+KD train step (teacher forward included; no augmentation on either side)", "",
+              "| model | batch | variant | img/s | ms/step | TFLOP/s | % bf16 peak | JAX ÷ this (speed ratio) | compile / first call s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["train"]:
+      jax_name = next((k for k in row["variants"] if k == "jax"), None)
+      for name, v in row["variants"].items():
+        if "items_per_s" not in v:
+          continue
+        ratio = row.get("ratios", {}).get(jax_name or "", {}).get(name) if name.startswith("torch") else None
+        if name.startswith("jax") and name != "jax" and name.endswith("bfloat16"):
+          ratio = None
+        tfl = v.get("tflops")
+        lines.append(
+            f"| {row['model']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | {1000 * v['seconds_median'] / row['steps']:.1f} | "
+            f"{_fmt(tfl, '.3f')} | {_fmt(100 * v['fraction_of_bf16_peak'] if v.get('fraction_of_bf16_peak') else None, '.1f')} | "
+            f"{_fmt(ratio, '.2f') + '×' if ratio else ''} | {_fmt(v.get('compile_s') or v.get('first_call_s'), '.1f')} | {row['load_after']} |")
+      for k, e in row.get("errors", {}).items():
+        lines.append(f"| {row['model']} | {row['batch']} | {k} | error: {e} | | | | | | |")
+    lines += ["", "`JAX ÷ this` = (PyTorch seconds per step) / (JAX float32 seconds per step): > 1 means JAX is faster. "
+              "TFLOP/s use XLA's cost analysis of the compiled JAX step (the same FLOP count for every row"
+              + ("" if peak else "; no peak is given for a CPU") + ").", ""]
+  if report.get("eval"):
+    lines += ["#### Full evaluation pass (logits + penultimate features)", "",
+              "| model | n | batch | variant | img/s | s/pass | JAX ÷ this | load |", "|---|---|---|---|---|---|---|---|"]
+    for row in report["eval"]:
+      for name, v in row["variants"].items():
+        if "items_per_s" not in v:
+          continue
+        ratio = row.get("ratios", {}).get("jax", {}).get(name)
+        lines.append(f"| {row['model']} | {row['n']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | "
+                     f"{v['seconds_median']:.2f} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | {row['load_after']} |")
+      for k, e in row.get("errors", {}).items():
+        lines.append(f"| {row['model']} | {row['n']} | {row['batch']} | {k} | error: {e} | | | |")
+    lines.append("")
+  if report.get("metrics"):
+    lines += ["#### Metric kernels: CEV + SDE + linear CKA (one reference and one compared model)", "",
+              "| n | d | C | implementation | seconds | peak RSS increase MB | implementation ÷ JAX time | CKA | load |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    labels = {"jax": "prunebias_jax (jnp)", "numpy": "vectorised NumPy", "paper": "sklearn confusion_matrix + n×n Gram CKA"}
+    for row in report["metrics"]:
+      if "error" in row:
+        lines.append(f"| {row['n']} | {row['d']} | | error | {row['error'][-200:]!r} | | | | |")
+        continue
+      for name, v in row["variants"].items():
+        label = labels[name]
+        if name == "paper" and not row["gram_cka"]:
+          gb = row["n"] ** 2 * 4 / 2**30
+          label = f"sklearn confusion_matrix only (n×n Gram = {gb:.0f} GiB per matrix: not run)"
+        elif name == "paper":
+          label += f" ({row['gram_backend']})"
+        ratio = row["ratios"].get(name)
+        lines.append(f"| {row['n']} | {row['d']} | {row['num_classes']} | {label} | {v['seconds_median']:.4f} | "
+                     f"{_fmt(v['peak_rss_increase_mb'], '.0f')} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | "
+                     f"{_fmt(v['values'][2], '.5f', 'n/a') if not math.isnan(v['values'][2]) else 'n/a'} | {row['load_after']} |")
+    lines += ["", "Peak RSS increase: VmHWM − VmRSS around one call (after warm-up), inputs excluded "
+              f"(inputs: 2 × n × d float32). One subprocess per n.", ""]
+  if report.get("population"):
+    lines += ["#### Population: K students in one vmapped step vs K sequential steps (CE+KD, crop+flip)", "",
+              "| model | K | batch/member | sequential img/s | vmapped img/s | speedup | load |", "|---|---|---|---|---|---|---|"]
+    for row in report["population"]:
+      v = row["variants"]
+      lines.append(f"| {row['model']} | {row['population']} | {row['batch_per_member']} | {v['sequential']['items_per_s']:.0f} | "
+                   f"{v['vmap']['items_per_s']:.0f} | {row['speedup_vs_sequential']:.2f}× | {row['load_after']} |")
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str, text: str) -> None:
+  """Replace the generated block of an existing file (between the markers), else write one."""
+  block = f"{MARK_BEGIN}\n{text}{MARK_END}\n"
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if MARK_BEGIN in old and MARK_END in old:
+      head, rest = old.split(MARK_BEGIN, 1)
+      tail = rest.split(MARK_END, 1)[1].lstrip("\n")
+      new = head + block + ("\n" + tail if tail else "")
+    else:
+      new = old.rstrip("\n") + "\n\n" + block
+  else:
+    new = "# Benchmarks\n\n" + block
+  with open(path, "w") as f:
+    f.write(new)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _ints(s: str) -> list[int]:
+  return [int(float(x)) for x in s.split(",") if x]
+
+
+def _strs(s: str) -> list[str]:
+  return [x for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+  on_gpu = jax.devices()[0].platform == "gpu"
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sections", type=_strs, default=["train", "eval", "metrics", "population"])
+  p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, no torch.compile: a smoke run")
+  p.add_argument("--models", type=_strs, default=["resnet20", "resnet18"])
+  p.add_argument("--batches", type=_ints, default=[128, 512])
+  p.add_argument("--steps", type=int, default=2, help="train steps per timed repetition")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--jax-dtypes", type=_strs, default=["float32", "bfloat16"] if on_gpu else ["float32"],
+                 help="compute dtypes of the JAX step (bfloat16: bf16 compute, float32 params and loss); "
+                      "PyTorch rows use autocast to the same dtype")
+  p.add_argument("--torch-variants", type=_strs, default=["eager", "eager_cl", "compile_cl"],
+                 help="eager | eager_cl | compile | compile_cl (cl = channels-last)")
+  p.add_argument("--eval-n", type=int, default=10000)
+  p.add_argument("--eval-batch", type=int, default=500)
+  p.add_argument("--eval-torch-variants", type=_strs, default=["eager", "eager_cl"])
+  p.add_argument("--metric-n", type=_ints, default=[10_000, 100_000, 1_000_000])
+  p.add_argument("--metric-d", type=int, default=512)
+  p.add_argument("--metric-classes", type=int, default=100)
+  p.add_argument("--metric-repeats", type=int, default=5)
+  p.add_argument("--gram-max-n", type=int, default=10_000, help="largest n for the n x n Gram CKA baseline")
+  p.add_argument("--population", type=int, default=8)
+  p.add_argument("--population-model", default="resnet20")
+  p.add_argument("--population-batch", type=int, default=64, help="per-member batch")
+  p.add_argument("--json", default="", help="write the full results (every timing) as JSON here")
+  p.add_argument("--markdown", default="", help="write/refresh the generated tables in this markdown file")
+  p.add_argument("--_metrics-child", nargs=6, default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.quick:
+    args.models, args.batches, args.steps, args.repeats = ["resnet20"], [16], 1, 2
+    args.torch_variants = [v for v in args.torch_variants if not v.startswith("compile")]
+    args.eval_n, args.eval_batch = 256, 128
+    args.metric_n, args.metric_d, args.metric_classes, args.metric_repeats = [2000], 64, 10, 2
+    args.gram_max_n = 2000
+    args.population, args.population_model, args.population_batch = 2, "small_cnn", 8
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  if args._metrics_child:
+    n, d, c, r, g, out = args._metrics_child
+    metrics_child(int(n), int(d), int(c), int(r), int(g), out)
+    return {}
+  torch_mod = try_import_torch() if ({"train", "eval"} & set(args.sections)) else "not needed"
+  report: dict[str, Any] = {"environment": environment(torch_mod), "load_start": load(),
+                            "command": " ".join(["python scripts/benchmark.py"] + (argv if argv is not None else sys.argv[1:])),
+                            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+  print(json.dumps(report["environment"]), flush=True)
+  if "train" in args.sections:
+    report["train"] = []
+    bench_train(args, torch_mod, report["train"])
+  if "eval" in args.sections:
+    report["eval"] = []
+    bench_eval(args, torch_mod, report["eval"])
+  if "metrics" in args.sections:
+    report["metrics"] = []
+    bench_metrics(args, report["metrics"])
+  if "population" in args.sections:
+    report["population"] = []
+    bench_population(args, report["population"])
+  report["load_end"] = load()
+  text = markdown(report)
+  print(text)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1, default=str)
+  if args.markdown:
+    write_markdown(args.markdown, text)
+  return report
+
+
+if __name__ == "__main__":
+  main()
