@@ -24,7 +24,7 @@ ARGS = [
     "--config.dense.epochs=2", "--config.finetune.epochs=1",
     "--config.pruning.methods=('l1_filter',)", "--config.pruning.sparsities=(0.5,)",
     "--config.checkpoint.every_steps=5", "--config.progress_seconds=0.05",
-    "--config.analysis.bootstrap_resamples=20", "--config.analysis.correlation_resamples=20",
+    "--config.analysis.bootstrap_resamples=0", "--config.analysis.correlation_resamples=20",
     "--config.analysis.permutations=50",
 ]
 RESULTS = ("results.jsonl", "cells.jsonl", "correlations.jsonl")
