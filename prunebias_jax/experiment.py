@@ -289,6 +289,13 @@ class Experiment:
     else:
       partial.close()
 
+  def _drop_stale_partial(self, stage: str) -> None:
+    """Mid-stage checkpoints of a stage whose model is saved (a kill came between saving the
+    model and deleting them) are deleted."""
+    path = self.workdir / "checkpoints" / PARTIAL / stage
+    if path.is_dir() and jax.process_index() == 0:
+      shutil.rmtree(path, ignore_errors=True)
+
   def _write_run_description(self) -> None:
     cfg = self.config
     write_json_atomic(self.workdir / "config.json", json.loads(cfg.to_json()))
@@ -339,6 +346,7 @@ class Experiment:
     if ckpt.latest_step() is not None:
       tree, meta = ckpt.restore(tree)
       logging.info("stage %s: restored from %s (trained %d steps)", name, ckpt.directory, meta["steps"])
+      self._drop_stale_partial(name)
     else:
       logging.info("stage %s: training %s from scratch for %d epochs on %d images", name, cfg.model,
                    cfg.dense.epochs, len(split))
@@ -350,8 +358,8 @@ class Experiment:
                               nonfinite=cfg.nonfinite)
       tree = {"params": state.params, "batch_stats": state.batch_stats}
       ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
+      crash_point(f"saved:{name}")  # tests: killed before the mid-stage checkpoints are deleted
       self._finish_stage(partial)
-      crash_point(f"saved:{name}")
     ckpt.close()
     self.timings[name] = time.perf_counter() - t
     return tree
@@ -382,6 +390,7 @@ class Experiment:
     if all(c.latest_step() is not None for c in ckpts):
       trees = [c.restore(t)[0] for c, t in zip(ckpts, trees)]
       logging.info("  %s: restored", ", ".join(names))
+      self._drop_stale_partial(names[0] if k == 1 else f"{names[0]}+{k - 1}")
     else:
       def reprune(epoch, state, current_masks):
         if epoch == 0 or epoch not in plan:  # epoch 0's masks are already applied
@@ -414,8 +423,8 @@ class Experiment:
         tree = {"params": member.params, "batch_stats": member.batch_stats, "masks": masks_to_flat(m)}
         ckpt.save(int(member.step), tree, {"steps": int(member.step), **summary})
         trees.append(tree)
+      crash_point(f"saved:{stage}")  # tests: killed before the mid-stage checkpoints are deleted
       self._finish_stage(partial)
-      crash_point(f"saved:{stage}")
     for c in ckpts:
       c.close()
     return [({"params": t["params"], "batch_stats": t["batch_stats"]}, masks_from_flat(t["params"], t["masks"]))

@@ -138,12 +138,13 @@ def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path
   import flax.linen as nn
 
   class NeedsLargeImages(nn.Module):
-    """Like an ImageNet model given 8×8 digits: shape errors only show when it is traced."""
+    """A head flattened to a fixed 32×32×3 input, given 8×8×1 digits: the shape error only
+    shows when the model is traced."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-      x = nn.Conv(4, (9, 9), padding="VALID")(x)  # 8×8 → a negative size
-      return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+      x = nn.Conv(4, (3, 3))(x)
+      return nn.Dense(10)(x.reshape((x.shape[0], 32 * 32 * 3)))
 
   monkeypatch.setattr(experiment, "get_model", lambda name, num_classes, dtype: NeedsLargeImages())
   cfg = base_config()

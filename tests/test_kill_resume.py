@@ -109,6 +109,9 @@ def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tm
     _assert_nothing_half_written(workdir)
   assert "dense: resumed from the mid-stage checkpoint at step" in logs[0]
   assert "restored" in logs[2] and "l1_filter_s0.5_ce_seed0" in logs[2]  # no fine-tuning was redone
+  # The kill between saving that model and deleting its mid-stage checkpoints left them; the
+  # next run restored the model and deleted them.
+  assert not (workdir / "checkpoints" / "partial" / "l1_filter_s0.5_ce_seed0").exists()
   assert not (workdir / "results.md").exists()  # killed before the rename: no partial results.md
   assert list(workdir.glob(".results.md.*.tmp"))  # its temporary copy was left behind
 
@@ -117,5 +120,6 @@ def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tm
   assert "a temporary file of an interrupted run" in final.stderr
   assert not list(workdir.rglob(".*.tmp"))
   _assert_nothing_half_written(workdir)
+  assert not any((workdir / "checkpoints" / "partial").iterdir())
   for name in RESULTS:
     assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name

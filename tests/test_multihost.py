@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# every_steps=4: the training stages also write (and discard) mid-stage checkpoints across processes.
 ARGS = ["--config", "configs/default.py", "--config.runlocal=True", "--config.pruning.methods=('l1_filter',)",
-        "--config.pruning.sparsities=(0.5,)"]
+        "--config.pruning.sparsities=(0.5,)", "--config.checkpoint.every_steps=4"]
 TIMEOUT_S = 600  # per run; both processes of a pair share it
 # jaxlib builds without multi-process CPU collectives say one of these.
 UNSUPPORTED = ("Multiprocess computations aren't implemented on the CPU backend", "UNIMPLEMENTED",
