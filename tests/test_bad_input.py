@@ -355,3 +355,23 @@ def test_undefined_metrics_are_recorded_with_the_reason_never_silently(caplog):
   fine = {"cev": 1.0, "sde": 2.0, "cka": 0.5}
   experiment._note_undefined(fine, "x")
   assert "undefined_metrics" not in fine
+
+
+@pytest.mark.parametrize("rule", ["floor", "exclude"])
+def test_a_class_absent_from_the_test_set_gives_no_nan(rule):
+  """Class 2 never occurs in the labels (its FNR has a zero denominator) but is predicted
+  sometimes; the dense model never errs on class 0 (zero reference rates): METRICS.md's rule
+  applies and every output is finite."""
+  from prunebias_jax import metrics as pm
+
+  labels = jnp.asarray([0, 0, 0, 1, 1, 1, 3, 3, 3, 3])
+  reference = jnp.asarray([0, 0, 0, 1, 2, 1, 3, 3, 1, 3])
+  compressed = jnp.asarray([0, 2, 0, 1, 2, 2, 3, 0, 1, 3])
+  rates = pm.per_class_rates(labels, compressed, 4)
+  assert np.all(np.isfinite(rates.fpr)) and np.all(np.isfinite(rates.fnr))
+  change = pm.relative_rate_change(labels, reference, compressed, 4, zero_rate=rule)
+  assert np.all(np.isfinite(change.dfpr)) and np.all(np.isfinite(change.dfnr))
+  assert int(change.num_zero_rate_classes) >= 2  # class 0 (FPR and FNR 0) and absent class 2
+  cev = pm.cev_from_changes(change.dfpr, change.dfnr, change.valid)
+  sde = pm.sde_from_changes(change.dfpr, change.dfnr, change.valid)
+  assert np.isfinite(float(cev)) and np.isfinite(float(sde))
