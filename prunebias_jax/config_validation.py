@@ -20,7 +20,6 @@ from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 
 
-
 class ConfigError(ValueError):
   """A config value that cannot run; the message is one line for the user."""
 

@@ -273,8 +273,11 @@ class Experiment:
     every = self.config.checkpoint.every_steps
     if not every:
       return None
-    return StageCheckpoint(self.workdir / "checkpoints" / PARTIAL / stage, every, self.config.checkpoint.keep,
+    return StageCheckpoint(self._partial_dir(stage), every, self.config.checkpoint.keep,
                            expect=self.checkpoint_expect)
+
+  def _partial_dir(self, stage: str) -> Path:
+    return self.workdir / "checkpoints" / PARTIAL / stage
 
   def _finish_stage(self, partial: StageCheckpoint | None) -> None:
     """The stage's models are saved: its mid-stage checkpoints are no longer needed."""
@@ -292,7 +295,7 @@ class Experiment:
   def _drop_stale_partial(self, stage: str) -> None:
     """Mid-stage checkpoints of a stage whose model is saved (a kill came between saving the
     model and deleting them) are deleted."""
-    path = self.workdir / "checkpoints" / PARTIAL / stage
+    path = self._partial_dir(stage)
     if path.is_dir() and jax.process_index() == 0:
       shutil.rmtree(path, ignore_errors=True)
 
@@ -380,6 +383,7 @@ class Experiment:
     # The config's own temperature keeps the plain name; a temperature sweep adds _T<t>.
     suffix = f"_T{temperature:g}" if kd and temperature != cfg.kd.temperature else ""
     names = [f"{method}_s{sparsity:g}_{'kd' if kd else 'ce'}{suffix}_seed{seed}" for seed in seeds]
+    stage = names[0] if k == 1 else f"{names[0]}+{k - 1}"  # one training stage for the whole population
     plan = pruning_steps(cfg.finetune.epochs, sparsity, schedule=cfg.pruning.schedule,
                          initial=cfg.pruning.initial_sparsity, frequency=cfg.pruning.frequency_epochs,
                          end_fraction=cfg.pruning.end_fraction)
@@ -390,7 +394,7 @@ class Experiment:
     if all(c.latest_step() is not None for c in ckpts):
       trees = [c.restore(t)[0] for c, t in zip(ckpts, trees)]
       logging.info("  %s: restored", ", ".join(names))
-      self._drop_stale_partial(names[0] if k == 1 else f"{names[0]}+{k - 1}")
+      self._drop_stale_partial(stage)
     else:
       def reprune(epoch, state, current_masks):
         if epoch == 0 or epoch not in plan:  # epoch 0's masks are already applied
@@ -408,7 +412,6 @@ class Experiment:
       states = [create_state(t["params"], t["batch_stats"], optimizer) for t in trees]
       state = states[0] if k == 1 else _stack(states)
       step_masks = masks[0] if shared or k == 1 else _stack(masks)
-      stage = names[0] if k == 1 else f"{names[0]}+{k - 1}"
       partial = self._stage_checkpoint(stage)
       state, summary, final = fit(
           state, step, self.data.train, stage=stage, checkpoint=partial, nonfinite=cfg.nonfinite,

@@ -72,8 +72,10 @@ def directory_size(directory: str | os.PathLike) -> int:
 
 
 def format_bytes(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+  """`n` bytes as B, KiB, MiB or GiB (the largest unit that keeps the number >= 1)."""
+  if n < 1024:
+    return f"{n:.0f} B"
+  for unit in ("KiB", "MiB", "GiB"):
     n /= 1024
-  return f"{n:.1f} TiB"
+    if n < 1024 or unit == "GiB":
+      return f"{n:.1f} {unit}"

@@ -170,8 +170,9 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
   steps_run = total - start_step
+  # The last step always syncs, so `reported_bad` is the stage's final count of skipped steps.
   summary.update(steps=total, seconds=seconds, images_per_second=steps_run * batch_size / max(seconds, 1e-9),
-                 resumed_at_step=start_step, nonfinite_steps=int(np.max(jax.device_get(persistent["nonfinite"]))))
+                 resumed_at_step=start_step, nonfinite_steps=reported_bad)
   return state, summary, masks
 
 
