@@ -51,15 +51,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.end_fraction = 0.5
 
   config.runlocal_overrides = (
-      ("seeds", (0,)),
-      ("data.train_examples", 5000),
-      ("data.test_examples", 2000),
-      ("dense.epochs", 6),
-      ("dense.optim.schedule", "cosine"),
-      ("finetune.epochs", 2),
-      ("finetune.optim.schedule", "cosine"),
-      ("finetune.optim.learning_rate", 0.02),
-      ("pruning.sparsities", (0.5, 0.9)),
-      ("pruning.frequency_epochs", 1),
+    ("seeds", (0,)),
+    ("data.train_examples", 5000),
+    ("data.test_examples", 2000),
+    ("dense.epochs", 6),
+    ("dense.optim.schedule", "cosine"),
+    ("finetune.epochs", 2),
+    ("finetune.optim.schedule", "cosine"),
+    ("finetune.optim.learning_rate", 0.02),
+    ("pruning.sparsities", (0.5, 0.9)),
+    ("pruning.frequency_epochs", 1),
   )
   return config

@@ -18,9 +18,9 @@ from prunebias_jax.config_defaults import base_config
 def get_config() -> ml_collections.ConfigDict:
   config = base_config()  # the schema's defaults are this experiment's values
   config.runlocal_overrides = (
-      ("dense.epochs", 3),
-      ("finetune.epochs", 1),
-      ("pruning.methods", ("l1_filter", "global_magnitude")),
-      ("pruning.sparsities", (0.5, 0.9)),
+    ("dense.epochs", 3),
+    ("finetune.epochs", 1),
+    ("pruning.methods", ("l1_filter", "global_magnitude")),
+    ("pruning.sparsities", (0.5, 0.9)),
   )
   return config

@@ -24,10 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.sparsities = (0.7,)
   config.kd.temperatures = (1.0, 2.0, 4.0, 8.0, 16.0)
   config.runlocal_overrides = (
-      ("seeds", (0,)),
-      ("analysis.dense_seeds", ()),
-      ("dense.epochs", 3),
-      ("finetune.epochs", 1),
-      ("kd.temperatures", (1.0, 4.0)),
+    ("seeds", (0,)),
+    ("analysis.dense_seeds", ()),
+    ("dense.epochs", 3),
+    ("finetune.epochs", 1),
+    ("kd.temperatures", (1.0, 4.0)),
   )
   return config

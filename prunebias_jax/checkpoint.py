@@ -30,8 +30,10 @@ class CheckpointError(ValueError):
 def tree_signature(tree: PyTree) -> list[str]:
   """`path:shape:dtype` of every leaf: what a checkpoint must match to be restored."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return [f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{np.dtype(getattr(x, 'dtype', np.float32)).name}"
-          for p, x in leaves]
+  return [
+    f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{np.dtype(getattr(x, 'dtype', np.float32)).name}"
+    for p, x in leaves
+  ]
 
 
 def _first_difference(expected: list[str], found: list[str]) -> str:
@@ -51,12 +53,17 @@ class ModelCheckpoint:
   another model is refused with a message saying what differs.
   """
 
-  def __init__(self, directory: str | Path, max_to_keep: int = 1, expect: dict[str, Any] | None = None):
+  def __init__(
+    self, directory: str | Path, max_to_keep: int = 1, expect: dict[str, Any] | None = None
+  ):
     self.directory = Path(directory).absolute()
     self.expect = dict(expect or {})
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                             cleanup_tmp_directories=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -67,15 +74,17 @@ class ModelCheckpoint:
     if step in self._manager.all_steps():
       return
     meta = {**meta, **self.expect, "signature": tree_signature(tree)}
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                     meta=ocp.args.JsonSave(meta)))
+    self._manager.save(
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+    )
     self._manager.wait_until_finished()
 
   def _fail(self, step: int | None, reason: str) -> CheckpointError:
     where = self.directory if step is None else self.directory / str(step)
     return CheckpointError(
-        f"checkpoint {where} cannot be used by this run: {reason}. It was left untouched; move it away "
-        "or use a new --workdir")
+      f"checkpoint {where} cannot be used by this run: {reason}. It was left untouched; move it away "
+      "or use a new --workdir"
+    )
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of `step` (default: the latest), checked against `expect`."""
@@ -85,12 +94,16 @@ class ModelCheckpoint:
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
-      raise self._fail(step, f"its metadata is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+      raise self._fail(
+        step, f"its metadata is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+      ) from None
     if not isinstance(meta, dict):
       raise self._fail(step, "its metadata is not a JSON object")
     for key, value in self.expect.items():
       if key in meta and meta[key] != value:
-        raise self._fail(step, f"it was written for {key}={meta[key]!r}, this run has {key}={value!r}")
+        raise self._fail(
+          step, f"it was written for {key}={meta[key]!r}, this run has {key}={value!r}"
+        )
     return meta
 
   def restore(self, abstract_tree: PyTree) -> tuple[PyTree, dict[str, Any]]:
@@ -101,12 +114,18 @@ class ModelCheckpoint:
     meta = self.read_meta(step)
     expected = tree_signature(abstract_tree)
     if "signature" in meta and meta["signature"] != expected:
-      raise self._fail(step, f"its arrays differ ({_first_difference(expected, meta['signature'])})")
+      raise self._fail(
+        step, f"its arrays differ ({_first_difference(expected, meta['signature'])})"
+      )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_tree)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+      restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      )
     except Exception as e:
-      raise self._fail(step, f"restoring failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+      raise self._fail(
+        step, f"restoring failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+      ) from None
     got = tree_signature(restored.state)
     if got != expected:
       raise self._fail(step, f"its arrays differ ({_first_difference(expected, got)})")
@@ -125,8 +144,13 @@ class StageCheckpoint:
   the directory once the stage's final model checkpoint is safely written.
   """
 
-  def __init__(self, directory: str | Path, every_steps: int, keep: int = 2,
-               expect: dict[str, Any] | None = None):
+  def __init__(
+    self,
+    directory: str | Path,
+    every_steps: int,
+    keep: int = 2,
+    expect: dict[str, Any] | None = None,
+  ):
     self.every_steps = int(every_steps)
     self._ckpt = ModelCheckpoint(directory, max_to_keep=max(1, int(keep)), expect=expect)
     self.directory = self._ckpt.directory

@@ -9,12 +9,27 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 
-def sgd(learning_rate: float, *, schedule: str = "cosine", decay_epochs: Sequence[float] = (),
-        decay_factor: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> ml_collections.ConfigDict:
+def sgd(
+  learning_rate: float,
+  *,
+  schedule: str = "cosine",
+  decay_epochs: Sequence[float] = (),
+  decay_factor: float = 0.1,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+) -> ml_collections.ConfigDict:
   """SGD with momentum and L2 weight decay; schedule 'cosine' | 'step' | 'constant'."""
-  return ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate, momentum=momentum, nesterov=False, weight_decay=weight_decay,
-      schedule=schedule, decay_epochs=tuple(decay_epochs), decay_factor=decay_factor))
+  return ml_collections.ConfigDict(
+    dict(
+      learning_rate=learning_rate,
+      momentum=momentum,
+      nesterov=False,
+      weight_decay=weight_decay,
+      schedule=schedule,
+      decay_epochs=tuple(decay_epochs),
+      decay_factor=decay_factor,
+    )
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.pruning = ml_collections.ConfigDict()
   config.pruning.methods = ("l1_filter", "global_magnitude", "layer_magnitude", "random")
   config.pruning.sparsities = (0.5, 0.7, 0.9, 0.95, 0.98)
-  config.pruning.schedule = "one_shot"  # or "gradual": AGP cubic from initial_sparsity to the target
+  config.pruning.schedule = (
+    "one_shot"  # or "gradual": AGP cubic from initial_sparsity to the target
+  )
   config.pruning.initial_sparsity = 0.1
   config.pruning.frequency_epochs = 5  # gradual: re-prune every k epochs ...
   config.pruning.end_fraction = 0.5  # ... over this first fraction of fine-tuning

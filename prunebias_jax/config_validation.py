@@ -75,8 +75,13 @@ def _optim(cfg, prefix: str) -> None:
   _require(_is_real(f) and 0 < f <= 1, f"{prefix}.decay_factor", f, "a number in (0, 1]")
 
 
-_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string",
-               tuple: "a tuple, e.g. '(1,2)'"}
+_TYPE_NAMES = {
+  bool: "True or False",
+  int: "an integer",
+  float: "a finite number",
+  str: "a string",
+  tuple: "a tuple, e.g. '(1,2)'",
+}
 
 
 def _type_ok(value, kind: type) -> bool:
@@ -93,8 +98,9 @@ def _type_ok(value, kind: type) -> bool:
   return isinstance(value, kind)
 
 
-def check_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
-                 prefix: str = "") -> None:
+def check_schema(
+  cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None, prefix: str = ""
+) -> None:
   """Every field of `cfg` is a field of the schema (`base_config()`), of the schema's type.
 
   A field whose default is None (`placeholder(type)`) may be None or of that type; floats must
@@ -103,24 +109,40 @@ def check_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDi
   """
   if schema is None:
     from prunebias_jax.config_defaults import base_config
+
     schema = base_config()
   for key in cfg.keys():
     if key not in schema:
       known = ", ".join(sorted(schema.keys()))
-      raise ConfigError(f"config.{prefix}{key} is not a known field; the fields{' of config.' + prefix[:-1] if prefix else ''} "
-                        f"are: {known}")
+      raise ConfigError(
+        f"config.{prefix}{key} is not a known field; the fields{' of config.' + prefix[:-1] if prefix else ''} "
+        f"are: {known}"
+      )
   for key in schema.keys():
     dotted = f"{prefix}{key}"
     if key not in cfg:
-      raise ConfigError(f"config.{dotted} is missing; start config files from prunebias_jax.config_defaults.base_config()")
+      raise ConfigError(
+        f"config.{dotted} is missing; start config files from prunebias_jax.config_defaults.base_config()"
+      )
     default, value = schema[key], cfg[key]
     if isinstance(default, ml_collections.ConfigDict):
-      _require(isinstance(value, (ml_collections.ConfigDict, dict)), dotted, value, "a group of fields")
-      check_schema(ml_collections.ConfigDict(value) if isinstance(value, dict) else value, default, dotted + ".")
+      _require(
+        isinstance(value, (ml_collections.ConfigDict, dict)), dotted, value, "a group of fields"
+      )
+      check_schema(
+        ml_collections.ConfigDict(value) if isinstance(value, dict) else value,
+        default,
+        dotted + ".",
+      )
       continue
     kind = schema.get_ref(key).get_type()
     if default is None:  # a placeholder: None or its type
-      _require(value is None or _type_ok(value, kind), dotted, value, f"None or {_TYPE_NAMES.get(kind, kind.__name__)}")
+      _require(
+        value is None or _type_ok(value, kind),
+        dotted,
+        value,
+        f"None or {_TYPE_NAMES.get(kind, kind.__name__)}",
+      )
     else:
       _require(_type_ok(value, kind), dotted, value, _TYPE_NAMES.get(kind, kind.__name__))
 
@@ -128,16 +150,30 @@ def check_schema(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDi
 def check_runlocal_overrides(cfg: ml_collections.ConfigDict) -> None:
   """`runlocal_overrides` is a tuple of (dotted field, value) pairs naming known fields."""
   from prunebias_jax.config_defaults import base_config
+
   schema = base_config()
   overrides = cfg.get("runlocal_overrides", ())
-  _require(isinstance(overrides, (tuple, list)), "runlocal_overrides", overrides, "a tuple of (dotted field, value) pairs")
+  _require(
+    isinstance(overrides, (tuple, list)),
+    "runlocal_overrides",
+    overrides,
+    "a tuple of (dotted field, value) pairs",
+  )
   for item in overrides:
-    _require(isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str), "runlocal_overrides",
-             item, "(dotted field, value) pairs, e.g. ('dense.epochs', 1)")
+    _require(
+      isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str),
+      "runlocal_overrides",
+      item,
+      "(dotted field, value) pairs, e.g. ('dense.epochs', 1)",
+    )
     node = schema
     for part in item[0].split("."):
-      _require(isinstance(node, ml_collections.ConfigDict) and part in node, "runlocal_overrides", item[0],
-               "known dotted fields, e.g. 'dense.epochs'")
+      _require(
+        isinstance(node, ml_collections.ConfigDict) and part in node,
+        "runlocal_overrides",
+        item[0],
+        "known dotted fields, e.g. 'dense.epochs'",
+      )
       node = node[part]
 
 
@@ -149,24 +185,41 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _positive_int(cfg, "data.batch_size")
   _positive_int(cfg, "data.eval_batch_size")
   if cfg.data.source == "tfds":
-    _require(isinstance(cfg.data.name, str) and cfg.data.name != "", "data.name", cfg.data.name,
-             "a TFDS dataset name with data.source=tfds, e.g. --config.data.name=cifar10")
+    _require(
+      isinstance(cfg.data.name, str) and cfg.data.name != "",
+      "data.name",
+      cfg.data.name,
+      "a TFDS dataset name with data.source=tfds, e.g. --config.data.name=cifar10",
+    )
   if cfg.data.source == "image_folder":
-    _require(isinstance(cfg.data.dir, str) and cfg.data.dir != "", "data.dir", cfg.data.dir,
-             "a folder with train/<class>/* and test/<class>/* with data.source=image_folder")
+    _require(
+      isinstance(cfg.data.dir, str) and cfg.data.dir != "",
+      "data.dir",
+      cfg.data.dir,
+      "a folder with train/<class>/* and test/<class>/* with data.source=image_folder",
+    )
   for field in ("train_examples", "test_examples"):
     v = cfg.data[field]
     _require(_is_int(v) and v >= 0, f"data.{field}", v, "an integer >= 0 (0 = all)")
   size = cfg.data.image_size
-  _require(size is None or (_is_int(size) and size >= 8), "data.image_size", size, "None or an integer >= 8")
+  _require(
+    size is None or (_is_int(size) and size >= 8),
+    "data.image_size",
+    size,
+    "None or an integer >= 8",
+  )
   tf = cfg.data.test_fraction
   _require(_is_real(tf) and 0 < tf < 1, "data.test_fraction", tf, "a number in (0, 1)")
   cp = cfg.data.crop_padding
   _require(_is_int(cp) and cp >= 0, "data.crop_padding", cp, "an integer >= 0")
   classes = _sequence(cfg, "data.imbalance.classes")
   fracs = _sequence(cfg, "data.imbalance.keep_fractions")
-  _require(len(classes) == len(fracs), "data.imbalance.keep_fractions", fracs,
-           f"one fraction per class in data.imbalance.classes ({len(classes)})")
+  _require(
+    len(classes) == len(fracs),
+    "data.imbalance.keep_fractions",
+    fracs,
+    f"one fraction per class in data.imbalance.classes ({len(classes)})",
+  )
   for c in classes:
     _require(_is_int(c) and c >= 0, "data.imbalance.classes", c, "class indices >= 0")
   for f in fracs:
@@ -195,14 +248,22 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _require(_is_real(ef) and 0 < ef <= 1, "pruning.end_fraction", ef, "a number in (0, 1]")
 
   seeds = _sequence(cfg, "seeds")
-  _require(len(seeds) > 0 and all(_is_int(s) and s >= 0 for s in seeds), "seeds", seeds,
-           "a non-empty tuple of integers >= 0")
+  _require(
+    len(seeds) > 0 and all(_is_int(s) and s >= 0 for s in seeds),
+    "seeds",
+    seeds,
+    "a non-empty tuple of integers >= 0",
+  )
   _require(len(set(seeds)) == len(seeds), "seeds", seeds, "distinct seeds")
   _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
   pop = cfg.population
   _require(_is_int(pop) and pop >= 1, "population", pop, "an integer >= 1")
-  _require(len(seeds) == 1 or len(seeds) % pop == 0, "population", pop,
-           f"a divisor of the number of seeds ({len(seeds)}), or pass a single seed to train seeds s..s+{pop}-1")
+  _require(
+    len(seeds) == 1 or len(seeds) % pop == 0,
+    "population",
+    pop,
+    f"a divisor of the number of seeds ({len(seeds)}), or pass a single seed to train seeds s..s+{pop}-1",
+  )
   _choice(cfg, "population_masks", ("per_seed", "shared"))
 
   t = cfg.kd.temperature
@@ -221,8 +282,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.analysis[field]
     _require(_is_int(v) and v >= 1, f"analysis.{field}", v, "an integer >= 1")
   v = cfg.analysis.svcca_examples
-  _require(_is_int(v) and (v == 0 or v >= 2), "analysis.svcca_examples", v,
-           "0 (the whole test set) or an integer >= 2 (SVCCA needs two examples)")
+  _require(
+    _is_int(v) and (v == 0 or v >= 2),
+    "analysis.svcca_examples",
+    v,
+    "0 (the whole test set) or an integer >= 2 (SVCCA needs two examples)",
+  )
   for field in ("confidence", "fdr_q"):
     v = cfg.analysis[field]
     _require(_is_real(v) and 0 < v < 1, f"analysis.{field}", v, "a number in (0, 1)")
@@ -233,7 +298,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "nonfinite", NONFINITE_RULES)
   _choice(cfg, "compute_dtype", COMPUTE_DTYPES)
   every = cfg.checkpoint.every_steps
-  _require(_is_int(every) and every >= 0, "checkpoint.every_steps", every, "an integer >= 0 (0 = only finished models)")
+  _require(
+    _is_int(every) and every >= 0,
+    "checkpoint.every_steps",
+    every,
+    "an integer >= 0 (0 = only finished models)",
+  )
   _positive_int(cfg, "checkpoint.keep")
   for field in ("data.split_seed", "data.imbalance.seed"):
     v = _get(cfg, field)
@@ -243,11 +313,17 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _require(isinstance(v, str) and v.strip() != "", field, v, "a non-empty string")
 
 
-def validate_against_dataset(cfg: ml_collections.ConfigDict, num_classes: int, teacher_train_size: int,
-                             finetune_train_size: int) -> None:
+def validate_against_dataset(
+  cfg: ml_collections.ConfigDict,
+  num_classes: int,
+  teacher_train_size: int,
+  finetune_train_size: int,
+) -> None:
   """Checks that need the dataset's size (still before any training)."""
   for c in cfg.data.imbalance.classes:
-    _require(c < num_classes, "data.imbalance.classes", c, f"class indices in [0, {num_classes - 1}]")
+    _require(
+      c < num_classes, "data.imbalance.classes", c, f"class indices in [0, {num_classes - 1}]"
+    )
   for stage, size in (("dense", teacher_train_size), ("finetune", finetune_train_size)):
     own = cfg[stage].batch_size
     field, bs = (f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)

@@ -35,8 +35,13 @@ from absl import logging
 from prunebias_jax.config_validation import ConfigError
 
 # Set on Cloud TPU VMs (GCE and GKE) by the TPU runtime / the VM image.
-TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID",
-                "MEGASCALE_COORDINATOR_ADDRESS")
+TPU_ENV_VARS = (
+  "TPU_WORKER_HOSTNAMES",
+  "TPU_PROCESS_ADDRESSES",
+  "TPU_ACCELERATOR_TYPE",
+  "TPU_WORKER_ID",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+)
 TIMEOUT_ENV = "PRUNEBIAS_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 
@@ -50,6 +55,7 @@ def _cloud_tpu_vm() -> bool:
   """libtpu installed and TPU chips attached, checked without starting a JAX backend."""
   try:  # `import jax` sets this flag (libtpu found and TPU chips on the PCI bus)
     from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel
+
     if getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
       return True
   except ImportError:
@@ -91,15 +97,19 @@ def _arguments(config) -> dict:
   if address is not None:
     host, sep, port = str(address).rpartition(":")
     if not (isinstance(address, str) and sep and host and port.isdigit() and 0 < int(port) < 65536):
-      raise ConfigError(f"config.coordinator_address={address!r} is not allowed; expected 'host:port', "
-                        "e.g. '10.0.0.1:1234' (the address of process 0)")
+      raise ConfigError(
+        f"config.coordinator_address={address!r} is not allowed; expected 'host:port', "
+        "e.g. '10.0.0.1:1234' (the address of process 0)"
+      )
   if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
     raise ConfigError(f"config.num_processes={num!r} is not allowed; expected an integer >= 1")
   if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 0):
     raise ConfigError(f"config.process_id={pid!r} is not allowed; expected an integer >= 0")
   if num is not None and pid is not None and pid >= num:
-    raise ConfigError(f"config.process_id={pid!r} is not allowed; expected an integer in [0, {num - 1}] "
-                      f"(config.num_processes={num})")
+    raise ConfigError(
+      f"config.process_id={pid!r} is not allowed; expected an integer in [0, {num - 1}] "
+      f"(config.num_processes={num})"
+    )
   return {"coordinator_address": address, "num_processes": num, "process_id": pid}
 
 
@@ -110,7 +120,9 @@ def _timeout(initialization_timeout: int | None) -> int:
   try:
     return int(raw) if raw.strip() else DEFAULT_TIMEOUT_S
   except ValueError:
-    raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not allowed; expected whole seconds, e.g. 300") from None
+    raise ConfigError(
+      f"{TIMEOUT_ENV}={raw!r} is not allowed; expected whole seconds, e.g. 300"
+    ) from None
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -131,8 +143,10 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     try:
       socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-      raise ConfigError(f"config.coordinator_address={address!r}: cannot resolve host {host!r} ({e.strerror or e}); "
-                        "use the address of process 0's host") from None
+      raise ConfigError(
+        f"config.coordinator_address={address!r}: cannot resolve host {host!r} ({e.strerror or e}); "
+        "use the address of process 0's host"
+      ) from None
     remaining = deadline - time.monotonic()
     try:
       with socket.create_connection((host, port), timeout=max(0.1, min(5.0, remaining))):
@@ -140,9 +154,10 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     except OSError as e:
       if time.monotonic() + 0.5 >= deadline:
         raise ConfigError(
-            f"cannot reach the coordinator (process 0) at {address} within {timeout_s:g} s ({e.strerror or e}); "
-            "start process 0 with the same config.coordinator_address, check the host/port and firewall, or "
-            f"raise {TIMEOUT_ENV}") from None
+          f"cannot reach the coordinator (process 0) at {address} within {timeout_s:g} s ({e.strerror or e}); "
+          "start process 0 with the same config.coordinator_address, check the host/port and firewall, or "
+          f"raise {TIMEOUT_ENV}"
+        ) from None
       time.sleep(0.5)
 
 
@@ -162,35 +177,62 @@ def maybe_initialize(config, *, initialization_timeout: int | None = None) -> bo
   kwargs = _arguments(config)
   timeout = _timeout(initialization_timeout)
   if jax.distributed.is_initialized():  # e.g. a caller (or a test harness) initialised already
-    logging.info("distributed: already initialised (process %d of %d)", jax.process_index(), jax.process_count())
+    logging.info(
+      "distributed: already initialised (process %d of %d)",
+      jax.process_index(),
+      jax.process_count(),
+    )
     return True
   if xla_bridge.backends_are_initialized():
-    raise ConfigError("jax.distributed.initialize() must run before any other JAX call, but a JAX backend "
-                      "is already running in this process")
+    raise ConfigError(
+      "jax.distributed.initialize() must run before any other JAX call, but a JAX backend "
+      "is already running in this process"
+    )
   # CPU multi-process collectives (a loopback test, CPU clusters): gloo over TCP, which is the
   # default of this JAX; an older default of no collectives would fail the first all-reduce.
   if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   explicit = all(v is not None for v in kwargs.values())
-  where = kwargs["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS") or "auto-detected"
-  logging.info("distributed: initialising (%s); coordinator %s, process %s of %s, timeout %d s", why, where,
-               "auto" if kwargs["process_id"] is None else kwargs["process_id"],
-               "auto" if kwargs["num_processes"] is None else kwargs["num_processes"], timeout)
-  if where != "auto-detected" and kwargs["process_id"] not in (None, 0) and re.fullmatch(r".+:\d+", where):
+  where = (
+    kwargs["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS") or "auto-detected"
+  )
+  logging.info(
+    "distributed: initialising (%s); coordinator %s, process %s of %s, timeout %d s",
+    why,
+    where,
+    "auto" if kwargs["process_id"] is None else kwargs["process_id"],
+    "auto" if kwargs["num_processes"] is None else kwargs["num_processes"],
+    timeout,
+  )
+  if (
+    where != "auto-detected"
+    and kwargs["process_id"] not in (None, 0)
+    and re.fullmatch(r".+:\d+", where)
+  ):
     wait_for_coordinator(where, timeout)
   try:
-    jax.distributed.initialize(**kwargs, initialization_timeout=timeout,
-                               **({"cluster_detection_method": "deactivate"} if explicit else {}))
+    jax.distributed.initialize(
+      **kwargs,
+      initialization_timeout=timeout,
+      **({"cluster_detection_method": "deactivate"} if explicit else {}),
+    )
     # Starting the backend exchanges the device topology with every process: fail here, not mid-run.
     local, total = jax.local_device_count(), jax.device_count()
   except (RuntimeError, ValueError, TypeError, OSError) as e:
     raise ConfigError(
-        f"jax.distributed.initialize failed ({why}; coordinator {where}; process "
-        f"{kwargs['process_id'] if kwargs['process_id'] is not None else 'auto'} of "
-        f"{kwargs['num_processes'] if kwargs['num_processes'] is not None else 'auto'}): {_one_line(e)}. "
-        "Check that every process uses the same coordinator_address (process 0's host:port, reachable from all "
-        "hosts) and num_processes, with distinct process_id values, and that all processes start within "
-        f"{timeout} s") from None
-  logging.info("distributed: process %d of %d; %d local / %d global %s devices", jax.process_index(),
-               jax.process_count(), local, total, jax.devices()[0].platform)
+      f"jax.distributed.initialize failed ({why}; coordinator {where}; process "
+      f"{kwargs['process_id'] if kwargs['process_id'] is not None else 'auto'} of "
+      f"{kwargs['num_processes'] if kwargs['num_processes'] is not None else 'auto'}): {_one_line(e)}. "
+      "Check that every process uses the same coordinator_address (process 0's host:port, reachable from all "
+      "hosts) and num_processes, with distinct process_id values, and that all processes start within "
+      f"{timeout} s"
+    ) from None
+  logging.info(
+    "distributed: process %d of %d; %d local / %d global %s devices",
+    jax.process_index(),
+    jax.process_count(),
+    local,
+    total,
+    jax.devices()[0].platform,
+  )
   return True

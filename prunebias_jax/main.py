@@ -17,7 +17,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 
 EXIT_BAD_INPUT = 2
@@ -32,7 +34,9 @@ class _QuietLibraries(std_logging.Filter):
     path = record.pathname
     if "/tensorflow_datasets/" in path:
       return record.levelno >= std_logging.ERROR
-    return record.levelno >= std_logging.WARNING or not any(part in path for part in ("/orbax/", "/jax/", "/flax/"))
+    return record.levelno >= std_logging.WARNING or not any(
+      part in path for part in ("/orbax/", "/jax/", "/flax/")
+    )
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:

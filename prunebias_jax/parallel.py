@@ -17,7 +17,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -30,7 +31,9 @@ class DataParallel:
     devices = list(jax.devices() if devices is None else devices)
     # Auto axis types: with the (newer) Explicit default, integer-label cross-entropy fails
     # with a sharding error inside a plain data-parallel step.
-    self.mesh = jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    self.mesh = jax.make_mesh(
+      (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+    )
     self.batch = NamedSharding(self.mesh, P(DATA_AXIS))
     self.eval_batches = NamedSharding(self.mesh, P(None, DATA_AXIS))  # (num_batches, batch, ...)
     self.replicated = NamedSharding(self.mesh, P())
@@ -42,8 +45,10 @@ class DataParallel:
   def check_batch_size(self, batch_size: int, field: str) -> str | None:
     """An error message when `batch_size` does not split evenly over the devices."""
     if batch_size % self.num_devices:
-      return (f"config.{field}={batch_size} does not divide by the {self.num_devices} devices; "
-              f"use a multiple of {self.num_devices}")
+      return (
+        f"config.{field}={batch_size} does not divide by the {self.num_devices} devices; "
+        f"use a multiple of {self.num_devices}"
+      )
     return None
 
   @staticmethod
@@ -53,7 +58,9 @@ class DataParallel:
     per = global_size // n
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
-  def put_batch(self, local: np.ndarray, sharding: NamedSharding | None = None, axis: int = 0) -> jax.Array:
+  def put_batch(
+    self, local: np.ndarray, sharding: NamedSharding | None = None, axis: int = 0
+  ) -> jax.Array:
     """A global array, sharded along `axis`, from this process's slice of it."""
     sharding = self.batch if sharding is None else sharding
     global_shape = list(local.shape)
@@ -65,5 +72,7 @@ class DataParallel:
     if jax.process_count() > 1:
       # A restored checkpoint lives on one local device; device_put cannot move it across
       # hosts, but every process holds the same values, so go through host memory.
-      tree = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree)
+      tree = jax.tree.map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree
+      )
     return jax.device_put(tree, self.replicated)

@@ -63,21 +63,21 @@ MARK_END = "<!-- END GENERATED: scripts/benchmark.py -->"
 #: Dense bf16 tensor-core peak FLOP/s by device kind (vendor datasheets, no sparsity). First
 #: matching substring wins, so the more specific names come first.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989.4e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.4e12),
-    ("GH200", 989.4e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v6 lite", 918e12),
+  ("H100 PCIe", 756e12),
+  ("H100 NVL", 835e12),
+  ("H100", 989.4e12),  # SXM ("NVIDIA H100 80GB HBM3")
+  ("H200", 989.4e12),
+  ("GH200", 989.4e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("L40S", 362e12),
+  ("L4", 121e12),
+  ("A10G", 70e12),
+  ("TPU v4", 275e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v6 lite", 918e12),
 )
 
 
@@ -95,6 +95,7 @@ def try_import_torch():
   try:
     import torch  # noqa: F401
     import torch_reference  # noqa: F401
+
     return torch
   except Exception as err:  # noqa: BLE001 - optional dependency
     return f"PyTorch unavailable ({type(err).__name__}: {err}); pip install '.[bench]'"
@@ -115,15 +116,24 @@ def environment(torch_mod) -> dict[str, Any]:
   import flax
   import optax
   import sklearn
+
   dev = jax.devices()[0]
   env = {
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-      "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-      "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-      "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
-      "sklearn": sklearn.__version__, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "peak_bf16_flops": peak_bf16_flops(dev.device_kind) if dev.platform != "cpu" else None,
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "platform": dev.platform,
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "cpu": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "numpy": np.__version__,
+    "sklearn": sklearn.__version__,
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    "peak_bf16_flops": peak_bf16_flops(dev.device_kind) if dev.platform != "cpu" else None,
   }
   if isinstance(torch_mod, str):
     env["torch"] = torch_mod
@@ -172,7 +182,9 @@ def _jax_train_setup(name: str, batch: int, dtype: str, seed: int = 0, augment: 
   teacher = get_model(name, 10).init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), train=False)
   masks = prune(teacher["params"], "l1_filter", 0.5)
   opt = make_optimizer(sgd(0.05), steps_per_epoch=100, epochs=1)
-  step = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4 if augment else 0, flip=augment, kd=True)
+  step = make_train_step(
+    model, opt, mean=MEAN, std=STD, crop_padding=4 if augment else 0, flip=augment, kd=True
+  )
   state = create_state(apply_masks(teacher["params"], masks), teacher["batch_stats"], opt)
   return model, teacher, masks, opt, step, state
 
@@ -184,8 +196,15 @@ def bench_train(args, torch_mod, results: list[dict]) -> None:
       rng = np.random.default_rng(0)
       images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
       labels = rng.integers(0, 10, (batch,)).astype(np.int32)
-      row: dict[str, Any] = {"model": name, "batch": batch, "steps": args.steps, "repeats": args.repeats,
-                             "variants": {}, "errors": {}, "augmentation": "none (both sides)"}
+      row: dict[str, Any] = {
+        "model": name,
+        "batch": batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "variants": {},
+        "errors": {},
+        "augmentation": "none (both sides)",
+      }
       fns: dict[str, Callable[[], Any]] = {}
       flops = None
       ji, jl = jax.device_put(images), jax.device_put(labels)
@@ -223,6 +242,7 @@ def bench_train(args, torch_mod, results: list[dict]) -> None:
 
 def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gpu) -> None:
   import torch_reference as tr
+
   device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
   ti = torch.from_numpy(images.copy()).to(device)
   tl = torch.from_numpy(labels.astype(np.int64)).to(device)
@@ -234,9 +254,18 @@ def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gp
       cl = vname.endswith("_cl")
       try:
         student, teacher, opt = tr.build(name, channels_last=cl, device=device)
-        step = tr.make_step(student, teacher, opt, mean=MEAN, std=STD, channels_last=cl,
-                            compile=vname.startswith("compile"), alpha=ALPHA, temperature=TEMPERATURE,
-                            amp_dtype=None if amp == "float32" else getattr(torch, amp))
+        step = tr.make_step(
+          student,
+          teacher,
+          opt,
+          mean=MEAN,
+          std=STD,
+          channels_last=cl,
+          compile=vname.startswith("compile"),
+          alpha=ALPHA,
+          temperature=TEMPERATURE,
+          amp_dtype=None if amp == "float32" else getattr(torch, amp),
+        )
         t0 = time.perf_counter()
         step(ti, tl)
         sync()
@@ -244,7 +273,9 @@ def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gp
         step(ti, tl)
         sync()
       except Exception as err:  # noqa: BLE001 - e.g. torch.compile without a working compiler
-        row["errors"][full] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        row["errors"][full] = (
+          f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        )
         traceback.print_exc()
         continue
 
@@ -255,12 +286,16 @@ def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gp
         return loss
 
       fns[full] = run
-      row["variants"][full] = {"compile_s": first_s if vname.startswith("compile") else None,
-                               "first_call_s": first_s}
+      row["variants"][full] = {
+        "compile_s": first_s if vname.startswith("compile") else None,
+        "first_call_s": first_s,
+      }
 
 
 def _finish_rows(row, times, items_per_run, flops, steps) -> None:
-  peak = peak_bf16_flops(jax.devices()[0].device_kind) if jax.devices()[0].platform != "cpu" else None
+  peak = (
+    peak_bf16_flops(jax.devices()[0].device_kind) if jax.devices()[0].platform != "cpu" else None
+  )
   med = {k: statistics.median(v) for k, v in times.items()}
   for k, v in med.items():
     d = row["variants"].setdefault(k, {})
@@ -277,9 +312,15 @@ def _finish_rows(row, times, items_per_run, flops, steps) -> None:
 
 
 def _print_row(section, row) -> None:
-  parts = [f"{k}={v['items_per_s']:.0f}/s" for k, v in row["variants"].items() if "items_per_s" in v]
-  print(f"[{section}] {row.get('model', '')} batch={row.get('batch', '')} load={row.get('load_after')} "
-        + " ".join(parts) + (f" errors={row['errors']}" if row.get("errors") else ""), flush=True)
+  parts = [
+    f"{k}={v['items_per_s']:.0f}/s" for k, v in row["variants"].items() if "items_per_s" in v
+  ]
+  print(
+    f"[{section}] {row.get('model', '')} batch={row.get('batch', '')} load={row.get('load_after')} "
+    + " ".join(parts)
+    + (f" errors={row['errors']}" if row.get("errors") else ""),
+    flush=True,
+  )
   for j, r in row.get("ratios", {}).items():
     print("   ", j, " ".join(f"{k}:{v:.2f}x" for k, v in r.items()), flush=True)
 
@@ -289,7 +330,7 @@ def _print_row(section, row) -> None:
 
 def bench_eval(args, torch_mod, results: list[dict]) -> None:
   from prunebias_jax.models import get_model
-  from prunebias_jax.pruning import apply_masks, prune
+  from prunebias_jax.pruning import prune
   from prunebias_jax.train import make_eval_fn
 
   on_gpu = jax.devices()[0].platform == "gpu"
@@ -305,7 +346,14 @@ def bench_eval(args, torch_mod, results: list[dict]) -> None:
     jimages = jax.device_put(images.reshape((n // bs, bs, 32, 32, 3)))
     t0 = time.perf_counter()
     compiled = jax.jit(evaluate).lower(variables, masks, jimages).compile()
-    row: dict[str, Any] = {"model": name, "n": n, "batch": bs, "repeats": args.repeats, "variants": {}, "errors": {}}
+    row: dict[str, Any] = {
+      "model": name,
+      "n": n,
+      "batch": bs,
+      "repeats": args.repeats,
+      "variants": {},
+      "errors": {},
+    }
     row["variants"]["jax"] = {"compile_s": time.perf_counter() - t0}
     fns = {"jax": lambda: jax.block_until_ready(compiled(variables, masks, jimages))}
     fns["jax"]()
@@ -313,6 +361,7 @@ def bench_eval(args, torch_mod, results: list[dict]) -> None:
       row["errors"]["torch"] = torch_mod
     else:
       import torch_reference as tr
+
       device = "cuda" if on_gpu and torch_mod.cuda.is_available() else "cpu"
       sync = torch_mod.cuda.synchronize if device == "cuda" else (lambda: None)
       ti = torch_mod.from_numpy(images).to(device)
@@ -379,12 +428,15 @@ def numpy_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def numpy_metrics(labels, ref_pred, pred, x, y, num_classes):
-  cev, sde = numpy_cev_sde(numpy_rates(labels, ref_pred, num_classes), numpy_rates(labels, pred, num_classes))
+  cev, sde = numpy_cev_sde(
+    numpy_rates(labels, ref_pred, num_classes), numpy_rates(labels, pred, num_classes)
+  )
   return cev, sde, numpy_linear_cka(x, y)
 
 
 def sklearn_rates(labels, predictions, num_classes):
   from sklearn.metrics import confusion_matrix
+
   cm = confusion_matrix(labels, predictions, labels=np.arange(num_classes)).astype(np.float64)
   return _rates_from_cm(cm)
 
@@ -421,12 +473,19 @@ def gram_linear_cka(x, y, torch_mod=None) -> float:
 
 
 def paper_metrics(labels, ref_pred, pred, x, y, num_classes, torch_mod=None, gram: bool = True):
-  cev, sde = numpy_cev_sde(sklearn_rates(labels, ref_pred, num_classes), sklearn_rates(labels, pred, num_classes))
+  cev, sde = numpy_cev_sde(
+    sklearn_rates(labels, ref_pred, num_classes), sklearn_rates(labels, pred, num_classes)
+  )
   return cev, sde, (gram_linear_cka(x, y, torch_mod) if gram else float("nan"))
 
 
 def jax_metrics_fn(num_classes: int):
-  from prunebias_jax.metrics import cev_from_changes, linear_cka, relative_rate_change, sde_from_changes
+  from prunebias_jax.metrics import (
+    cev_from_changes,
+    linear_cka,
+    relative_rate_change,
+    sde_from_changes,
+  )
 
   def fn(labels, ref_pred, pred, x, y):
     change = relative_rate_change(labels, ref_pred, pred, num_classes)
@@ -444,7 +503,9 @@ def metric_inputs(n: int, d: int, num_classes: int, seed: int = 0):
   matrices, generated in chunks so that generation never needs more than the result."""
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, n).astype(np.int32)
-  noise = lambda p: np.where(rng.random(n) < p, rng.integers(0, num_classes, n), labels).astype(np.int32)
+  noise = lambda p: np.where(rng.random(n) < p, rng.integers(0, num_classes, n), labels).astype(
+    np.int32
+  )
   ref_pred, pred = noise(0.2), noise(0.25)
   x = np.empty((n, d), np.float32)
   y = np.empty((n, d), np.float32)
@@ -473,7 +534,9 @@ def _reset_peak() -> bool:
     return False
 
 
-def metrics_child(n: int, d: int, num_classes: int, repeats: int, gram_max_n: int, out: str) -> None:
+def metrics_child(
+  n: int, d: int, num_classes: int, repeats: int, gram_max_n: int, out: str
+) -> None:
   """One n: every implementation's peak RSS increase (one call each, after warm-up), then
   interleaved timings. Runs in its own process (`--_metrics-child`)."""
   torch_mod = try_import_torch()
@@ -484,14 +547,22 @@ def metrics_child(n: int, d: int, num_classes: int, repeats: int, gram_max_n: in
   jfn = jax_metrics_fn(num_classes)
   gram = n <= gram_max_n
   impls: dict[str, Callable[[], Any]] = {
-      "jax": lambda: jfn(jl, jr, jp, jx, jy),
-      "numpy": lambda: numpy_metrics(labels, ref_pred, pred, x, y, num_classes),
-      "paper": lambda: paper_metrics(labels, ref_pred, pred, x, y, num_classes, torch_mod, gram=gram),
+    "jax": lambda: jfn(jl, jr, jp, jx, jy),
+    "numpy": lambda: numpy_metrics(labels, ref_pred, pred, x, y, num_classes),
+    "paper": lambda: paper_metrics(labels, ref_pred, pred, x, y, num_classes, torch_mod, gram=gram),
   }
-  res: dict[str, Any] = {"n": n, "d": d, "num_classes": num_classes, "repeats": repeats,
-                         "gram_cka": gram, "inputs_mb": (x.nbytes + y.nbytes) / 2**20,
-                         "gram_backend": ("torch " + torch_mod.__version__) if not isinstance(torch_mod, str) else "numpy",
-                         "variants": {}}
+  res: dict[str, Any] = {
+    "n": n,
+    "d": d,
+    "num_classes": num_classes,
+    "repeats": repeats,
+    "gram_cka": gram,
+    "inputs_mb": (x.nbytes + y.nbytes) / 2**20,
+    "gram_backend": ("torch " + torch_mod.__version__)
+    if not isinstance(torch_mod, str)
+    else "numpy",
+    "variants": {},
+  }
   t0 = time.perf_counter()
   values = {"jax": impls["jax"]()}  # compile
   res["jax_first_call_s"] = time.perf_counter() - t0
@@ -501,14 +572,20 @@ def metrics_child(n: int, d: int, num_classes: int, repeats: int, gram_max_n: in
     ok = _reset_peak()
     values[name] = fn()
     peak = _rss_kb("VmHWM")
-    res["variants"][name] = {"peak_rss_increase_mb": (peak - base) / 1024 if ok else None, "values": values[name]}
+    res["variants"][name] = {
+      "peak_rss_increase_mb": (peak - base) / 1024 if ok else None,
+      "values": values[name],
+    }
   times = interleaved(impls, repeats)
   for name, v in times.items():
     res["variants"][name]["seconds_median"] = statistics.median(v)
     res["variants"][name]["seconds_all"] = v
   res["load_after"] = load()
-  res["ratios"] = {k: res["variants"][k]["seconds_median"] / res["variants"]["jax"]["seconds_median"]
-                   for k in impls if k != "jax"}
+  res["ratios"] = {
+    k: res["variants"][k]["seconds_median"] / res["variants"]["jax"]["seconds_median"]
+    for k in impls
+    if k != "jax"
+  }
   with open(out, "w") as f:
     json.dump(res, f)
 
@@ -517,8 +594,17 @@ def bench_metrics(args, results: list[dict]) -> None:
   for n in args.metric_n:
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "m.json")
-      cmd = [sys.executable, os.path.abspath(__file__), "--_metrics-child", str(n), str(args.metric_d),
-             str(args.metric_classes), str(args.metric_repeats), str(args.gram_max_n), out]
+      cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_metrics-child",
+        str(n),
+        str(args.metric_d),
+        str(args.metric_classes),
+        str(args.metric_repeats),
+        str(args.gram_max_n),
+        out,
+      ]
       proc = subprocess.run(cmd, capture_output=True, text=True)
       if proc.returncode != 0 or not os.path.exists(out):
         row = {"n": n, "d": args.metric_d, "error": proc.stderr[-2000:]}
@@ -527,9 +613,15 @@ def bench_metrics(args, results: list[dict]) -> None:
         with open(out) as f:
           row = json.load(f)
         v = row["variants"]
-        print(f"[metrics] n={n} load={row['load_after']} " + " ".join(
-            f"{k}={x['seconds_median']:.3f}s/{x['peak_rss_increase_mb']}MB" for k, x in v.items())
-            + " ratios " + " ".join(f"{k}:{r:.2f}x" for k, r in row["ratios"].items()), flush=True)
+        print(
+          f"[metrics] n={n} load={row['load_after']} "
+          + " ".join(
+            f"{k}={x['seconds_median']:.3f}s/{x['peak_rss_increase_mb']}MB" for k, x in v.items()
+          )
+          + " ratios "
+          + " ".join(f"{k}:{r:.2f}x" for k, r in row["ratios"].items()),
+          flush=True,
+        )
     results.append(row)
 
 
@@ -543,8 +635,17 @@ def bench_population(args, results: list[dict]) -> None:
   from prunebias_jax.train import create_state, make_train_step
 
   model = get_model(name, 10)
-  pop = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True,
-                        population=k, shared_masks=True)
+  pop = make_train_step(
+    model,
+    opt,
+    mean=MEAN,
+    std=STD,
+    crop_padding=4,
+    flip=True,
+    kd=True,
+    population=k,
+    shared_masks=True,
+  )
   single = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (k, bs, 32, 32, 3), dtype=np.uint8))
@@ -553,13 +654,18 @@ def bench_population(args, results: list[dict]) -> None:
   a, t = jnp.float32(ALPHA), jnp.float32(TEMPERATURE)
   params = state.params
   seq = [create_state(params, teacher["batch_stats"], opt) for _ in range(k)]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)])
+  stacked = jax.tree.map(
+    lambda *xs: jnp.stack(xs),
+    *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)],
+  )
   box = {"seq": seq, "pop": stacked}
 
   def run_sequential():
     for _ in range(args.steps):
       for j in range(k):
-        box["seq"][j], m = single(box["seq"][j], images[j], labels[j], keys[j], masks, teacher, a, t)
+        box["seq"][j], m = single(
+          box["seq"][j], images[j], labels[j], keys[j], masks, teacher, a, t
+        )
     jax.block_until_ready(box["seq"])
 
   def run_population():
@@ -574,16 +680,30 @@ def bench_population(args, results: list[dict]) -> None:
   run_population()
   pop_compile = time.perf_counter() - t0
   times = interleaved({"sequential": run_sequential, "vmap": run_population}, args.repeats)
-  row: dict[str, Any] = {"model": name, "population": k, "batch_per_member": bs, "steps": args.steps,
-                         "repeats": args.repeats, "augmentation": "crop 4 + flip (in the step)",
-                         "variants": {"sequential": {"first_call_s": seq_compile}, "vmap": {"first_call_s": pop_compile}}}
+  row: dict[str, Any] = {
+    "model": name,
+    "population": k,
+    "batch_per_member": bs,
+    "steps": args.steps,
+    "repeats": args.repeats,
+    "augmentation": "crop 4 + flip (in the step)",
+    "variants": {
+      "sequential": {"first_call_s": seq_compile},
+      "vmap": {"first_call_s": pop_compile},
+    },
+  }
   row["load_after"] = load()
   _finish_rows(row, times, k * bs * args.steps, None, args.steps)
-  row["speedup_vs_sequential"] = row["variants"]["sequential"]["seconds_median"] / row["variants"]["vmap"]["seconds_median"]
+  row["speedup_vs_sequential"] = (
+    row["variants"]["sequential"]["seconds_median"] / row["variants"]["vmap"]["seconds_median"]
+  )
   results.append(row)
-  print(f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
-        f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
-        f"speedup={row['speedup_vs_sequential']:.2f}x", flush=True)
+  print(
+    f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
+    f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
+    f"speedup={row['speedup_vs_sequential']:.2f}x",
+    flush=True,
+  )
 
 
 # ----------------------------------------------------------------------------- output
@@ -595,57 +715,86 @@ def _fmt(x, spec=".0f", none="–"):
 
 def markdown(report: dict) -> str:
   env = report["environment"]
-  dev = (f"{env['platform']} ({env['device_kind']}) × {env['device_count']}"
-         + (f", CPU {env['cpu']}, {env['cpu_count']} cores" if env["platform"] == "cpu" else ""))
+  dev = f"{env['platform']} ({env['device_kind']}) × {env['device_count']}" + (
+    f", CPU {env['cpu']}, {env['cpu_count']} cores" if env["platform"] == "cpu" else ""
+  )
   lines = [
-      f"### Run of {env['date']} on {dev}", "",
-      f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy {env['numpy']}, "
-      f"scikit-learn {env['sklearn']}, torch {env['torch']}"
-      + (f" ({env.get('torch_threads')} threads)" if "torch_threads" in env else "")
-      + f", Python {env['python']}; XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; command: `{report['command']}`. "
-      f"Load average (1/5/15 min) at start {report['load_start']}, per row below.", "",
+    f"### Run of {env['date']} on {dev}",
+    "",
+    f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy {env['numpy']}, "
+    f"scikit-learn {env['sklearn']}, torch {env['torch']}"
+    + (f" ({env.get('torch_threads')} threads)" if "torch_threads" in env else "")
+    + f", Python {env['python']}; XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; command: `{report['command']}`. "
+    f"Load average (1/5/15 min) at start {report['load_start']}, per row below.",
+    "",
   ]
   peak = env.get("peak_bf16_flops")
   if report.get("train"):
-    lines += ["#### Masked CE+KD train step (teacher forward included; no augmentation on either side)", "",
-              "| model | batch | variant | img/s | ms/step | TFLOP/s | % bf16 peak | JAX ÷ this (speed ratio) | compile / first call s | load |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "#### Masked CE+KD train step (teacher forward included; no augmentation on either side)",
+      "",
+      "| model | batch | variant | img/s | ms/step | TFLOP/s | % bf16 peak | JAX ÷ this (speed ratio) | compile / first call s | load |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["train"]:
       jax_name = next((k for k in row["variants"] if k == "jax"), None)
       for name, v in row["variants"].items():
         if "items_per_s" not in v:
           continue
-        ratio = row.get("ratios", {}).get(jax_name or "", {}).get(name) if name.startswith("torch") else None
+        ratio = (
+          row.get("ratios", {}).get(jax_name or "", {}).get(name)
+          if name.startswith("torch")
+          else None
+        )
         if name.startswith("jax") and name != "jax" and name.endswith("bfloat16"):
           ratio = None
         tfl = v.get("tflops")
         lines.append(
-            f"| {row['model']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | {1000 * v['seconds_median'] / row['steps']:.1f} | "
-            f"{_fmt(tfl, '.3f')} | {_fmt(100 * v['fraction_of_bf16_peak'] if v.get('fraction_of_bf16_peak') else None, '.1f')} | "
-            f"{_fmt(ratio, '.2f') + '×' if ratio else ''} | {_fmt(v.get('compile_s') or v.get('first_call_s'), '.1f')} | {row['load_after']} |")
+          f"| {row['model']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | {1000 * v['seconds_median'] / row['steps']:.1f} | "
+          f"{_fmt(tfl, '.3f')} | {_fmt(100 * v['fraction_of_bf16_peak'] if v.get('fraction_of_bf16_peak') else None, '.1f')} | "
+          f"{_fmt(ratio, '.2f') + '×' if ratio else ''} | {_fmt(v.get('compile_s') or v.get('first_call_s'), '.1f')} | {row['load_after']} |"
+        )
       for k, e in row.get("errors", {}).items():
         lines.append(f"| {row['model']} | {row['batch']} | {k} | error: {e} | | | | | | |")
-    lines += ["", "`JAX ÷ this` = (PyTorch seconds per step) / (JAX float32 seconds per step): > 1 means JAX is faster. "
-              "TFLOP/s use XLA's cost analysis of the compiled JAX step (the same FLOP count for every row"
-              + ("" if peak else "; no peak is given for a CPU") + ").", ""]
+    lines += [
+      "",
+      "`JAX ÷ this` = (PyTorch seconds per step) / (JAX float32 seconds per step): > 1 means JAX is faster. "
+      "TFLOP/s use XLA's cost analysis of the compiled JAX step (the same FLOP count for every row"
+      + ("" if peak else "; no peak is given for a CPU")
+      + ").",
+      "",
+    ]
   if report.get("eval"):
-    lines += ["#### Full evaluation pass (logits + penultimate features)", "",
-              "| model | n | batch | variant | img/s | s/pass | JAX ÷ this | load |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "#### Full evaluation pass (logits + penultimate features)",
+      "",
+      "| model | n | batch | variant | img/s | s/pass | JAX ÷ this | load |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["eval"]:
       for name, v in row["variants"].items():
         if "items_per_s" not in v:
           continue
         ratio = row.get("ratios", {}).get("jax", {}).get(name)
-        lines.append(f"| {row['model']} | {row['n']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | "
-                     f"{v['seconds_median']:.2f} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | {row['load_after']} |")
+        lines.append(
+          f"| {row['model']} | {row['n']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | "
+          f"{v['seconds_median']:.2f} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | {row['load_after']} |"
+        )
       for k, e in row.get("errors", {}).items():
         lines.append(f"| {row['model']} | {row['n']} | {row['batch']} | {k} | error: {e} | | | |")
     lines.append("")
   if report.get("metrics"):
-    lines += ["#### Metric kernels: CEV + SDE + linear CKA (one reference and one compared model)", "",
-              "| n | d | C | implementation | seconds | peak RSS increase MB | implementation ÷ JAX time | CKA | load |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    labels = {"jax": "prunebias_jax (jnp)", "numpy": "vectorised NumPy", "paper": "sklearn confusion_matrix + n×n Gram CKA"}
+    lines += [
+      "#### Metric kernels: CEV + SDE + linear CKA (one reference and one compared model)",
+      "",
+      "| n | d | C | implementation | seconds | peak RSS increase MB | implementation ÷ JAX time | CKA | load |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    labels = {
+      "jax": "prunebias_jax (jnp)",
+      "numpy": "vectorised NumPy",
+      "paper": "sklearn confusion_matrix + n×n Gram CKA",
+    }
     for row in report["metrics"]:
       if "error" in row:
         lines.append(f"| {row['n']} | {row['d']} | | error | {row['error'][-200:]!r} | | | | |")
@@ -658,18 +807,30 @@ def markdown(report: dict) -> str:
         elif name == "paper":
           label += f" ({row['gram_backend']})"
         ratio = row["ratios"].get(name)
-        lines.append(f"| {row['n']} | {row['d']} | {row['num_classes']} | {label} | {v['seconds_median']:.4f} | "
-                     f"{_fmt(v['peak_rss_increase_mb'], '.0f')} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | "
-                     f"{_fmt(v['values'][2], '.5f', 'n/a') if not math.isnan(v['values'][2]) else 'n/a'} | {row['load_after']} |")
-    lines += ["", "Peak RSS increase: VmHWM − VmRSS around one call (after warm-up), inputs excluded "
-              f"(inputs: 2 × n × d float32). One subprocess per n.", ""]
+        lines.append(
+          f"| {row['n']} | {row['d']} | {row['num_classes']} | {label} | {v['seconds_median']:.4f} | "
+          f"{_fmt(v['peak_rss_increase_mb'], '.0f')} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | "
+          f"{_fmt(v['values'][2], '.5f', 'n/a') if not math.isnan(v['values'][2]) else 'n/a'} | {row['load_after']} |"
+        )
+    lines += [
+      "",
+      "Peak RSS increase: VmHWM − VmRSS around one call (after warm-up), inputs excluded "
+      "(inputs: 2 × n × d float32). One subprocess per n.",
+      "",
+    ]
   if report.get("population"):
-    lines += ["#### Population: K students in one vmapped step vs K sequential steps (CE+KD, crop+flip)", "",
-              "| model | K | batch/member | sequential img/s | vmapped img/s | speedup | load |", "|---|---|---|---|---|---|---|"]
+    lines += [
+      "#### Population: K students in one vmapped step vs K sequential steps (CE+KD, crop+flip)",
+      "",
+      "| model | K | batch/member | sequential img/s | vmapped img/s | speedup | load |",
+      "|---|---|---|---|---|---|---|",
+    ]
     for row in report["population"]:
       v = row["variants"]
-      lines.append(f"| {row['model']} | {row['population']} | {row['batch_per_member']} | {v['sequential']['items_per_s']:.0f} | "
-                   f"{v['vmap']['items_per_s']:.0f} | {row['speedup_vs_sequential']:.2f}× | {row['load_after']} |")
+      lines.append(
+        f"| {row['model']} | {row['population']} | {row['batch_per_member']} | {v['sequential']['items_per_s']:.0f} | "
+        f"{v['vmap']['items_per_s']:.0f} | {row['speedup_vs_sequential']:.2f}× | {row['load_after']} |"
+      )
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -707,16 +868,26 @@ def parse_args(argv=None):
   on_gpu = jax.devices()[0].platform == "gpu"
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sections", type=_strs, default=["train", "eval", "metrics", "population"])
-  p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, no torch.compile: a smoke run")
+  p.add_argument(
+    "--quick", action="store_true", help="tiny sizes, 2 repeats, no torch.compile: a smoke run"
+  )
   p.add_argument("--models", type=_strs, default=["resnet20", "resnet18"])
   p.add_argument("--batches", type=_ints, default=[128, 512])
   p.add_argument("--steps", type=int, default=2, help="train steps per timed repetition")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--jax-dtypes", type=_strs, default=["float32", "bfloat16"] if on_gpu else ["float32"],
-                 help="compute dtypes of the JAX step (bfloat16: bf16 compute, float32 params and loss); "
-                      "PyTorch rows use autocast to the same dtype")
-  p.add_argument("--torch-variants", type=_strs, default=["eager", "eager_cl", "compile_cl"],
-                 help="eager | eager_cl | compile | compile_cl (cl = channels-last)")
+  p.add_argument(
+    "--jax-dtypes",
+    type=_strs,
+    default=["float32", "bfloat16"] if on_gpu else ["float32"],
+    help="compute dtypes of the JAX step (bfloat16: bf16 compute, float32 params and loss); "
+    "PyTorch rows use autocast to the same dtype",
+  )
+  p.add_argument(
+    "--torch-variants",
+    type=_strs,
+    default=["eager", "eager_cl", "compile_cl"],
+    help="eager | eager_cl | compile | compile_cl (cl = channels-last)",
+  )
   p.add_argument("--eval-n", type=int, default=10000)
   p.add_argument("--eval-batch", type=int, default=500)
   p.add_argument("--eval-torch-variants", type=_strs, default=["eager", "eager_cl"])
@@ -724,12 +895,16 @@ def parse_args(argv=None):
   p.add_argument("--metric-d", type=int, default=512)
   p.add_argument("--metric-classes", type=int, default=100)
   p.add_argument("--metric-repeats", type=int, default=5)
-  p.add_argument("--gram-max-n", type=int, default=10_000, help="largest n for the n x n Gram CKA baseline")
+  p.add_argument(
+    "--gram-max-n", type=int, default=10_000, help="largest n for the n x n Gram CKA baseline"
+  )
   p.add_argument("--population", type=int, default=8)
   p.add_argument("--population-model", default="resnet20")
   p.add_argument("--population-batch", type=int, default=64, help="per-member batch")
   p.add_argument("--json", default="", help="write the full results (every timing) as JSON here")
-  p.add_argument("--markdown", default="", help="write/refresh the generated tables in this markdown file")
+  p.add_argument(
+    "--markdown", default="", help="write/refresh the generated tables in this markdown file"
+  )
   p.add_argument("--_metrics-child", nargs=6, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
@@ -749,9 +924,14 @@ def main(argv=None) -> dict:
     metrics_child(int(n), int(d), int(c), int(r), int(g), out)
     return {}
   torch_mod = try_import_torch() if ({"train", "eval"} & set(args.sections)) else "not needed"
-  report: dict[str, Any] = {"environment": environment(torch_mod), "load_start": load(),
-                            "command": " ".join(["python scripts/benchmark.py"] + (argv if argv is not None else sys.argv[1:])),
-                            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+  report: dict[str, Any] = {
+    "environment": environment(torch_mod),
+    "load_start": load(),
+    "command": " ".join(
+      ["python scripts/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
+    ),
+    "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+  }
   print(json.dumps(report["environment"]), flush=True)
   if "train" in args.sections:
     report["train"] = []

@@ -23,20 +23,28 @@ import time
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--name", required=True, help="TFDS dataset name, e.g. cifar10, cifar100, celeb_a")
-  parser.add_argument("--data_dir", default=None,
-                      help="folder to write the prepared dataset to (default: the TFDS default, "
-                           "~/tensorflow_datasets or $TFDS_DATA_DIR)")
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--name", required=True, help="TFDS dataset name, e.g. cifar10, cifar100, celeb_a"
+  )
+  parser.add_argument(
+    "--data_dir",
+    default=None,
+    help="folder to write the prepared dataset to (default: the TFDS default, "
+    "~/tensorflow_datasets or $TFDS_DATA_DIR)",
+  )
   args = parser.parse_args(argv)
 
   try:
     import tensorflow  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    print("error: preparing a TFDS dataset needs TensorFlow; install it with `pip install tensorflow-cpu` "
-          "(or `pip install -e '.[prepare]'`). Reading the prepared data later does not need it.",
-          file=sys.stderr)
+    print(
+      "error: preparing a TFDS dataset needs TensorFlow; install it with `pip install tensorflow-cpu` "
+      "(or `pip install -e '.[prepare]'`). Reading the prepared data later does not need it.",
+      file=sys.stderr,
+    )
     return 2
 
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -45,19 +53,25 @@ def main(argv=None) -> int:
   try:
     builder = tfds.builder(args.name, data_dir=args.data_dir)
   except registered.DatasetNotFoundError:
-    print(f"error: {args.name!r} is not a TFDS dataset; see https://www.tensorflow.org/datasets/catalog/overview",
-          file=sys.stderr)
+    print(
+      f"error: {args.name!r} is not a TFDS dataset; see https://www.tensorflow.org/datasets/catalog/overview",
+      file=sys.stderr,
+    )
     return 2
   t0 = time.monotonic()
   builder.download_and_prepare(file_format="array_record")
-  print(f"prepared {args.name} in {builder.data_dir} ({time.monotonic() - t0:.0f} s); splits: "
-        + ", ".join(f"{k}={v.num_examples}" for k, v in sorted(builder.info.splits.items())))
+  print(
+    f"prepared {args.name} in {builder.data_dir} ({time.monotonic() - t0:.0f} s); splits: "
+    + ", ".join(f"{k}={v.num_examples}" for k, v in sorted(builder.info.splits.items()))
+  )
   # Check that it reads back the way training will read it (no TensorFlow involved there).
   for split in builder.info.splits:
     source = tfds.data_source(args.name, split=split, data_dir=args.data_dir, download=False)
     assert len(source) == builder.info.splits[split].num_examples, split
-  print(f"use it with: --config.data.source=tfds --config.data.name={args.name}"
-        + (f" --config.data.data_dir={args.data_dir}" if args.data_dir else ""))
+  print(
+    f"use it with: --config.data.source=tfds --config.data.name={args.name}"
+    + (f" --config.data.data_dir={args.data_dir}" if args.data_dir else "")
+  )
   return 0
 
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHS = {
-    # name: (stem width, stage widths, blocks per stage)
-    "resnet20": (16, (16, 32, 64), (3, 3, 3)),
-    "resnet18": (64, (64, 128, 256, 512), (2, 2, 2, 2)),
+  # name: (stem width, stage widths, blocks per stage)
+  "resnet20": (16, (16, 32, 64), (3, 3, 3)),
+  "resnet18": (64, (64, 128, 256, 512), (2, 2, 2, 2)),
 }
 
 
@@ -106,18 +106,36 @@ def prune_l1_filters(model: nn.Module, sparsity: float) -> None:
       conv.weight.mul_(conv.mask)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
-            temperature: float) -> torch.Tensor:
+def kd_loss(
+  student: torch.Tensor,
+  teacher: torch.Tensor,
+  labels: torch.Tensor,
+  alpha: float,
+  temperature: float,
+) -> torch.Tensor:
   """(1-a)·CE + a·T²·KL(softmax(t/T) || softmax(s/T)), KL summed over classes, batch mean."""
   ce = F.cross_entropy(student, labels)
-  kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                reduction="batchmean", log_target=True)
+  kl = F.kl_div(
+    F.log_softmax(student / temperature, -1),
+    F.log_softmax(teacher / temperature, -1),
+    reduction="batchmean",
+    log_target=True,
+  )
   return (1.0 - alpha) * ce + alpha * temperature**2 * kl
 
 
-def build(name: str, num_classes: int = 10, *, sparsity: float = 0.5, channels_last: bool = False,
-          lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
-          device: str = "cpu"):
+def build(
+  name: str,
+  num_classes: int = 10,
+  *,
+  sparsity: float = 0.5,
+  channels_last: bool = False,
+  lr: float = 0.05,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+  seed: int = 0,
+  device: str = "cpu",
+):
   """(student, teacher, optimizer): a pruned student copy of a dense teacher (float32 params)."""
   torch.manual_seed(seed)
   teacher = ResNet(name, num_classes)
@@ -129,14 +147,25 @@ def build(name: str, num_classes: int = 10, *, sparsity: float = 0.5, channels_l
   student = student.to(device=device, memory_format=fmt).train()
   for p in teacher.parameters():
     p.requires_grad_(False)
-  opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        foreach=True)
+  opt = torch.optim.SGD(
+    student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True
+  )
   return student, teacher, opt
 
 
-def make_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, *, mean, std,
-              channels_last: bool = False, compile: bool = False, alpha: float = 0.9,
-              temperature: float = 4.0, amp_dtype=None) -> Callable:
+def make_step(
+  student: nn.Module,
+  teacher: nn.Module,
+  opt: torch.optim.Optimizer,
+  *,
+  mean,
+  std,
+  channels_last: bool = False,
+  compile: bool = False,
+  alpha: float = 0.9,
+  temperature: float = 4.0,
+  amp_dtype=None,
+) -> Callable:
   """`step(images_u8 NHWC, labels) -> loss` (a 0-d tensor; no host sync inside the step).
 
   amp_dtype (e.g. torch.bfloat16): autocast the forward passes (float32 params, and the loss
@@ -177,7 +206,9 @@ def make_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer
   return step
 
 
-def make_eval(model: nn.Module, *, mean, std, channels_last: bool = False, batch: int = 500) -> Callable:
+def make_eval(
+  model: nn.Module, *, mean, std, channels_last: bool = False, batch: int = 500
+) -> Callable:
   """`evaluate(images_u8 NHWC (n,...)) -> (logits (n,C), features (n,d))` in eval mode, by batch."""
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   device = next(model.parameters()).device
@@ -189,7 +220,7 @@ def make_eval(model: nn.Module, *, mean, std, channels_last: bool = False, batch
   def evaluate(images):
     logits, feats = [], []
     for i in range(0, images.shape[0], batch):
-      x = images[i:i + batch].permute(0, 3, 1, 2).float().div(255.0)
+      x = images[i : i + batch].permute(0, 3, 1, 2).float().div(255.0)
       x = ((x - mean_t) / std_t).contiguous(memory_format=fmt)
       lo, fe = model(x)
       logits.append(lo)

@@ -15,7 +15,9 @@ def outputs(preds, rng, n_classes):
   logits = rng.normal(size=(len(preds), n_classes)).astype(np.float32)
   logits[np.arange(len(preds)), preds] += 5
   feats = rng.normal(size=(len(preds), 6)).astype(np.float32)
-  return analysis.Outputs(np.asarray(preds, np.int32), logits, {"features": feats, "stage1": feats[:, :3] ** 2})
+  return analysis.Outputs(
+    np.asarray(preds, np.int32), logits, {"features": feats, "stage1": feats[:, :3] ** 2}
+  )
 
 
 def test_similarity_by_layer_identity_and_difference():
@@ -34,10 +36,18 @@ def test_binary_fairness_matches_fairlearn():
   rng = np.random.default_rng(1)
   y, p, g = rng.integers(0, 2, 300), rng.integers(0, 2, 300), rng.integers(0, 3, 300)
   fair = analysis.fairness(y, g, p, num_classes=2, num_groups=3)
-  assert fair["dpd"] == pytest.approx(demographic_parity_difference(y, p, sensitive_features=g), abs=1e-5)
-  assert fair["eod"] == pytest.approx(equalized_odds_difference(y, p, sensitive_features=g), abs=1e-5)
-  assert fair["eod_mean"] == pytest.approx(equalized_odds_difference(y, p, sensitive_features=g, agg="mean"), abs=1e-5)
-  multi = analysis.fairness(rng.integers(0, 5, 300), g, rng.integers(0, 5, 300), num_classes=5, num_groups=3)
+  assert fair["dpd"] == pytest.approx(
+    demographic_parity_difference(y, p, sensitive_features=g), abs=1e-5
+  )
+  assert fair["eod"] == pytest.approx(
+    equalized_odds_difference(y, p, sensitive_features=g), abs=1e-5
+  )
+  assert fair["eod_mean"] == pytest.approx(
+    equalized_odds_difference(y, p, sensitive_features=g, agg="mean"), abs=1e-5
+  )
+  multi = analysis.fairness(
+    rng.integers(0, 5, 300), g, rng.integers(0, 5, 300), num_classes=5, num_groups=3
+  )
   assert {"dpd", "eod", "dpd_classmean", "eod_classmean"} <= set(multi)
   assert multi["dpd_classmean"] <= multi["dpd"]
 
@@ -49,12 +59,16 @@ def test_bootstrap_intervals_bracket_a_plausible_range():
   pred = np.where(rng.random(400) < 0.6, y, rng.integers(0, 5, 400))
   cfg = base_config()
   cfg.analysis.bootstrap_resamples = 64
-  out = analysis.bootstrap_intervals(y, ref, pred, rng.integers(0, 2, 400), 5, 2, cfg.analysis, cfg.metrics, seed=0)
+  out = analysis.bootstrap_intervals(
+    y, ref, pred, rng.integers(0, 2, 400), 5, 2, cfg.analysis, cfg.metrics, seed=0
+  )
   for name in ("cev_ci", "sde_ci", "dpd_ci", "eod_ci"):
     lo, hi = out[name]
     assert lo is not None and hi is not None and lo <= hi, name
   cfg.analysis.bootstrap_resamples = 0
-  assert analysis.bootstrap_intervals(y, ref, pred, None, 5, 0, cfg.analysis, cfg.metrics, seed=0) == {}
+  assert (
+    analysis.bootstrap_intervals(y, ref, pred, None, 5, 0, cfg.analysis, cfg.metrics, seed=0) == {}
+  )
 
 
 def test_cell_analysis_cie_and_significance():
@@ -78,8 +92,18 @@ def test_cell_analysis_cie_and_significance():
 
 
 def test_correlations_on_monotone_records():
-  records = [{"method": "m", "cka": 1 - 0.1 * i, "cka_debiased": 1 - 0.1 * i, "agreement": 1 - 0.05 * i,
-              "svcca": 0.1 * i, "cev": float(i ** 2), "sde": float(i)} for i in range(8)]
+  records = [
+    {
+      "method": "m",
+      "cka": 1 - 0.1 * i,
+      "cka_debiased": 1 - 0.1 * i,
+      "agreement": 1 - 0.05 * i,
+      "svcca": 0.1 * i,
+      "cev": float(i**2),
+      "sde": float(i),
+    }
+    for i in range(8)
+  ]
   cfg = base_config().analysis
   cfg.correlation_resamples = 100
   rows = analysis.correlations(records, cfg, seed=0)

@@ -44,21 +44,45 @@ def _fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 FIELDS = _fields(base_config())
 # A value given for one field can be reported against its partner (a pair must agree).
 PARTNERS = {
-    "data.source": ("data.name", "data.dir"),
-    "data.imbalance.classes": ("data.imbalance.keep_fractions",),
-    "data.imbalance.keep_fractions": ("data.imbalance.classes",),
-    "seeds": ("population",),
-    "data.batch_size": ("dense.batch_size", "finetune.batch_size"),
-    "num_processes": ("process_id",),
+  "data.source": ("data.name", "data.dir"),
+  "data.imbalance.classes": ("data.imbalance.keep_fractions",),
+  "data.imbalance.keep_fractions": ("data.imbalance.classes",),
+  "seeds": ("population",),
+  "data.batch_size": ("dense.batch_size", "finetune.batch_size"),
+  "num_processes": ("process_id",),
 }
 
 _scalar = st.one_of(
-    st.integers(-10**9, 10**9), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-    st.sampled_from(["None", "", "0", "-1", "1e400", "nan", "inf", "resnet20", "tfds", "cifar10", "shared",
-                     "skip", "bfloat16", "(", "'", "l1_filter", "cosine", "exclude"]),
-    st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+  st.integers(-(10**9), 10**9),
+  st.floats(allow_nan=True, allow_infinity=True),
+  st.booleans(),
+  st.sampled_from(
+    [
+      "None",
+      "",
+      "0",
+      "-1",
+      "1e400",
+      "nan",
+      "inf",
+      "resnet20",
+      "tfds",
+      "cifar10",
+      "shared",
+      "skip",
+      "bfloat16",
+      "(",
+      "'",
+      "l1_filter",
+      "cosine",
+      "exclude",
+    ]
+  ),
+  st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
 )
-_value = st.one_of(_scalar, st.lists(_scalar, max_size=4).map(lambda xs: "(" + ",".join(map(str, xs)) + ",)"))
+_value = st.one_of(
+  _scalar, st.lists(_scalar, max_size=4).map(lambda xs: "(" + ",".join(map(str, xs)) + ",)")
+)
 
 
 def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str, int | None]:
@@ -66,7 +90,9 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str, int 
   argv = ["prunebias_jax", "--config", str(ROOT / "configs/default.py"), *argv]
   fv = flags.FlagValues()
   # config_flags finds the --config.* overrides in sys_argv (main's FLAGS: sys.argv).
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
   err = io.StringIO()
   with redirect_stderr(err):
@@ -79,8 +105,11 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str, int 
   return config, err.getvalue(), None
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+  max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(field=st.sampled_from(FIELDS), value=_value)
 def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
   """Any value for any field, as typed on the command line: the run either gets past every
@@ -104,7 +133,9 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
       assert any(n in message for n in names), (field, value, message)
 
 
-@pytest.mark.parametrize("field,value,expected", [
+@pytest.mark.parametrize(
+  "field,value,expected",
+  [
     ("dense.epochs", "3.5", "dense.epochs"),
     ("dense.optim.learning_rate", "inf", "learning_rate=inf"),
     ("kd.temperature", "nan", "kd.temperature=nan"),
@@ -113,7 +144,8 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
     ("checkpoint.every_steps", "-1", "checkpoint.every_steps=-1"),
     ("checkpoint.keep", "0", "checkpoint.keep=0"),
     ("data.label_attribute", "", "data.label_attribute"),
-])
+  ],
+)
 def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):
   config, err, code = _parse([f"--config.{field}={value}"])
   if config is None:
@@ -153,10 +185,17 @@ def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path
   assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("field,values", [
-    ("bootstrap_resamples", (0, 1, 2)), ("correlation_resamples", (0, 1, 2)), ("permutations", (0, 1)),
-    ("svcca_examples", (0, 1, 2)), ("confidence", (1e-9, 0.999999)), ("fdr_q", (1e-9, 0.99999)),
-])
+@pytest.mark.parametrize(
+  "field,values",
+  [
+    ("bootstrap_resamples", (0, 1, 2)),
+    ("correlation_resamples", (0, 1, 2)),
+    ("permutations", (0, 1)),
+    ("svcca_examples", (0, 1, 2)),
+    ("confidence", (1e-9, 0.999999)),
+    ("fdr_q", (1e-9, 0.99999)),
+  ],
+)
 def test_every_analysis_value_the_validator_accepts_runs(field, values):
   """The boundary values of the analysis settings: refused with ConfigError, or the analysis
   runs with them (a value that passes validation must not crash hours later)."""
@@ -179,11 +218,25 @@ def test_every_analysis_value_the_validator_accepts_runs(field, values):
       continue
     analysis.bootstrap_intervals(labels, ref, preds[0], None, C, 0, cfg.analysis, cfg.metrics, 0)
     analysis.cell_analysis(labels, [ref, preds[1]], preds, C, cfg.analysis, seed=0)
-    records = [{"method": "m", "sparsity": s, "kd": kd, "temperature": None, "seed": 0, "accuracy": 0.5,
-                "agreement": 0.5, **{k: float(rng.random()) for k in ("cev", "sde", "cka", "svcca", "cka_debiased")}}
-               for s in (0.5, 0.7, 0.9) for kd in (False, True)]
+    records = [
+      {
+        "method": "m",
+        "sparsity": s,
+        "kd": kd,
+        "temperature": None,
+        "seed": 0,
+        "accuracy": 0.5,
+        "agreement": 0.5,
+        **{k: float(rng.random()) for k in ("cev", "sde", "cka", "svcca", "cka_debiased")},
+      }
+      for s in (0.5, 0.7, 0.9)
+      for kd in (False, True)
+    ]
     analysis.correlations(records, cfg.analysis, 0)
-    layers = {name: rng.normal(size=(n, d)).astype(np.float32) for name, d in (("features", 16), ("logits", C))}
+    layers = {
+      name: rng.normal(size=(n, d)).astype(np.float32)
+      for name, d in (("features", 16), ("logits", C))
+    }
     out = Outputs(ref, layers["logits"], layers)
     analysis.similarity_by_layer(out, out, cfg.analysis.svcca_examples)
 
@@ -206,23 +259,37 @@ def _tiny(workdir: Path) -> experiment.Experiment:
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
-  foreign = ModelCheckpoint(tmp_path / "checkpoints" / "dense", expect={"model": "resnet20", "num_classes": 10})
+  foreign = ModelCheckpoint(
+    tmp_path / "checkpoints" / "dense", expect={"model": "resnet20", "num_classes": 10}
+  )
   foreign.save(100, {"params": {"w": jnp.ones((3, 3))}}, {"steps": 100})
   foreign.close()
   before = _tree_hash(tmp_path / "checkpoints")
-  with pytest.raises(CheckpointError, match=r"model='resnet20', this run has model='small_cnn'.*left untouched"):
+  with pytest.raises(
+    CheckpointError, match=r"model='resnet20', this run has model='small_cnn'.*left untouched"
+  ):
     _tiny(tmp_path).prepare()
   assert _tree_hash(tmp_path / "checkpoints") == before
 
 
 def test_checkpoint_without_metadata_of_other_shapes_is_refused_and_kept(tmp_path):
   # As written by an older version: no model name or array signature in the metadata.
-  manager = ocp.CheckpointManager(tmp_path / "checkpoints" / "dense",
-                                  options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-  manager.save(16, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"params": {"w": np.ones((3, 3), np.float32)},
-                                   "batch_stats": {"m": np.zeros(2, np.float32)}}),
-      meta=ocp.args.JsonSave({"steps": 16})))
+  manager = ocp.CheckpointManager(
+    tmp_path / "checkpoints" / "dense",
+    options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+  )
+  manager.save(
+    16,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(
+        {
+          "params": {"w": np.ones((3, 3), np.float32)},
+          "batch_stats": {"m": np.zeros(2, np.float32)},
+        }
+      ),
+      meta=ocp.args.JsonSave({"steps": 16}),
+    ),
+  )
   manager.wait_until_finished()
   manager.close()
   before = _tree_hash(tmp_path / "checkpoints")
@@ -282,14 +349,26 @@ def test_restoring_a_good_checkpoint_still_works(trained_dense, tmp_path):
 
 
 def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/default.py", f"--workdir={workdir}",
-         "--config.dense.epochs=1", "--config.finetune.epochs=1", "--config.pruning.methods=('random',)",
-         "--config.pruning.sparsities=(0.5,)", *args]
+  cmd = [
+    sys.executable,
+    "-m",
+    "prunebias_jax.main",
+    "--config",
+    "configs/default.py",
+    f"--workdir={workdir}",
+    "--config.dense.epochs=1",
+    "--config.finetune.epochs=1",
+    "--config.pruning.methods=('random',)",
+    "--config.pruning.sparsities=(0.5,)",
+    *args,
+  ]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_foreign_checkpoint_exits_2_with_one_line(tmp_path):
-  foreign = ModelCheckpoint(tmp_path / "checkpoints" / "dense", expect={"model": "resnet20", "num_classes": 10})
+  foreign = ModelCheckpoint(
+    tmp_path / "checkpoints" / "dense", expect={"model": "resnet20", "num_classes": 10}
+  )
   foreign.save(100, {"params": {"w": jnp.ones((3, 3))}}, {"steps": 100})
   foreign.close()
   proc = _cli(tmp_path)
@@ -304,7 +383,9 @@ def test_cli_nonfinite_loss_exits_3_with_stage_and_step(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: dense: non-finite loss at step") and "last finite loss" in last
   assert "Traceback" not in proc.stderr
-  assert not (tmp_path / "checkpoints" / "dense").exists() or not any((tmp_path / "checkpoints" / "dense").iterdir())
+  assert not (tmp_path / "checkpoints" / "dense").exists() or not any(
+    (tmp_path / "checkpoints" / "dense").iterdir()
+  )
 
 
 # ------------------------------------------------------------------------------------ safety
@@ -322,18 +403,30 @@ def test_no_code_runs_from_data_or_checkpoints():
     for node in ast.walk(tree):
       where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
       if isinstance(node, ast.Import):
-        problems += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in FORBIDDEN_MODULES]
-      elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in FORBIDDEN_MODULES:
+        problems += [
+          f"{where} imports {a.name}"
+          for a in node.names
+          if a.name.split(".")[0] in FORBIDDEN_MODULES
+        ]
+      elif (
+        isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in FORBIDDEN_MODULES
+      ):
         problems.append(f"{where} imports from {node.module}")
       elif isinstance(node, ast.Call):
         name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
         if name in FORBIDDEN_CALLS:
           problems.append(f"{where} calls {name}")
-        if name in ("load", "loads") and any(k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant)
-                                                                              and k.value.value is False)
-                                             for k in node.keywords):
+        if name in ("load", "loads") and any(
+          k.arg == "allow_pickle"
+          and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+          for k in node.keywords
+        ):
           problems.append(f"{where} loads with allow_pickle")
-        if name == "load" and isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "np":
+        if (
+          name == "load"
+          and isinstance(node.func, ast.Attribute)
+          and getattr(node.func.value, "id", "") == "np"
+        ):
           if not any(k.arg == "allow_pickle" for k in node.keywords):
             problems.append(f"{where} np.load without allow_pickle=False")
   assert not problems, problems

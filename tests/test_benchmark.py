@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunebias_jax.metrics import (cev_from_changes, linear_cka, per_class_rates, relative_rate_change,
-                                   sde_from_changes)
+from prunebias_jax.metrics import (
+  cev_from_changes,
+  linear_cka,
+  per_class_rates,
+  relative_rate_change,
+  sde_from_changes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +31,11 @@ def bench():
 
 def _project(labels, ref, pred, x, y, c):
   ch = relative_rate_change(labels, ref, pred, c)
-  return (float(cev_from_changes(ch.dfpr, ch.dfnr, ch.valid)), float(sde_from_changes(ch.dfpr, ch.dfnr, ch.valid)),
-          float(linear_cka(x, y)))
+  return (
+    float(cev_from_changes(ch.dfpr, ch.dfnr, ch.valid)),
+    float(sde_from_changes(ch.dfpr, ch.dfnr, ch.valid)),
+    float(linear_cka(x, y)),
+  )
 
 
 def test_metric_references_agree_with_project_kernels(bench):
@@ -91,8 +97,18 @@ def test_peak_table_and_markdown_block(bench, tmp_path):
 
 def test_quick_run_of_the_jax_sections(bench, tmp_path):
   out = tmp_path / "r.json"
-  report = bench.main(["--quick", "--sections", "train,metrics,population", "--torch-variants=",
-                       "--json", str(out), "--markdown", str(tmp_path / "r.md")])
+  report = bench.main(
+    [
+      "--quick",
+      "--sections",
+      "train,metrics,population",
+      "--torch-variants=",
+      "--json",
+      str(out),
+      "--markdown",
+      str(tmp_path / "r.md"),
+    ]
+  )
   saved = json.loads(out.read_text())
   train = saved["train"][0]["variants"]["jax"]
   assert train["items_per_s"] > 0 and train["flops_per_step"] > 0 and train["tflops"] > 0
@@ -101,7 +117,10 @@ def test_quick_run_of_the_jax_sections(bench, tmp_path):
   values = {k: v["values"] for k, v in metrics["variants"].items()}
   np.testing.assert_allclose(values["numpy"], values["jax"], rtol=1e-3)
   np.testing.assert_allclose(values["paper"], values["jax"], rtol=1e-3)
-  assert all(v["peak_rss_increase_mb"] is None or v["peak_rss_increase_mb"] >= 0 for v in metrics["variants"].values())
+  assert all(
+    v["peak_rss_increase_mb"] is None or v["peak_rss_increase_mb"] >= 0
+    for v in metrics["variants"].values()
+  )
   assert saved["population"][0]["speedup_vs_sequential"] > 0
   md = (tmp_path / "r.md").read_text()
   assert "Masked CE+KD train step" in md and "Metric kernels" in md and "Population" in md

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, workdir: Path | str) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/default.py", f"--workdir={workdir}", *args]
+  cmd = [
+    sys.executable,
+    "-m",
+    "prunebias_jax.main",
+    "--config",
+    "configs/default.py",
+    f"--workdir={workdir}",
+    *args,
+  ]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("override,expected", [
+@pytest.mark.parametrize(
+  "override,expected",
+  [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.pruning.sparsities=(0.5,1.0)", "pruning.sparsities=1.0"),
     ("--config.pruning.sparsities=(-0.1,)", "pruning.sparsities=-0.1"),
@@ -28,7 +37,8 @@ def run_cli(*args: str, workdir: Path | str) -> subprocess.CompletedProcess:
     ("--config.kd.temperature=-2.0", "kd.temperature=-2.0"),
     ("--config.kd.alpha=1.5", "kd.alpha=1.5"),
     ("--config.kd.alpha=banana", "banana"),
-])
+  ],
+)
 def test_bad_config_exits_2_with_one_line(tmp_path, override, expected):
   proc = run_cli(override, workdir=tmp_path / "w")
   assert proc.returncode == 2, proc.stderr
@@ -42,13 +52,17 @@ def test_unwritable_workdir_exits_2(tmp_path):
   target = tmp_path / "file-not-dir"
   target.write_text("x")
   proc = run_cli(workdir=target / "sub")
-  assert proc.returncode == 2 and "workdir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  assert (
+    proc.returncode == 2 and "workdir" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  )
 
 
 def test_bad_data_input_exits_2_before_training(tmp_path):
   root = tmp_path / "images"
   (root / "train" / "cat").mkdir(parents=True)  # no test split
-  proc = run_cli("--config.data.source=image_folder", f"--config.data.dir={root}", workdir=tmp_path / "w")
+  proc = run_cli(
+    "--config.data.source=image_folder", f"--config.data.dir={root}", workdir=tmp_path / "w"
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "test" in lines[0] and "Traceback" not in proc.stderr
@@ -56,8 +70,15 @@ def test_bad_data_input_exits_2_before_training(tmp_path):
 
 
 def test_unprepared_tfds_dir_exits_2_and_says_how_to_prepare(tmp_path):
-  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/cifar10.py", f"--workdir={tmp_path / 'w'}",
-         f"--config.data.data_dir={tmp_path / 'empty'}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "prunebias_jax.main",
+    "--config",
+    "configs/cifar10.py",
+    f"--workdir={tmp_path / 'w'}",
+    f"--config.data.data_dir={tmp_path / 'empty'}",
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
@@ -65,13 +86,22 @@ def test_unprepared_tfds_dir_exits_2_and_says_how_to_prepare(tmp_path):
 
 
 def test_missing_config_file_exits_2(tmp_path):
-  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/nope.py", f"--workdir={tmp_path}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "prunebias_jax.main",
+    "--config",
+    "configs/nope.py",
+    f"--workdir={tmp_path}",
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "nope.py" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_runlocal_end_to_end(tmp_path):
-  proc = run_cli("--config.runlocal=True", "--config.pruning.methods=('l1_filter',)", workdir=tmp_path / "w")
+  proc = run_cli(
+    "--config.runlocal=True", "--config.pruning.methods=('l1_filter',)", workdir=tmp_path / "w"
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| l1_filter | 0.9 |" in proc.stdout  # the table is printed
   assert "stage dense" in proc.stderr and "img/s" in proc.stderr  # progress lines

@@ -52,10 +52,14 @@ def test_paper_imbalanced_config_matches_paper():
   # PAPER.md: 5·50 + 5·100 + 5·250 + 85·500 = 44,500 training images remain.
   assert sum(round(500 * keep.get(c, 1.0)) for c in range(100)) == 44_500
   assert config.model == "resnet32x4" and config.kd.temperature == 4.0 and config.kd.alpha == 0.9
-  assert config.finetune.optim.decay_epochs == (150, 180, 210) and config.pruning.schedule == "gradual"
+  assert (
+    config.finetune.optim.decay_epochs == (150, 180, 210) and config.pruning.schedule == "gradual"
+  )
 
 
-@pytest.mark.skipif(not CIFAR10_DIR.is_dir(), reason=f"real CIFAR-10 image folder not present at {CIFAR10_DIR}")
+@pytest.mark.skipif(
+  not CIFAR10_DIR.is_dir(), reason=f"real CIFAR-10 image folder not present at {CIFAR10_DIR}"
+)
 def test_cifar10_config_end_to_end_on_the_real_image_folder(tmp_path):
   config = load(ROOT / "configs" / "cifar10.py").get_config()
   config.data.source = "image_folder"

@@ -22,7 +22,9 @@ def test_digits_split_is_stratified_and_disjoint():
   assert ds.train.images.dtype == np.uint8 and ds.train.images.max() == 255
   # Same seed, same split; different seed, different split.
   again = load_digits(0.4, 0)
-  assert np.array_equal(again.test.labels, ds.test.labels) and np.array_equal(again.test.images, ds.test.images)
+  assert np.array_equal(again.test.labels, ds.test.labels) and np.array_equal(
+    again.test.images, ds.test.images
+  )
   assert not np.array_equal(load_digits(0.4, 1).test.images, ds.test.images)
 
 
@@ -52,11 +54,13 @@ def test_train_batches_cover_each_epoch_once_and_are_deterministic():
   assert len(batches) == 2 * (n // bs)
   for epoch in (0, 1):
     seen = np.concatenate([b[1].reshape(-1) for b in batches if b[0] == epoch])
-    assert len(seen) == len(set(seen.tolist())) == (n // bs) * bs  # no repeats; last partial batch dropped
+    assert (
+      len(seen) == len(set(seen.tolist())) == (n // bs) * bs
+    )  # no repeats; last partial batch dropped
   again = list(train_batches(split, bs, seed=5, num_epochs=2))
   assert all(np.array_equal(x[1], y[1]) for x, y in zip(batches, again))
   resumed = list(train_batches(split, bs, seed=5, start_epoch=1, num_epochs=1))
-  assert all(np.array_equal(x[1], y[1]) for x, y in zip(batches[n // bs:], resumed))
+  assert all(np.array_equal(x[1], y[1]) for x, y in zip(batches[n // bs :], resumed))
 
 
 @pytest.mark.parametrize("n,bs", [(719, 256), (512, 256), (5, 8)])
@@ -77,7 +81,7 @@ def test_augment_crops_are_shifts_and_flip_mirrors():
   assert out.shape == images.shape and out.dtype == np.uint8
   for img, aug in zip(images, out):
     padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
-    candidates = [padded[i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+    candidates = [padded[i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
     candidates += [c[:, ::-1] for c in candidates]
     assert any(np.array_equal(aug, c) for c in candidates)
   assert not np.array_equal(out, images)  # something moved

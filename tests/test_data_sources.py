@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prunebias_jax.data import DataError, SOURCES, load_dataset
-from prunebias_jax.data import image_folder
+from prunebias_jax.data import SOURCES, DataError, image_folder, load_dataset
 
 CIFAR10_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10").resolve()
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -71,7 +81,9 @@ def tfds_mock(monkeypatch):
   monkeypatch.setattr(mocking, "_getitems", getitems)
 
   def mock(num_examples):
-    return tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE)
+    return tfds.testing.mock_data(
+      num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE
+    )
 
   return mock
 
@@ -97,34 +109,58 @@ def test_tfds_celeb_a_mocked_attribute_labels_and_groups(tfds_mock):
   import tensorflow_datasets as tfds
 
   with tfds_mock(16):
-    ds = load_dataset(data_config(source="tfds", name="celeb_a", image_size=16, label_attribute="Eyeglasses"))
+    ds = load_dataset(
+      data_config(source="tfds", name="celeb_a", image_size=16, label_attribute="Eyeglasses")
+    )
     records = [tfds.data_source("celeb_a", split="train")[i] for i in range(16)]
     # '' / 0 mean "unset" (None fields cannot be overridden from the command line).
-    default = load_dataset(data_config(source="tfds", name="celeb_a", image_size=8, test_split="validation",
-                                       data_dir="", label_attribute="", group_attribute="", train_examples=0))
+    default = load_dataset(
+      data_config(
+        source="tfds",
+        name="celeb_a",
+        image_size=8,
+        test_split="validation",
+        data_dir="",
+        label_attribute="",
+        group_attribute="",
+        train_examples=0,
+      )
+    )
   expected_labels = np.array([int(r["attributes"]["Eyeglasses"]) for r in records])
   expected_groups = np.array([int(r["attributes"]["Male"]) for r in records])
   assert ds.class_names == ("not_Eyeglasses", "Eyeglasses") and ds.num_classes == 2
-  assert ds.train.images.shape == (16, 16, 16, 3) and ds.train.images.dtype == np.uint8  # resized from 218x178
+  assert (
+    ds.train.images.shape == (16, 16, 16, 3) and ds.train.images.dtype == np.uint8
+  )  # resized from 218x178
   np.testing.assert_array_equal(ds.train.labels, expected_labels)
   np.testing.assert_array_equal(ds.train.groups, expected_groups)
   assert ds.test.groups is not None and ds.test.groups.dtype == np.int32
   assert default.class_names == ("not_Blond_Hair", "Blond_Hair")
   assert default.train.images.shape == (16, 8, 8, 3)
-  np.testing.assert_array_equal(default.train.labels, [int(r["attributes"]["Blond_Hair"]) for r in records])
+  np.testing.assert_array_equal(
+    default.train.labels, [int(r["attributes"]["Blond_Hair"]) for r in records]
+  )
 
 
 def test_tfds_celeb_a_bad_attribute_lists_valid_ones(tfds_mock):
   with tfds_mock(4), pytest.raises(DataError) as err:
     load_dataset(data_config(source="tfds", name="celeb_a", label_attribute="Blonde"))
   msg = str(err.value)
-  assert "data.label_attribute='Blonde'" in msg and "Blond_Hair" in msg and "Male" in msg and "\n" not in msg
+  assert (
+    "data.label_attribute='Blonde'" in msg
+    and "Blond_Hair" in msg
+    and "Male" in msg
+    and "\n" not in msg
+  )
   with tfds_mock(4), pytest.raises(DataError, match="data.group_attribute='Gender'.*Male"):
     load_dataset(data_config(source="tfds", name="celeb_a", group_attribute="Gender"))
 
 
 def test_tfds_unknown_name():
-  with pytest.raises(DataError, match=r"data.name 'cifar11' is not a dataset.*did you mean .*'cifar10'.*check the name"):
+  with pytest.raises(
+    DataError,
+    match=r"data.name 'cifar11' is not a dataset.*did you mean .*'cifar10'.*check the name",
+  ):
     load_dataset(data_config(source="tfds", name="cifar11"))
 
 
@@ -150,11 +186,16 @@ def _tiny_builder_cls():
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(6, 6, 3)),
-          "label": tfds.features.ClassLabel(names=["circle", "square", "star"]),
-          "colour": tfds.features.ClassLabel(names=["red", "blue"]),
-      }))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(6, 6, 3)),
+            "label": tfds.features.ClassLabel(names=["circle", "square", "star"]),
+            "colour": tfds.features.ClassLabel(names=["red", "blue"]),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples(30, 0), "test": self._generate_examples(12, 1)}
@@ -162,7 +203,14 @@ def _tiny_builder_cls():
     def _generate_examples(self, n, seed):
       rng = np.random.default_rng(seed)
       for i in range(n):
-        yield i, {"image": _png(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)), "label": i % 3, "colour": i % 2}
+        yield (
+          i,
+          {
+            "image": _png(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)),
+            "label": i % 3,
+            "colour": i % 2,
+          },
+        )
 
   return PrunebiasTinyShapes
 
@@ -177,7 +225,9 @@ def tiny_tfds_dir(tmp_path_factory):
 def test_tfds_prepared_dataset_reads_without_tensorflow(tiny_tfds_dir):
   import tensorflow_datasets as tfds
 
-  cfg = data_config(source="tfds", name="prunebias_tiny_shapes", data_dir=tiny_tfds_dir, group_attribute="colour")
+  cfg = data_config(
+    source="tfds", name="prunebias_tiny_shapes", data_dir=tiny_tfds_dir, group_attribute="colour"
+  )
   ds = load_dataset(cfg)
   assert ds.class_names == ("circle", "square", "star") and ds.num_classes == 3
   assert ds.train.images.shape == (30, 6, 6, 3) and ds.test.images.shape == (12, 6, 6, 3)
@@ -188,15 +238,29 @@ def test_tfds_prepared_dataset_reads_without_tensorflow(tiny_tfds_dir):
   assert np.array_equal(ds.train.class_counts(3), [10, 10, 10])
 
   # A stratified subset reads the labels first, then decodes only the chosen records.
-  sub = load_dataset(data_config(source="tfds", name="prunebias_tiny_shapes", data_dir=tiny_tfds_dir,
-                                 train_examples=9, test_examples=6, image_size=4))
-  assert np.array_equal(sub.train.class_counts(3), [3, 3, 3]) and np.array_equal(sub.test.class_counts(3), [2, 2, 2])
+  sub = load_dataset(
+    data_config(
+      source="tfds",
+      name="prunebias_tiny_shapes",
+      data_dir=tiny_tfds_dir,
+      train_examples=9,
+      test_examples=6,
+      image_size=4,
+    )
+  )
+  assert np.array_equal(sub.train.class_counts(3), [3, 3, 3]) and np.array_equal(
+    sub.test.class_counts(3), [2, 2, 2]
+  )
   assert sub.train.images.shape == (9, 4, 4, 3)
 
 
 def test_tfds_unknown_split(tiny_tfds_dir):
-  cfg = data_config(source="tfds", name="prunebias_tiny_shapes", data_dir=tiny_tfds_dir, test_split="validation")
-  with pytest.raises(DataError, match="data.test_split='validation' is not a split.*available splits: test, train"):
+  cfg = data_config(
+    source="tfds", name="prunebias_tiny_shapes", data_dir=tiny_tfds_dir, test_split="validation"
+  )
+  with pytest.raises(
+    DataError, match="data.test_split='validation' is not a split.*available splits: test, train"
+  ):
     load_dataset(cfg)
 
 
@@ -204,7 +268,9 @@ def test_tfds_unknown_split(tiny_tfds_dir):
 # Image folder
 
 
-def write_folder(root: Path, spec: dict[str, dict[str, int]], size=(5, 4), fmt="png", mode="RGB", seed=0):
+def write_folder(
+  root: Path, spec: dict[str, dict[str, int]], size=(5, 4), fmt="png", mode="RGB", seed=0
+):
   """Writes `spec[split][class]` random images of `size` (W, H); returns {path: pixels as saved}."""
   rng = np.random.default_rng(seed)
   pixels = {}
@@ -232,13 +298,20 @@ def test_image_folder_pixels_classes_and_cache(tmp_path, monkeypatch):
   root, cache = tmp_path / "shapes", tmp_path / "cache"
   pixels = write_folder(root, SPEC)
   ds = load_dataset(folder_config(root, cache))
-  assert ds.name == "image_folder:shapes" and ds.class_names == ("ant", "moth", "zebra") and ds.num_classes == 3
+  assert (
+    ds.name == "image_folder:shapes"
+    and ds.class_names == ("ant", "moth", "zebra")
+    and ds.num_classes == 3
+  )
   assert ds.train.images.shape == (12, 4, 5, 3) and ds.train.images.dtype == np.uint8
   assert ds.train.labels.dtype == np.int32 and ds.test.images.shape == (5, 4, 5, 3)
   # Order: class index, then file name; PNG round-trips exactly.
   for split_name, split in (("train", ds.train), ("test", ds.test)):
-    expected = [(c, p) for c, cls in enumerate(ds.class_names)
-                for p in sorted((root / split_name / cls).iterdir())]
+    expected = [
+      (c, p)
+      for c, cls in enumerate(ds.class_names)
+      for p in sorted((root / split_name / cls).iterdir())
+    ]
     assert split.labels.tolist() == [c for c, _ in expected]
     for img, (_, p) in zip(split.images, expected):
       np.testing.assert_array_equal(img, pixels[p])
@@ -301,22 +374,34 @@ def test_image_folder_jpeg_greyscale_and_resize(tmp_path):
   pixels = write_folder(grey, SPEC, mode="L")
   gds = load_dataset(folder_config(grey, tmp_path / "c"))
   assert gds.train.images.shape == (12, 4, 5, 1) and len(gds.mean) == 1
-  np.testing.assert_array_equal(gds.train.images[0, ..., 0], pixels[sorted((grey / "train" / "ant").iterdir())[0]])
+  np.testing.assert_array_equal(
+    gds.train.images[0, ..., 0], pixels[sorted((grey / "train" / "ant").iterdir())[0]]
+  )
 
 
 def test_image_folder_subset_is_stratified_and_decodes_only_the_subset(tmp_path, monkeypatch):
   root = tmp_path / "many"
-  write_folder(root, {"train": {"a": 10, "b": 10, "c": 10}, "test": {"a": 4, "b": 4, "c": 4}}, size=(2, 2))
+  write_folder(
+    root, {"train": {"a": 10, "b": 10, "c": 10}, "test": {"a": 4, "b": 4, "c": 4}}, size=(2, 2)
+  )
   calls = []
   original = image_folder.decode_image
-  monkeypatch.setattr(image_folder, "decode_image", lambda p, s=None: calls.append(p) or original(p, s))
+  monkeypatch.setattr(
+    image_folder, "decode_image", lambda p, s=None: calls.append(p) or original(p, s)
+  )
   ds = load_dataset(folder_config(root, tmp_path / "c", train_examples=6, test_examples=3))
   assert len(calls) == 9
-  assert ds.train.class_counts(3).tolist() == [2, 2, 2] and ds.test.class_counts(3).tolist() == [1, 1, 1]
+  assert ds.train.class_counts(3).tolist() == [2, 2, 2] and ds.test.class_counts(3).tolist() == [
+    1,
+    1,
+    1,
+  ]
   same = load_dataset(folder_config(root, tmp_path / "c", train_examples=6, test_examples=3))
   assert len(calls) == 9  # its own cache entry
   np.testing.assert_array_equal(same.train.images, ds.train.images)
-  other = load_dataset(folder_config(root, tmp_path / "c", train_examples=6, test_examples=3, split_seed=1))
+  other = load_dataset(
+    folder_config(root, tmp_path / "c", train_examples=6, test_examples=3, split_seed=1)
+  )
   assert not np.array_equal(other.train.images, ds.train.images)
   uneven = load_dataset(folder_config(root, tmp_path / "c", train_examples=7))
   assert sorted(uneven.train.class_counts(3).tolist()) == [2, 2, 3] and len(uneven.test) == 12
@@ -324,7 +409,9 @@ def test_image_folder_subset_is_stratified_and_decodes_only_the_subset(tmp_path,
 
 def test_image_folder_with_imbalance(tmp_path):
   root = tmp_path / "imb"
-  write_folder(root, {"train": {"a": 10, "b": 10, "c": 10}, "test": {"a": 2, "b": 2, "c": 2}}, size=(2, 2))
+  write_folder(
+    root, {"train": {"a": 10, "b": 10, "c": 10}, "test": {"a": 2, "b": 2, "c": 2}}, size=(2, 2)
+  )
   cfg = folder_config(root, tmp_path / "c")
   cfg.imbalance.classes = (1,)
   cfg.imbalance.keep_fractions = (0.3,)
@@ -375,8 +462,11 @@ def test_image_folder_errors(tmp_path):
   (root / "train" / "wasp").mkdir()
   (root / "test" / "wasp").mkdir()
   (root / "train" / "wasp" / "notes.txt").write_text("no images here")
-  with pytest.raises(DataError, match=f"class folder {root / 'train' / 'wasp'} has no .png/.jpg/.jpeg images; "
-                     "add images to it or delete the class folder 'wasp' from both 'train' and 'test'"):
+  with pytest.raises(
+    DataError,
+    match=f"class folder {root / 'train' / 'wasp'} has no .png/.jpg/.jpeg images; "
+    "add images to it or delete the class folder 'wasp' from both 'train' and 'test'",
+  ):
     load_dataset(folder_config(root, cache))
 
   root = tmp_path / "inside"
@@ -410,10 +500,15 @@ def test_digits_unchanged_and_subset_fields():
 # The shared CIFAR-10 image folder
 
 
-@pytest.mark.skipif(not CIFAR10_DIR.is_dir(), reason=f"shared CIFAR-10 image folder not found at {CIFAR10_DIR} "
-                    "(only the project's development machines have it)")
+@pytest.mark.skipif(
+  not CIFAR10_DIR.is_dir(),
+  reason=f"shared CIFAR-10 image folder not found at {CIFAR10_DIR} "
+  "(only the project's development machines have it)",
+)
 def test_shared_cifar10_subset(tmp_path):
-  ds = load_dataset(folder_config(CIFAR10_DIR, tmp_path / "cache", train_examples=2000, test_examples=1000))
+  ds = load_dataset(
+    folder_config(CIFAR10_DIR, tmp_path / "cache", train_examples=2000, test_examples=1000)
+  )
   assert ds.name == "image_folder:cifar10" and ds.class_names == CIFAR10_CLASSES
   assert ds.train.images.shape == (2000, 32, 32, 3) and ds.test.images.shape == (1000, 32, 32, 3)
   assert ds.train.images.dtype == np.uint8

@@ -10,9 +10,31 @@ import pytest
 from prunebias_jax import experiment
 from prunebias_jax.config_validation import ConfigError
 
-RECORD_KEYS = {"method", "sparsity", "kd", "seed", "accuracy", "cev", "sde", "cka", "realized_sparsity",
-               "realized_sparsity_per_layer", "fpr", "fnr", "dfpr", "dfnr", "agreement", "zero_rate_classes",
-               "temperature", "layer_cka", "layer_svcca", "svcca", "cka_debiased", "cev_ci", "sde_ci"}
+RECORD_KEYS = {
+  "method",
+  "sparsity",
+  "kd",
+  "seed",
+  "accuracy",
+  "cev",
+  "sde",
+  "cka",
+  "realized_sparsity",
+  "realized_sparsity_per_layer",
+  "fpr",
+  "fnr",
+  "dfpr",
+  "dfnr",
+  "agreement",
+  "zero_rate_classes",
+  "temperature",
+  "layer_cka",
+  "layer_svcca",
+  "svcca",
+  "cka_debiased",
+  "cev_ci",
+  "sde_ci",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +53,32 @@ def finished_run(tmp_path_factory):
 
 def test_outputs_written(finished_run):
   _, workdir, records = finished_run
-  for name in ("results.jsonl", "results.md", "config.json", "dataset.json", "timings.json",
-               "plots/bias_vs_sparsity.png", "plots/accuracy_vs_sparsity.png", "plots/cka_vs_cev.png",
-               "plots/class_changes.png", "cells.jsonl", "correlations.jsonl", "plots/cie_grid.png",
-               "plots/cka_layers.png", "plots/similarity_vs_bias.png"):
+  for name in (
+    "results.jsonl",
+    "results.md",
+    "config.json",
+    "dataset.json",
+    "timings.json",
+    "plots/bias_vs_sparsity.png",
+    "plots/accuracy_vs_sparsity.png",
+    "plots/cka_vs_cev.png",
+    "plots/class_changes.png",
+    "cells.jsonl",
+    "correlations.jsonl",
+    "plots/cie_grid.png",
+    "plots/cka_layers.png",
+    "plots/similarity_vs_bias.png",
+  ):
     assert (workdir / name).is_file() and (workdir / name).stat().st_size > 0, name
   lines = (workdir / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(records) == 1 + 2 * 1 * 2  # dense + methods × sparsities × {CE, KD}
   assert not list(workdir.glob("**/*.tmp"))  # atomic writes leave no temporaries
   table = (workdir / "results.md").read_text()
   assert "| l1_filter | 0.7 |" in table and "CEV KD" in table
-  assert "## Compression Identified Exemplars" in table and "## Similarity to the dense model vs bias" in table
+  assert (
+    "## Compression Identified Exemplars" in table
+    and "## Similarity to the dense model vs bias" in table
+  )
   cells = [json.loads(l) for l in (workdir / "cells.jsonl").read_text().splitlines()]
   assert all("cie_fraction" in c and "significance" in c for c in cells)  # 1 dense model, 1 seed
 
@@ -58,9 +95,13 @@ def test_records_are_consistent(finished_run):
     assert len(r["fpr"]) == len(r["dfnr"]) == 10
     assert "seconds" not in json.dumps(r)  # timings live in timings.json only
   pruned = parsed[1:]
-  assert {(r["method"], r["kd"]) for r in pruned} == {(m, kd) for m in ("l1_filter", "global_magnitude") for kd in (False, True)}
+  assert {(r["method"], r["kd"]) for r in pruned} == {
+    (m, kd) for m in ("l1_filter", "global_magnitude") for kd in (False, True)
+  }
   for r in pruned:
-    assert abs(r["realized_sparsity"] - r["target_sparsity"]) < 1e-6  # nothing revived by fine-tuning
+    assert (
+      abs(r["realized_sparsity"] - r["target_sparsity"]) < 1e-6
+    )  # nothing revived by fine-tuning
     assert r["cev"] >= 0 and r["sde"] >= 0 and 0 <= r["cka"] <= 1 + 1e-6
   ds = json.loads((workdir / "dataset.json").read_text())
   assert sum(ds["test_class_counts"]) == dense["num_test_examples"]
@@ -137,8 +178,12 @@ def test_cells_average_rates_over_seeds_before_the_change(gradual_two_seed_run):
     sde = np.mean(np.abs(dfpr - dfnr)) / np.sqrt(2)
     assert cell["cev"] == pytest.approx(cev, rel=1e-3)
     assert cell["sde"] == pytest.approx(sde, rel=1e-3)
-    assert cell["accuracy_seed_mean"] == pytest.approx(np.mean([r["accuracy"] for r in members]), abs=1e-6)
-    assert cell["cev_seed_std"] == pytest.approx(np.std([r["cev"] for r in members], ddof=1), rel=1e-4, abs=1e-3)
+    assert cell["accuracy_seed_mean"] == pytest.approx(
+      np.mean([r["accuracy"] for r in members]), abs=1e-6
+    )
+    assert cell["cev_seed_std"] == pytest.approx(
+      np.std([r["cev"] for r in members], ddof=1), rel=1e-4, abs=1e-3
+    )
   table = (workdir / "results.md").read_text()
   assert "±" in table and "seeds 0, 1" in table
 

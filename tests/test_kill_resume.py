@@ -20,12 +20,17 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
-    "--config", "configs/default.py",
-    "--config.dense.epochs=2", "--config.finetune.epochs=1",
-    "--config.pruning.methods=('l1_filter',)", "--config.pruning.sparsities=(0.5,)",
-    "--config.checkpoint.every_steps=5", "--config.progress_seconds=0.05",
-    "--config.analysis.bootstrap_resamples=0", "--config.analysis.correlation_resamples=20",
-    "--config.analysis.permutations=50",
+  "--config",
+  "configs/default.py",
+  "--config.dense.epochs=2",
+  "--config.finetune.epochs=1",
+  "--config.pruning.methods=('l1_filter',)",
+  "--config.pruning.sparsities=(0.5,)",
+  "--config.checkpoint.every_steps=5",
+  "--config.progress_seconds=0.05",
+  "--config.analysis.bootstrap_resamples=0",
+  "--config.analysis.correlation_resamples=20",
+  "--config.analysis.permutations=50",
 ]
 RESULTS = ("results.jsonl", "cells.jsonl", "correlations.jsonl")
 
@@ -38,7 +43,9 @@ def _run(workdir: Path, kill_at: str | None = None) -> subprocess.CompletedProce
   env = {k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"}
   if kill_at:
     env["PRUNEBIAS_JAX_KILL_AT"] = kill_at
-  return subprocess.run(_command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    _command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
 
 
 def _assert_nothing_half_written(workdir: Path) -> None:
@@ -69,7 +76,9 @@ def reference(tmp_path_factory) -> Path:
   proc = _run(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "on disk (checkpoints" in proc.stderr  # the workdir size is printed at the end
-  assert not (workdir / "checkpoints" / "partial").exists() or not any((workdir / "checkpoints" / "partial").iterdir())
+  assert not (workdir / "checkpoints" / "partial").exists() or not any(
+    (workdir / "checkpoints" / "partial").iterdir()
+  )
   return workdir
 
 
@@ -83,8 +92,14 @@ def test_same_config_and_seed_give_byte_identical_results(reference, tmp_path):
 def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tmp_path):
   workdir = tmp_path / "w"
   # 1. From outside, while the dense model trains (after its first mid-stage checkpoint).
-  proc = subprocess.Popen(_command(workdir), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True, env={k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"})
+  proc = subprocess.Popen(
+    _command(workdir),
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+    env={k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"},
+  )
   deadline = time.monotonic() + 600
   for line in proc.stderr:
     if " dense step " in line and int(line.split(" dense step ")[1].split("/")[0]) >= 7:

@@ -25,7 +25,9 @@ def test_kd_objective_matches_numpy(alpha, temperature):
   p_t = np.exp(_np_log_softmax(t / temperature))
   kl = (p_t * (np.log(p_t) - _np_log_softmax(s / temperature))).sum(-1).mean()
   expected = (1 - alpha) * ce + alpha * temperature**2 * kl
-  loss, ce_out = kd_objective(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y), alpha, temperature)
+  loss, ce_out = kd_objective(
+    jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y), alpha, temperature
+  )
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
   np.testing.assert_allclose(float(ce_out), ce, rtol=1e-5)
 
@@ -35,4 +37,8 @@ def test_kl_zero_for_identical_logits_and_finite_for_saturated_teacher():
   assert abs(float(distillation_kl(s, s, 4.0))) < 1e-6
   teacher = jnp.asarray([[1000.0, -1000.0, 0.0]])  # softmax underflows to exact zeros
   assert np.isfinite(float(distillation_kl(s, teacher, 1.0)))
-  np.testing.assert_allclose(float(cross_entropy(s, jnp.asarray([2]))), -_np_log_softmax(np.array([[1., 2., 3.]]))[0, 2], rtol=1e-6)
+  np.testing.assert_allclose(
+    float(cross_entropy(s, jnp.asarray([2]))),
+    -_np_log_softmax(np.array([[1.0, 2.0, 3.0]]))[0, 2],
+    rtol=1e-6,
+  )

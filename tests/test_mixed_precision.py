@@ -32,13 +32,19 @@ def test_bf16_model_has_f32_params_and_logits_and_bf16_activations(name):
   variables = bf16.init(jax.random.key(0), x, train=False)
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32  # params and batch stats
-  logits, state = jax.jit(lambda v, x: bf16.apply(v, x, train=False, mutable=["intermediates"]))(variables, x)
-  ref, ref_state = jax.jit(lambda v, x: f32.apply(v, x, train=False, mutable=["intermediates"]))(variables, x)
+  logits, state = jax.jit(lambda v, x: bf16.apply(v, x, train=False, mutable=["intermediates"]))(
+    variables, x
+  )
+  ref, ref_state = jax.jit(lambda v, x: f32.apply(v, x, train=False, mutable=["intermediates"]))(
+    variables, x
+  )
   assert logits.dtype == jnp.float32 and ref.dtype == jnp.float32
   assert state["intermediates"]["features"][0].dtype == jnp.bfloat16  # the compute really is bf16
   assert ref_state["intermediates"]["features"][0].dtype == jnp.float32
   # same function up to bf16 rounding
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=0.1 * float(jnp.abs(ref).max()) + 1e-2)
+  np.testing.assert_allclose(
+    np.asarray(logits), np.asarray(ref), atol=0.1 * float(jnp.abs(ref).max()) + 1e-2
+  )
   # BatchNorm statistics in train mode stay float32 and are close to the float32 model's
   _, upd = bf16.apply(variables, x, train=True, mutable=["batch_stats"])
   _, ref_upd = f32.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -58,11 +64,15 @@ def test_bf16_kd_train_step_runs_and_matches_f32_loss():
   out = {}
   for dtype in COMPUTE_DTYPES:
     model = get_model("small_cnn", 10, dtype=dtype)
-    step = make_train_step(model, opt, mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=0, flip=False, kd=True)
+    step = make_train_step(
+      model, opt, mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=0, flip=False, kd=True
+    )
     state = create_state(apply_masks(teacher["params"], masks), teacher["batch_stats"], opt)
     losses = []
     for _ in range(2):
-      state, metrics = step(state, images, labels, jax.random.key(1), masks, teacher, jnp.float32(0.9), jnp.float32(4.0))
+      state, metrics = step(
+        state, images, labels, jax.random.key(1), masks, teacher, jnp.float32(0.9), jnp.float32(4.0)
+      )
       assert metrics["loss"].dtype == jnp.float32
       losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and int(metrics["nonfinite"]) == 0

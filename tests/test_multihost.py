@@ -28,12 +28,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # every_steps=4: the training stages also write (and discard) mid-stage checkpoints across processes.
-ARGS = ["--config", "configs/default.py", "--config.runlocal=True", "--config.pruning.methods=('l1_filter',)",
-        "--config.pruning.sparsities=(0.5,)", "--config.checkpoint.every_steps=4"]
+ARGS = [
+  "--config",
+  "configs/default.py",
+  "--config.runlocal=True",
+  "--config.pruning.methods=('l1_filter',)",
+  "--config.pruning.sparsities=(0.5,)",
+  "--config.checkpoint.every_steps=4",
+]
 TIMEOUT_S = 600  # per run; both processes of a pair share it
 # jaxlib builds without multi-process CPU collectives say one of these.
-UNSUPPORTED = ("Multiprocess computations aren't implemented on the CPU backend", "UNIMPLEMENTED",
-               "collectives are not supported", "Unknown CPU collectives implementation")
+UNSUPPORTED = (
+  "Multiprocess computations aren't implemented on the CPU backend",
+  "UNIMPLEMENTED",
+  "collectives are not supported",
+  "Unknown CPU collectives implementation",
+)
 
 
 def _free_port() -> int:
@@ -43,20 +53,38 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONUNBUFFERED="1", **extra)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k
+    not in (
+      "JAX_COORDINATOR_ADDRESS",
+      "JAX_NUM_PROCESSES",
+      "JAX_PROCESS_ID",
+      "JAX_LOCAL_DEVICE_IDS",
+    )
+  }
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    **extra,
+  )
   return env
 
 
 def _multi_args(port: int, process_id: int, num_processes: int = 2) -> list[str]:
-  return ["--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
-          f"--config.num_processes={num_processes}", f"--config.process_id={process_id}"]
+  return [
+    "--config.distributed=True",
+    f"--config.coordinator_address=127.0.0.1:{port}",
+    f"--config.num_processes={num_processes}",
+    f"--config.process_id={process_id}",
+  ]
 
 
-def _run_processes(cmds: list[list[str]], env: dict[str, str], logs: list[Path],
-                   timeout: float = TIMEOUT_S) -> list[int]:
+def _run_processes(
+  cmds: list[list[str]], env: dict[str, str], logs: list[Path], timeout: float = TIMEOUT_S
+) -> list[int]:
   """Starts every command at once (output to its log file) and waits for all of them; on a
   timeout or any error, kills the ones still running. Returns the exit codes."""
   procs = []
@@ -124,7 +152,9 @@ def runs(tmp_path_factory):
 
   multi = tmp / "multi"
   codes, text = _run_pair(multi, [tmp / f"proc{i}.log" for i in range(2)])
-  assert codes == [0, 0], f"exit codes {codes}\n--- proc0\n{text[0][-3000:]}\n--- proc1\n{text[1][-3000:]}"
+  assert codes == [0, 0], (
+    f"exit codes {codes}\n--- proc0\n{text[0][-3000:]}\n--- proc1\n{text[1][-3000:]}"
+  )
 
   single = tmp / "single"
   # The same teacher for both (see the module docstring): the 1-process run restores it.
@@ -140,8 +170,11 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def _files(workdir: Path) -> list[str]:
-  return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()
-                and "checkpoints" not in p.relative_to(workdir).parts)
+  return sorted(
+    str(p.relative_to(workdir))
+    for p in workdir.rglob("*")
+    if p.is_file() and "checkpoints" not in p.relative_to(workdir).parts
+  )
 
 
 def test_two_processes_join_one_mesh(runs):
@@ -150,8 +183,12 @@ def test_two_processes_join_one_mesh(runs):
     assert f"distributed: process {i} of 2; 2 local / 4 global cpu devices" in log, log[-2000:]
     assert "devices: 4 × cpu over 2 process(es)" in log
     assert "stage dense: training small_cnn from scratch" in log and "dense step " in log
-    assert "l1_filter_s0.5_ce_seed0 step " in log and "l1_filter_s0.5_kd_seed0 step " in log  # both trained
-  assert "devices: 4 × cpu over 1 process(es)" in single_log and "stage dense: restored" in single_log
+    assert (
+      "l1_filter_s0.5_ce_seed0 step " in log and "l1_filter_s0.5_kd_seed0 step " in log
+    )  # both trained
+  assert (
+    "devices: 4 × cpu over 1 process(es)" in single_log and "stage dense: restored" in single_log
+  )
 
 
 def test_two_processes_match_one_process(runs):
@@ -177,11 +214,16 @@ def test_two_processes_match_one_process(runs):
 
 def test_only_process_0_writes_files_of_record(runs):
   single, multi, (log0, log1), _ = runs
-  assert _files(multi) == _files(single)  # results, cells, config, dataset, timings, results.md, plots
+  assert _files(multi) == _files(
+    single
+  )  # results, cells, config, dataset, timings, results.md, plots
   assert "results.jsonl" in _files(multi) and any(f.startswith("plots/") for f in _files(multi))
   # No temp file of an interrupted or concurrent write, nor an unfinished Orbax checkpoint.
-  leftovers = [str(p) for p in multi.rglob("*") if p.name.endswith(".tmp") or ".write-check." in p.name
-               or "orbax-checkpoint-tmp" in p.name]
+  leftovers = [
+    str(p)
+    for p in multi.rglob("*")
+    if p.name.endswith(".tmp") or ".write-check." in p.name or "orbax-checkpoint-tmp" in p.name
+  ]
   assert not leftovers, leftovers
   lines = (multi / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(set(lines)) == 3  # one writer: no duplicated or interleaved records
@@ -190,7 +232,9 @@ def test_only_process_0_writes_files_of_record(runs):
   for name in ("dense", "l1_filter_s0.5_ce_seed0", "l1_filter_s0.5_kd_seed0"):
     steps = sorted(p.name for p in (multi / "checkpoints" / name).iterdir() if p.is_dir())
     # one finished checkpoint from the 2-process save, at the step the 1-process run saved
-    assert len(steps) == 1 and steps == sorted(p.name for p in (single / "checkpoints" / name).iterdir()), steps
+    assert len(steps) == 1 and steps == sorted(
+      p.name for p in (single / "checkpoints" / name).iterdir()
+    ), steps
   config = json.loads((multi / "config.json").read_text())
   assert config["num_processes"] == 2 and config["distributed"] is True
 
@@ -200,7 +244,9 @@ def test_rerun_restores_every_model(runs, tmp_path):
   again = tmp_path / "again"
   shutil.copytree(multi, again)
   codes, text = _run_pair(again, [tmp_path / f"proc{i}.log" for i in range(2)])
-  assert codes == [0, 0], f"exit codes {codes}\n--- proc0\n{text[0][-1500:]}\n--- proc1\n{text[1][-1500:]}"
+  assert codes == [0, 0], (
+    f"exit codes {codes}\n--- proc0\n{text[0][-1500:]}\n--- proc1\n{text[1][-1500:]}"
+  )
   for log in text:
     assert "stage dense: restored" in log and "from scratch" not in log and "seed0 step " not in log
   assert (again / "results.jsonl").read_text() == (multi / "results.jsonl").read_text()
@@ -208,18 +254,29 @@ def test_rerun_restores_every_model(runs, tmp_path):
 
 def test_unreachable_coordinator_exits_2_with_one_line(tmp_path):
   port = _free_port()  # nobody listens: process 0 never started
-  proc = subprocess.run(_cli(tmp_path / "w", *_multi_args(port, 1)), cwd=ROOT, capture_output=True, text=True,
-                        env=_env(2, PRUNEBIAS_DISTRIBUTED_TIMEOUT="3"), timeout=120)
+  proc = subprocess.run(
+    _cli(tmp_path / "w", *_multi_args(port, 1)),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=_env(2, PRUNEBIAS_DISTRIBUTED_TIMEOUT="3"),
+    timeout=120,
+  )
   lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("I")]
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert len(lines) == 1 and lines[0].startswith("error:") and f"127.0.0.1:{port}" in lines[0], proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error:") and f"127.0.0.1:{port}" in lines[0], (
+    proc.stderr
+  )
   assert "Traceback" not in proc.stderr and not (tmp_path / "w" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("override,expected", [
+@pytest.mark.parametrize(
+  "override,expected",
+  [
     ("--config.process_id=2", "config.process_id=2"),
     ("--config.coordinator_address=localhost", "config.coordinator_address='localhost'"),
-])
+  ],
+)
 def test_bad_distributed_settings_exit_2(tmp_path, override, expected):
   cmd = _cli(tmp_path / "w", *_multi_args(_free_port(), 0), override)
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(1), timeout=120)
@@ -234,7 +291,10 @@ def test_when_to_initialise():
 
   auto, on, off = (ConfigDict({"distributed": v}) for v in (None, True, False))
   cpu = {"JAX_PLATFORMS": "cpu"}
-  assert wanted(auto, cpu) == (False, "config.distributed=None and no TPU or JAX_COORDINATOR_ADDRESS")
+  assert wanted(auto, cpu) == (
+    False,
+    "config.distributed=None and no TPU or JAX_COORDINATOR_ADDRESS",
+  )
   assert wanted(on, cpu)[0] and not wanted(off, {"TPU_WORKER_HOSTNAMES": "a,b"})[0]
   assert wanted(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})[0]
   assert wanted(auto, {"TPU_WORKER_HOSTNAMES": "t0,t1", "TPU_ACCELERATOR_TYPE": "v4-16"})[0]

@@ -16,15 +16,29 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--config.runlocal=True", "--config.pruning.methods=('l1_filter','random')",
-        "--config.pruning.sparsities=(0.5,)", "--config.finetune.epochs=1"]
+ARGS = [
+  "--config.runlocal=True",
+  "--config.pruning.methods=('l1_filter','random')",
+  "--config.pruning.sparsities=(0.5,)",
+  "--config.finetune.epochs=1",
+]
 
 
 def test_train_and_eval_steps_match_on_one_and_four_devices():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_parallel_equivalence.py")], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT),
+  }
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "tests" / "_parallel_equivalence.py")],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ", 1)[1])
   for kd, r in result.items():
@@ -36,9 +50,21 @@ def test_train_and_eval_steps_match_on_one_and_four_devices():
 
 
 def run(workdir: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "prunebias_jax.main", "--config", "configs/default.py", f"--workdir={workdir}",
-         *ARGS, *extra]
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+  }
+  cmd = [
+    sys.executable,
+    "-m",
+    "prunebias_jax.main",
+    "--config",
+    "configs/default.py",
+    f"--workdir={workdir}",
+    *ARGS,
+    *extra,
+  ]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -67,7 +93,9 @@ def test_one_and_four_devices_agree(one_and_four):
   assert len(single) == len(multi) == 1 + 2 * 2
   for a, b in zip(single, multi):
     assert (a["method"], a["sparsity"], a["kd"]) == (b["method"], b["sparsity"], b["kd"])
-    assert a["num_test_examples"] == b["num_test_examples"] == 719  # 719 % 4 != 0: padding is masked
+    assert (
+      a["num_test_examples"] == b["num_test_examples"] == 719
+    )  # 719 % 4 != 0: padding is masked
     # Same global batches, same RNG; only the order of float sums differs across devices.
     assert abs(a["accuracy"] - b["accuracy"]) <= 3 / 719
     assert a["realized_sparsity"] == b["realized_sparsity"]
@@ -81,4 +109,8 @@ def test_batch_not_divisible_by_devices_exits_2(tmp_path):
   proc = run(tmp_path / "w", 4, "--config.data.batch_size=30")
   lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("I")]
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert lines[-1].startswith("error:") and "data.batch_size=30" in lines[-1] and "4 devices" in lines[-1]
+  assert (
+    lines[-1].startswith("error:")
+    and "data.batch_size=30" in lines[-1]
+    and "4 devices" in lines[-1]
+  )

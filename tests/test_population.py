@@ -34,8 +34,10 @@ def test_population_of_three_equals_three_separate_runs(tmp_path):
   separate = experiment.run(tiny({"seeds": (0, 1, 2)}), tmp_path / "separate")
   together = experiment.run(tiny({"seeds": (0,), "population": 3}), tmp_path / "population")
   assert len(separate) == len(together) == 1 + 3 * 2
-  for a, b in zip(sorted(separate, key=lambda r: (r["kd"], r["seed"], r["method"])),
-                  sorted(together, key=lambda r: (r["kd"], r["seed"], r["method"]))):
+  for a, b in zip(
+    sorted(separate, key=lambda r: (r["kd"], r["seed"], r["method"])),
+    sorted(together, key=lambda r: (r["kd"], r["seed"], r["method"])),
+  ):
     assert (a["method"], a["seed"], a["kd"]) == (b["method"], b["seed"], b["kd"])
     assert a["realized_sparsity_per_layer"] == b["realized_sparsity_per_layer"]  # same masks
     # The vmapped step convolves with per-member weights (a grouped convolution), which rounds
@@ -47,7 +49,9 @@ def test_population_of_three_equals_three_separate_runs(tmp_path):
   # One record per member, and the per-seed students really differ from each other.
   accs = {r["seed"]: r["cka"] for r in together if r["method"] == "random" and not r["kd"]}
   assert len(set(accs.values())) == 3
-  cells = [json.loads(l) for l in (tmp_path / "population" / "cells.jsonl").read_text().splitlines()]
+  cells = [
+    json.loads(l) for l in (tmp_path / "population" / "cells.jsonl").read_text().splitlines()
+  ]
   assert all(c["seeds"] == [0, 1, 2] for c in cells)
 
 

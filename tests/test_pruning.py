@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from prunebias_jax.models import get_model
-from prunebias_jax.pruning import (METHODS, apply_masks, mask_sparsity, masks_from_flat, masks_to_flat,
-                                   prunable_layers, prune, sparsity_report)
+from prunebias_jax.pruning import (
+  METHODS,
+  apply_masks,
+  mask_sparsity,
+  masks_from_flat,
+  masks_to_flat,
+  prunable_layers,
+  prune,
+  sparsity_report,
+)
 from prunebias_jax.train import create_state, make_optimizer, make_train_step
 
 
@@ -42,8 +50,12 @@ def test_global_magnitude_exact_and_threshold(resnet20_params, sparsity):
   total = sum(np.asarray(k).size for k in layers.values())
   pruned = sum(np.asarray(m).size - np.asarray(m).sum() for m in masks.values())
   assert abs(pruned - sparsity * total) <= 0.5
-  pruned_mag = np.concatenate([np.abs(np.asarray(layers[n]))[~np.asarray(m)] for n, m in masks.items()])
-  kept_mag = np.concatenate([np.abs(np.asarray(layers[n]))[np.asarray(m)] for n, m in masks.items()])
+  pruned_mag = np.concatenate(
+    [np.abs(np.asarray(layers[n]))[~np.asarray(m)] for n, m in masks.items()]
+  )
+  kept_mag = np.concatenate(
+    [np.abs(np.asarray(layers[n]))[np.asarray(m)] for n, m in masks.items()]
+  )
   assert pruned_mag.max() <= kept_mag.min()
 
 
@@ -67,7 +79,9 @@ def test_l1_filter_prunes_lowest_norm_filters(resnet20_params, sparsity):
 def test_previous_masks_stay_pruned(resnet20_params):
   first = prune(resnet20_params, "layer_magnitude", 0.3)
   # Perturb weights so magnitudes change order, then prune further with the old masks.
-  noisy = jax.tree.map(lambda p: p + 0.5 * jax.random.normal(jax.random.key(1), p.shape), resnet20_params)
+  noisy = jax.tree.map(
+    lambda p: p + 0.5 * jax.random.normal(jax.random.key(1), p.shape), resnet20_params
+  )
   second = prune(noisy, "layer_magnitude", 0.6, previous_masks=first)
   for n, m1 in masks_to_flat(first).items():
     m2 = np.asarray(masks_to_flat(second)[n])
@@ -78,7 +92,9 @@ def test_previous_masks_stay_pruned(resnet20_params):
 def test_masks_roundtrip_and_bad_input(resnet20_params):
   masks = prune(resnet20_params, "random", 0.5, seed=0)
   back = masks_from_flat(resnet20_params, masks_to_flat(masks))
-  assert jax.tree.structure(back, is_leaf=lambda x: x is None) == jax.tree.structure(masks, is_leaf=lambda x: x is None)
+  assert jax.tree.structure(back, is_leaf=lambda x: x is None) == jax.tree.structure(
+    masks, is_leaf=lambda x: x is None
+  )
   with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
     prune(resnet20_params, "nope", 0.5)
   with pytest.raises(ValueError, match="outside"):
@@ -95,18 +111,33 @@ def test_sparsity_unchanged_after_50_sgd_momentum_wd_steps(method):
   before = sparsity_report(params)
   import ml_collections
 
-  opt_cfg = ml_collections.ConfigDict(dict(learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                           schedule="constant", decay_epochs=(), decay_factor=0.1))
+  opt_cfg = ml_collections.ConfigDict(
+    dict(
+      learning_rate=0.1,
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=5e-4,
+      schedule="constant",
+      decay_epochs=(),
+      decay_factor=0.1,
+    )
+  )
   optimizer = make_optimizer(opt_cfg, steps_per_epoch=10, epochs=5)
-  step = make_train_step(model, optimizer, mean=(0.5,), std=(0.25,), crop_padding=1, flip=False, kd=False)
+  step = make_train_step(
+    model, optimizer, mean=(0.5,), std=(0.25,), crop_padding=1, flip=False, kd=False
+  )
   state = create_state(params, variables["batch_stats"], optimizer)
   rng = np.random.default_rng(0)
   for i in range(50):
     images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, (16,), dtype=np.int32)
-    state, _ = step(state, images, labels, jax.random.key(i), masks, None, jnp.float32(0), jnp.float32(1))
+    state, _ = step(
+      state, images, labels, jax.random.key(i), masks, None, jnp.float32(0), jnp.float32(1)
+    )
   after = sparsity_report(state.params)
   assert after == before
   # The unpruned weights did move, so this is not a vacuous check.
-  assert not np.allclose(np.asarray(state.params["conv2"]["kernel"]), np.asarray(params["conv2"]["kernel"]))
+  assert not np.allclose(
+    np.asarray(state.params["conv2"]["kernel"]), np.asarray(params["conv2"]["kernel"])
+  )
   assert abs(after["global"] - 0.7) < 0.02

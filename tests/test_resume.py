@@ -15,7 +15,14 @@ from prunebias_jax.data import load_dataset
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
 from prunebias_jax.models import get_model
 from prunebias_jax.pruning import apply_masks, prune
-from prunebias_jax.train import NonFiniteLossError, create_state, fit, loop, make_optimizer, make_train_step
+from prunebias_jax.train import (
+  NonFiniteLossError,
+  create_state,
+  fit,
+  loop,
+  make_optimizer,
+  make_train_step,
+)
 
 BATCH = 64
 EPOCHS = 2
@@ -30,22 +37,36 @@ def setup():
   data = load_dataset(base_config().data)
   model = get_model("small_cnn", data.num_classes)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + data.image_shape), train=False)
-  optimizer = make_optimizer(base_config().finetune.optim, steps_per_epoch(len(data.train), BATCH), EPOCHS)
+  optimizer = make_optimizer(
+    base_config().finetune.optim, steps_per_epoch(len(data.train), BATCH), EPOCHS
+  )
   steps = {}
 
   def step(population: int = 1, skip: bool = False, kd: bool = False):
     key = (population, skip, kd)
     if key not in steps:
-      steps[key] = make_train_step(model, optimizer, mean=data.mean, std=data.std, crop_padding=1, flip=False,
-                                   kd=kd, population=population, shared_masks=False, skip_nonfinite=skip)
+      steps[key] = make_train_step(
+        model,
+        optimizer,
+        mean=data.mean,
+        std=data.std,
+        crop_padding=1,
+        flip=False,
+        kd=kd,
+        population=population,
+        shared_masks=False,
+        skip_nonfinite=skip,
+      )
     return steps[key]
 
   return data, variables, optimizer, step
 
 
 def _state(variables, optimizer, masks, members: int = 1):
-  states = [create_state(apply_masks(variables["params"], masks), variables["batch_stats"], optimizer)
-            for _ in range(members)]
+  states = [
+    create_state(apply_masks(variables["params"], masks), variables["batch_stats"], optimizer)
+    for _ in range(members)
+  ]
   return states[0] if members == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
@@ -53,16 +74,27 @@ def _reprune(members: int):
   """A gradual-pruning hook that depends on the current weights and is not idempotent (it
   also shrinks the weights), so running it at the wrong point of a resumed stage, or twice,
   changes the result."""
+
   def hook(epoch, state, masks):
     if epoch == 0:
       return state, masks
     if members == 1:
       new = prune(state.params, "global_magnitude", 0.7, previous_masks=masks)
     else:
-      per = [prune(jax.tree.map(lambda x: x[j], state.params), "global_magnitude", 0.7,
-                   previous_masks=jax.tree.map(lambda x: x[j], masks)) for j in range(members)]
+      per = [
+        prune(
+          jax.tree.map(lambda x: x[j], state.params),
+          "global_magnitude",
+          0.7,
+          previous_masks=jax.tree.map(lambda x: x[j], masks),
+        )
+        for j in range(members)
+      ]
       new = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
-    return state.replace(params=jax.tree.map(lambda w: 0.9 * w, apply_masks(state.params, new))), new
+    return state.replace(
+      params=jax.tree.map(lambda w: 0.9 * w, apply_masks(state.params, new))
+    ), new
+
   return hook
 
 
@@ -80,8 +112,19 @@ def _run(setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatc
   ckpt = StageCheckpoint(tmp_path / "partial", every_steps=every, keep=2)
   state = _state(variables, optimizer, masks, members)
   try:
-    return fit(state, step(members), data.train, stage="stage", batch_size=BATCH, epochs=EPOCHS, seed=seeds,
-               masks=stacked_masks, epoch_hook=_reprune(members), checkpoint=ckpt, progress_seconds=1e9)
+    return fit(
+      state,
+      step(members),
+      data.train,
+      stage="stage",
+      batch_size=BATCH,
+      epochs=EPOCHS,
+      seed=seeds,
+      masks=stacked_masks,
+      epoch_hook=_reprune(members),
+      checkpoint=ckpt,
+      progress_seconds=1e9,
+    )
   finally:
     ckpt.close()
 
@@ -93,23 +136,31 @@ def _assert_bitwise_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("seeds,every,crash_at", [
-    (3, 5, 17),       # resumes at step 15, mid-epoch 2 (its re-pruning already happened and was saved)
-    (3, 6, 13),       # resumes at step 12 = the epoch boundary (the re-pruning must run now)
-    (3, 5, 9),        # resumes at step 5, mid-epoch 1 (the re-pruning comes later)
+@pytest.mark.parametrize(
+  "seeds,every,crash_at",
+  [
+    (3, 5, 17),  # resumes at step 15, mid-epoch 2 (its re-pruning already happened and was saved)
+    (3, 6, 13),  # resumes at step 12 = the epoch boundary (the re-pruning must run now)
+    (3, 5, 9),  # resumes at step 5, mid-epoch 1 (the re-pruning comes later)
     ((3, 4), 5, 23),  # a population of two, resumed mid-epoch 2
-])
+  ],
+)
 def test_resumed_stage_equals_uninterrupted(setup, tmp_path, monkeypatch, seeds, every, crash_at):
   per_epoch = steps_per_epoch(len(setup[0].train), BATCH)
   assert per_epoch == 12  # the cases above are placed around this epoch boundary
-  reference_state, _, reference_masks = _run(setup, tmp_path / "a", seeds=seeds, every=0, crash_at=None,
-                                             monkeypatch=monkeypatch)
+  reference_state, _, reference_masks = _run(
+    setup, tmp_path / "a", seeds=seeds, every=0, crash_at=None, monkeypatch=monkeypatch
+  )
   with pytest.raises(Interrupted):
-    _run(setup, tmp_path / "b", seeds=seeds, every=every, crash_at=crash_at, monkeypatch=monkeypatch)
+    _run(
+      setup, tmp_path / "b", seeds=seeds, every=every, crash_at=crash_at, monkeypatch=monkeypatch
+    )
   saved = StageCheckpoint(tmp_path / "b" / "partial", every_steps=every)
   assert saved.latest_step() == (crash_at // every) * every
   saved.close()
-  state, summary, masks = _run(setup, tmp_path / "b", seeds=seeds, every=every, crash_at=None, monkeypatch=monkeypatch)
+  state, summary, masks = _run(
+    setup, tmp_path / "b", seeds=seeds, every=every, crash_at=None, monkeypatch=monkeypatch
+  )
   assert summary["resumed_at_step"] == (crash_at // every) * every
   _assert_bitwise_equal(state, reference_state)
   _assert_bitwise_equal(masks, reference_masks)
@@ -163,8 +214,17 @@ def test_nonfinite_loss_stops_with_stage_step_and_last_finite_loss(setup, tmp_pa
   poisoned = _PoisonAt(step(), at=5)
   ckpt = StageCheckpoint(tmp_path / "partial", every_steps=8, keep=2)
   with pytest.raises(NonFiniteLossError) as e:
-    fit(_state(variables, optimizer, None), poisoned, data.train, stage="dense_seed3", batch_size=BATCH,
-        epochs=EPOCHS, seed=3, progress_seconds=1e9, checkpoint=ckpt)
+    fit(
+      _state(variables, optimizer, None),
+      poisoned,
+      data.train,
+      stage="dense_seed3",
+      batch_size=BATCH,
+      epochs=EPOCHS,
+      seed=3,
+      progress_seconds=1e9,
+      checkpoint=ckpt,
+    )
   message = str(e.value)
   assert "dense_seed3" in message and "step 5/24" in message and "epoch 1" in message
   assert f"last finite loss {poisoned.losses[3]:.4g} at step 4" in message
@@ -182,22 +242,40 @@ def test_skip_drops_the_update_of_a_nonfinite_step(setup):
   before = jax.tree.map(np.asarray, state)
   teacher = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   # T = NaN makes the KD loss NaN: the update must be dropped, the counter must advance.
-  new, metrics = kd_skip(state, images, labels, jax.random.key(0), None, teacher, jnp.float32(0.5), jnp.float32(jnp.nan))
+  new, metrics = kd_skip(
+    state, images, labels, jax.random.key(0), None, teacher, jnp.float32(0.5), jnp.float32(jnp.nan)
+  )
   assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
   assert int(new.step) == 1
-  _assert_bitwise_equal((new.params, new.batch_stats, new.opt_state), (before.params, before.batch_stats, before.opt_state))
+  _assert_bitwise_equal(
+    (new.params, new.batch_stats, new.opt_state),
+    (before.params, before.batch_stats, before.opt_state),
+  )
   # A finite step still updates.
   state = _state(variables, optimizer, None)
-  new, metrics = kd_skip(state, images, labels, jax.random.key(0), None, teacher, jnp.float32(0.5), jnp.float32(4.0))
+  new, metrics = kd_skip(
+    state, images, labels, jax.random.key(0), None, teacher, jnp.float32(0.5), jnp.float32(4.0)
+  )
   assert int(metrics["nonfinite"]) == 0
-  assert not np.array_equal(np.asarray(jax.tree.leaves(new.params)[0]), np.asarray(jax.tree.leaves(before.params)[0]))
+  assert not np.array_equal(
+    np.asarray(jax.tree.leaves(new.params)[0]), np.asarray(jax.tree.leaves(before.params)[0])
+  )
 
 
 def test_skip_mode_counts_and_finishes(setup):
   data, variables, optimizer, step = setup
   poisoned = _PoisonAt(step(skip=True), at=20)
-  state, summary, _ = fit(_state(variables, optimizer, None), poisoned, data.train, stage="s", batch_size=BATCH,
-                          epochs=EPOCHS, seed=0, progress_seconds=1e9, nonfinite="skip")
+  state, summary, _ = fit(
+    _state(variables, optimizer, None),
+    poisoned,
+    data.train,
+    stage="s",
+    batch_size=BATCH,
+    epochs=EPOCHS,
+    seed=0,
+    progress_seconds=1e9,
+    nonfinite="skip",
+  )
   assert summary["nonfinite_steps"] == 5  # calls 20..24
   assert int(state.step) == 24
 
@@ -205,5 +283,13 @@ def test_skip_mode_counts_and_finishes(setup):
 def test_unknown_nonfinite_rule_is_refused(setup):
   data, variables, optimizer, step = setup
   with pytest.raises(ValueError, match="'ignore'"):
-    fit(_state(variables, optimizer, None), step(), data.train, stage="s", batch_size=BATCH, epochs=1, seed=0,
-        nonfinite="ignore")
+    fit(
+      _state(variables, optimizer, None),
+      step(),
+      data.train,
+      stage="s",
+      batch_size=BATCH,
+      epochs=1,
+      seed=0,
+      nonfinite="ignore",
+    )

@@ -29,7 +29,11 @@ def test_pruning_steps_paper_schedule():
 def test_pruning_steps_edge_cases():
   assert pruning_steps(10, 0.9, schedule="one_shot") == {0: 0.9}
   assert pruning_steps(1, 0.9, schedule="gradual") == {0: 0.9}  # no room for a ramp
-  assert pruning_steps(4, 0.9, schedule="gradual", frequency=1) == {0: pytest.approx(0.1), 1: pytest.approx(0.9 - 0.8 / 8), 2: 0.9}
+  assert pruning_steps(4, 0.9, schedule="gradual", frequency=1) == {
+    0: pytest.approx(0.1),
+    1: pytest.approx(0.9 - 0.8 / 8),
+    2: 0.9,
+  }
   assert pruning_steps(10, 0.05, schedule="gradual") == {0: 0.05}  # target below the start
   with pytest.raises(ValueError, match="unknown pruning schedule 'agp'"):
     pruning_steps(10, 0.5, schedule="agp")

@@ -6,9 +6,9 @@ from prunebias_jax.config_defaults import base_config, sgd
 
 # CIFAR-100 fine-label indices that keep only part of their 500 training images (PAPER.md).
 IMBALANCED_CLASSES = {
-    0.1: (83, 20, 75, 85, 90),  # shrew, apple, crocodile, maple_tree, bicycle
-    0.2: (17, 86, 87, 94, 37),  # can, oak_tree, palm_tree, train, butterfly
-    0.5: (76, 22, 58, 63, 6),  # dinosaur, orange, elephant, raccoon, flatfish
+  0.1: (83, 20, 75, 85, 90),  # shrew, apple, crocodile, maple_tree, bicycle
+  0.2: (17, 86, 87, 94, 37),  # can, oak_tree, palm_tree, train, butterfly
+  0.5: (76, 22, 58, 63, 6),  # dinosaur, orange, elephant, raccoon, flatfish
 }
 
 
@@ -24,8 +24,12 @@ def paper_config(*, imbalanced: bool, sparsities: tuple[float, ...]) -> ml_colle
   config.data.crop_padding = 4
   config.data.flip = True
   if imbalanced:
-    config.data.imbalance.classes = tuple(c for f in IMBALANCED_CLASSES for c in IMBALANCED_CLASSES[f])
-    config.data.imbalance.keep_fractions = tuple(f for f in IMBALANCED_CLASSES for _ in IMBALANCED_CLASSES[f])
+    config.data.imbalance.classes = tuple(
+      c for f in IMBALANCED_CLASSES for c in IMBALANCED_CLASSES[f]
+    )
+    config.data.imbalance.keep_fractions = tuple(
+      f for f in IMBALANCED_CLASSES for _ in IMBALANCED_CLASSES[f]
+    )
   else:
     config.data.imbalance.classes = ()
     config.data.imbalance.keep_fractions = ()
@@ -51,15 +55,15 @@ def paper_config(*, imbalanced: bool, sparsities: tuple[float, ...]) -> ml_colle
 
   # Minutes on a CPU (with a prepared TFDS cifar100): tiny subset, 1-2 epochs, one seed.
   config.runlocal_overrides = (
-      ("seeds", (0,)),
-      ("data.train_examples", 2000),
-      ("data.test_examples", 1000),
-      ("dense.epochs", 1),
-      ("dense.optim.schedule", "cosine"),
-      ("finetune.epochs", 2),
-      ("finetune.batch_size", 64),
-      ("finetune.optim.schedule", "cosine"),
-      ("pruning.sparsities", sparsities[:1]),
-      ("pruning.frequency_epochs", 1),
+    ("seeds", (0,)),
+    ("data.train_examples", 2000),
+    ("data.test_examples", 1000),
+    ("dense.epochs", 1),
+    ("dense.optim.schedule", "cosine"),
+    ("finetune.epochs", 2),
+    ("finetune.batch_size", 64),
+    ("finetune.optim.schedule", "cosine"),
+    ("pruning.sparsities", sparsities[:1]),
+    ("pruning.frequency_epochs", 1),
   )
   return config

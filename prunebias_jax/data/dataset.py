@@ -24,9 +24,13 @@ class Split:
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
       raise ValueError(f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}")
     if self.labels.shape != (self.images.shape[0],):
-      raise ValueError(f"labels shape {self.labels.shape} does not match {self.images.shape[0]} images")
+      raise ValueError(
+        f"labels shape {self.labels.shape} does not match {self.images.shape[0]} images"
+      )
     if self.groups is not None and self.groups.shape != self.labels.shape:
-      raise ValueError(f"groups shape {self.groups.shape} does not match labels {self.labels.shape}")
+      raise ValueError(
+        f"groups shape {self.groups.shape} does not match labels {self.labels.shape}"
+      )
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -34,9 +38,9 @@ class Split:
   def take(self, indices: np.ndarray) -> "Split":
     """The sub-split at `indices` (a copy)."""
     return Split(
-        images=self.images[indices],
-        labels=self.labels[indices],
-        groups=None if self.groups is None else self.groups[indices],
+      images=self.images[indices],
+      labels=self.labels[indices],
+      groups=None if self.groups is None else self.groups[indices],
     )
 
   def class_counts(self, num_classes: int) -> np.ndarray:
@@ -84,7 +88,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     total = hist.sum()
     mean = float((hist * values).sum() / total)
     var = float((hist * (values - mean) ** 2).sum() / total)
-    std = var ** 0.5
+    std = var**0.5
     means.append(mean)
     stds.append(std if std > 0 else 1.0)  # a constant channel is left unscaled, not divided by 0
   return tuple(means), tuple(stds)

@@ -7,7 +7,9 @@ import numpy as np
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+  labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Train/test index arrays with the same class proportions in both (seeded, deterministic)."""
   rng = np.random.default_rng(seed)
   train, test = [], []
@@ -34,11 +36,11 @@ def load_digits(test_fraction: float = 0.4, split_seed: int = 0) -> Dataset:
   test = Split(images[test_idx], labels[test_idx])
   mean, std = channel_stats(train.images)
   return Dataset(
-      name="digits",
-      train=train,
-      test=test,
-      num_classes=10,
-      class_names=tuple(str(i) for i in range(10)),
-      mean=mean,
-      std=std,
+    name="digits",
+    train=train,
+    test=test,
+    num_classes=10,
+    class_names=tuple(str(i) for i in range(10)),
+    mean=mean,
+    std=std,
   )

@@ -60,16 +60,20 @@ def check_image_size(image_size) -> int | None:
     return None
   if _is_int(image_size) and image_size > 0:
     return int(image_size)
-  raise DataError(f"data.image_size={image_size!r} is not allowed; use None or 0 (keep the stored size) "
-                  "or a positive int (resize every image to image_size x image_size)")
+  raise DataError(
+    f"data.image_size={image_size!r} is not allowed; use None or 0 (keep the stored size) "
+    "or a positive int (resize every image to image_size x image_size)"
+  )
 
 
 def check_num_examples(value, field: str) -> int:
   """`data.train_examples`/`data.test_examples` validated: 0 (all) or a positive int."""
   if _is_int(value) and value >= 0:
     return int(value)
-  raise DataError(f"data.{field}={value!r} is not allowed; use 0 (the whole split) or a positive "
-                  "number of examples")
+  raise DataError(
+    f"data.{field}={value!r} is not allowed; use 0 (the whole split) or a positive "
+    "number of examples"
+  )
 
 
 def stratified_subset(labels: np.ndarray, num_examples: int, seed) -> np.ndarray:
@@ -101,8 +105,10 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     return image
   channels = image.shape[2]
   if channels not in (1, 3, 4):
-    raise DataError(f"cannot resize images with {channels} channels; data.image_size supports 1, 3 "
-                    "or 4 channels (set data.image_size=None to keep the stored size)")
+    raise DataError(
+      f"cannot resize images with {channels} channels; data.image_size supports 1, 3 "
+      "or 4 channels (set data.image_size=None to keep the stored size)"
+    )
   pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if channels == 1 else image))
   out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
   return out[..., None] if channels == 1 else out
@@ -122,8 +128,10 @@ def decode_image(path: str, image_size: int | None = None) -> np.ndarray:
         im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
       arr = np.asarray(im, dtype=np.uint8)
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-    raise DataError(f"cannot decode image file {path}: {type(e).__name__}: {one_line(e, 200)}; "
-                    "delete or replace the file") from e
+    raise DataError(
+      f"cannot decode image file {path}: {type(e).__name__}: {one_line(e, 200)}; "
+      "delete or replace the file"
+    ) from e
   return arr[..., None] if grey else arr
 
 
@@ -155,12 +163,16 @@ def _class_folders(split_dir: Path) -> list[str]:
   return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def _list_split(root: Path, split: str, class_names: Sequence[str], both: tuple[str, str]) -> _Listing:
+def _list_split(
+  root: Path, split: str, class_names: Sequence[str], both: tuple[str, str]
+) -> _Listing:
   rel_paths, labels, sizes, mtimes = [], [], [], []
   ignored = 0
   for c, cls in enumerate(class_names):
     cls_dir = root / split / cls
-    entries = sorted((e for e in os.scandir(cls_dir) if not e.name.startswith(".")), key=lambda e: e.name)
+    entries = sorted(
+      (e for e in os.scandir(cls_dir) if not e.name.startswith(".")), key=lambda e: e.name
+    )
     n_before = len(rel_paths)
     for e in entries:
       if not e.is_file() or not e.name.lower().endswith(IMAGE_SUFFIXES):
@@ -172,10 +184,17 @@ def _list_split(root: Path, split: str, class_names: Sequence[str], both: tuple[
       sizes.append(int(st.st_size))
       mtimes.append(int(st.st_mtime_ns))
     if len(rel_paths) == n_before:
-      raise DataError(f"class folder {cls_dir} has no .png/.jpg/.jpeg images; add images to it or delete "
-                      f"the class folder {cls!r} from both {both[0]!r} and {both[1]!r}")
+      raise DataError(
+        f"class folder {cls_dir} has no .png/.jpg/.jpeg images; add images to it or delete "
+        f"the class folder {cls!r} from both {both[0]!r} and {both[1]!r}"
+      )
   if ignored:
-    logging.info("image folder %s/%s: ignored %d entries that are not .png/.jpg/.jpeg files", root, split, ignored)
+    logging.info(
+      "image folder %s/%s: ignored %d entries that are not .png/.jpg/.jpeg files",
+      root,
+      split,
+      ignored,
+    )
   return _Listing(rel_paths, np.asarray(labels, np.int32), sizes, mtimes)
 
 
@@ -188,8 +207,10 @@ def _check_root(root, train_split: str, test_split: str) -> Path:
     raise DataError(f"data.dir {str(root)!r} ({path}) does not exist or is not a folder; {layout}")
   for split, field in ((train_split, "train_split"), (test_split, "test_split")):
     if not (path / split).is_dir():
-      raise DataError(f"image folder {path} has no {split!r} split: missing folder {path / split} "
-                      f"(data.{field}={split!r}); {layout}")
+      raise DataError(
+        f"image folder {path} has no {split!r} split: missing folder {path / split} "
+        f"(data.{field}={split!r}); {layout}"
+      )
   return path
 
 
@@ -198,18 +219,24 @@ def _check_root(root, train_split: str, test_split: str) -> Path:
 
 
 def _cache_key(root: Path, selected: Sequence[tuple[str, int, int]], image_size: int | None) -> str:
-  payload = json.dumps({"format": _CACHE_FORMAT, "root": str(root), "image_size": image_size,
-                        "files": selected}, separators=(",", ":"))
+  payload = json.dumps(
+    {"format": _CACHE_FORMAT, "root": str(root), "image_size": image_size, "files": selected},
+    separators=(",", ":"),
+  )
   return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _cache_base(cache_dir, root: Path) -> Path:
   """The cache folder (checked to lie outside the data folder)."""
-  base = default_cache_dir() if cache_dir in (None, "") else Path(os.path.expanduser(str(cache_dir)))
+  base = (
+    default_cache_dir() if cache_dir in (None, "") else Path(os.path.expanduser(str(cache_dir)))
+  )
   base = base.resolve()
   if base == root or base.is_relative_to(root):
-    raise DataError(f"data.cache_dir {base} is inside the data folder {root}; choose a cache folder "
-                    "outside the data (default: $XDG_CACHE_HOME/prunebias_jax or ~/.cache/prunebias_jax)")
+    raise DataError(
+      f"data.cache_dir {base} is inside the data folder {root}; choose a cache folder "
+      "outside the data (default: $XDG_CACHE_HOME/prunebias_jax or ~/.cache/prunebias_jax)"
+    )
   return base
 
 
@@ -222,7 +249,9 @@ def _load_cache(path: Path, key: str):
         return None
       return z["images"], z["labels"]
   except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-    logging.warning("ignoring unreadable image-folder cache %s (%s); decoding again", path, one_line(e, 200))
+    logging.warning(
+      "ignoring unreadable image-folder cache %s (%s); decoding again", path, one_line(e, 200)
+    )
     return None
 
 
@@ -232,8 +261,9 @@ def _save_cache(path: Path, key: str, images: np.ndarray, labels: np.ndarray) ->
   tmp_name = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp",
-                                     delete=False) as f:
+    with tempfile.NamedTemporaryFile(
+      dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
+    ) as f:
       tmp_name = f.name
       np.savez(f, key=np.asarray(key), images=images, labels=labels)
     os.replace(tmp_name, path)
@@ -252,7 +282,9 @@ def _save_cache(path: Path, key: str, images: np.ndarray, labels: np.ndarray) ->
 # Decoding.
 
 
-def _decode_all(paths: Sequence[str], image_size: int | None, num_workers: int, desc: str) -> np.ndarray:
+def _decode_all(
+  paths: Sequence[str], image_size: int | None, num_workers: int, desc: str
+) -> np.ndarray:
   """Decodes `paths` in parallel into one uint8 (N, H, W, C) array (C=1 only if every image is
   greyscale). Without `image_size` every image must have the first one's size."""
   n = len(paths)
@@ -263,8 +295,10 @@ def _decode_all(paths: Sequence[str], image_size: int | None, num_workers: int, 
       with Image.open(paths[0]) as im:
         width, height = im.size
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-      raise DataError(f"cannot decode image file {paths[0]}: {type(e).__name__}: {one_line(e, 200)}; "
-                      "delete or replace the file") from e
+      raise DataError(
+        f"cannot decode image file {paths[0]}: {type(e).__name__}: {one_line(e, 200)}; "
+        "delete or replace the file"
+      ) from e
   out = np.empty((n, height, width, 3), np.uint8)
 
   def work(start: int, stop: int) -> bool:
@@ -273,8 +307,9 @@ def _decode_all(paths: Sequence[str], image_size: int | None, num_workers: int, 
       arr = decode_image(paths[i], image_size)  # module global: tests may replace it
       if arr.shape[:2] != (height, width):
         raise DataError(
-            f"images differ in size: {paths[0]} is {height}x{width} (HxW) but {paths[i]} is "
-            f"{arr.shape[0]}x{arr.shape[1]}; set data.image_size to resize every image to one size")
+          f"images differ in size: {paths[0]} is {height}x{width} (HxW) but {paths[i]} is "
+          f"{arr.shape[0]}x{arr.shape[1]}; set data.image_size to resize every image to one size"
+        )
       out[i] = arr  # a (H, W, 1) greyscale image broadcasts into the 3 channels
       all_grey &= arr.shape[2] == 1
     return all_grey
@@ -295,7 +330,9 @@ def _decode_all(paths: Sequence[str], image_size: int | None, num_workers: int, 
         last = now
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
-  logging.info("%s: decoded %d images in %.1f s (%d threads)", desc, n, time.monotonic() - t0, num_workers)
+  logging.info(
+    "%s: decoded %d images in %.1f s (%d threads)", desc, n, time.monotonic() - t0, num_workers
+  )
   return np.ascontiguousarray(out[..., :1]) if all_grey else out
 
 
@@ -304,16 +341,16 @@ def _decode_all(paths: Sequence[str], image_size: int | None, num_workers: int, 
 
 
 def load_image_folder(
-    root,
-    *,
-    train_split: str = "train",
-    test_split: str = "test",
-    image_size: int | None = None,
-    train_examples: int = 0,
-    test_examples: int = 0,
-    split_seed: int = 0,
-    cache_dir=None,
-    num_workers: int | None = None,
+  root,
+  *,
+  train_split: str = "train",
+  test_split: str = "test",
+  image_size: int | None = None,
+  train_examples: int = 0,
+  test_examples: int = 0,
+  split_seed: int = 0,
+  cache_dir=None,
+  num_workers: int | None = None,
 ) -> Dataset:
   """The image folder at `root` as a Dataset (see the module docstring for layout and caching)."""
   image_size = check_image_size(image_size)
@@ -324,27 +361,43 @@ def load_image_folder(
 
   class_names = _class_folders(path / train_split)
   if not class_names:
-    raise DataError(f"split folder {path / train_split} has no class sub-folders; expected "
-                    f"{train_split}/<class>/*.png|jpg|jpeg")
+    raise DataError(
+      f"split folder {path / train_split} has no class sub-folders; expected "
+      f"{train_split}/<class>/*.png|jpg|jpeg"
+    )
   test_classes = _class_folders(path / test_split)
   if set(test_classes) != set(class_names):
     missing = sorted(set(class_names) - set(test_classes))
     extra = sorted(set(test_classes) - set(class_names))
-    raise DataError(f"class folders of {path / test_split} differ from {path / train_split}: missing "
-                    f"in {test_split!r}: {missing or 'none'}, only in {test_split!r}: {extra or 'none'}; "
-                    "both splits need the same class sub-folders")
+    raise DataError(
+      f"class folders of {path / test_split} differ from {path / train_split}: missing "
+      f"in {test_split!r}: {missing or 'none'}, only in {test_split!r}: {extra or 'none'}; "
+      "both splits need the same class sub-folders"
+    )
 
   listings, selections = [], []
   for split, num, k in ((train_split, train_examples, 0), (test_split, test_examples, 1)):
     listing = _list_split(path, split, class_names, (train_split, test_split))
     if num > len(listing.labels):
-      logging.warning("data.%s=%d exceeds the %d images of %s/%s; using all of them",
-                      "train_examples" if k == 0 else "test_examples", num, len(listing.labels), path, split)
+      logging.warning(
+        "data.%s=%d exceeds the %d images of %s/%s; using all of them",
+        "train_examples" if k == 0 else "test_examples",
+        num,
+        len(listing.labels),
+        path,
+        split,
+      )
     listings.append(listing)
     selections.append(stratified_subset(listing.labels, num, seed=(split_seed, k)))
 
-  selected = [(lst.rel_paths[i], lst.sizes[i], lst.mtimes[i]) for lst, sel in zip(listings, selections) for i in sel]
-  labels = np.concatenate([lst.labels[sel] for lst, sel in zip(listings, selections)]).astype(np.int32)
+  selected = [
+    (lst.rel_paths[i], lst.sizes[i], lst.mtimes[i])
+    for lst, sel in zip(listings, selections)
+    for i in sel
+  ]
+  labels = np.concatenate([lst.labels[sel] for lst, sel in zip(listings, selections)]).astype(
+    np.int32
+  )
   n_train = len(selections[0])
   key = _cache_key(path, selected, image_size)
   cache_file = cache_base / f"image_folder-{path.name}-{key[:24]}.npz"
@@ -354,7 +407,13 @@ def load_image_folder(
   cached = _load_cache(cache_file, key)
   if cached is not None and np.array_equal(cached[1], labels):
     images = cached[0]
-    logging.info("%s: loaded %d images from cache %s in %.1f s", desc, len(labels), cache_file, time.monotonic() - t0)
+    logging.info(
+      "%s: loaded %d images from cache %s in %.1f s",
+      desc,
+      len(labels),
+      cache_file,
+      time.monotonic() - t0,
+    )
   else:
     paths = [str(path / rel) for rel, _, _ in selected]
     images = _decode_all(paths, image_size, num_workers or default_num_workers(), desc)
@@ -364,11 +423,11 @@ def load_image_folder(
   test = Split(images[n_train:], labels[n_train:])
   mean, std = channel_stats(train.images)
   return Dataset(
-      name=f"image_folder:{path.name}",
-      train=train,
-      test=test,
-      num_classes=len(class_names),
-      class_names=tuple(class_names),
-      mean=mean,
-      std=std,
+    name=f"image_folder:{path.name}",
+    train=train,
+    test=test,
+    num_classes=len(class_names),
+    class_names=tuple(class_names),
+    mean=mean,
+    std=std,
   )

@@ -32,8 +32,12 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(
-    split: Split, batch_size: int, seed: int, start_epoch: int = 0, num_epochs: int | None = None,
-    skip: int = 0,
+  split: Split,
+  batch_size: int,
+  seed: int,
+  start_epoch: int = 0,
+  num_epochs: int | None = None,
+  skip: int = 0,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """Yields (epoch, images uint8, labels int32) for shuffled full batches, epoch after epoch.
 
@@ -49,7 +53,9 @@ def train_batches(
   while num_epochs is None or epoch < start_epoch + num_epochs:
     order = epoch_permutation(n, seed, epoch)
     for b in range(first, per_epoch):
-      idx = np.sort(order[b * batch_size:(b + 1) * batch_size])  # sorted gather is cache friendlier
+      idx = np.sort(
+        order[b * batch_size : (b + 1) * batch_size]
+      )  # sorted gather is cache friendlier
       yield epoch, split.images[idx], split.labels[idx]
     first = 0
     epoch += 1

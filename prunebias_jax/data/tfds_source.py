@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 from absl import logging
@@ -33,11 +33,11 @@ from absl import logging
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
 from prunebias_jax.data.errors import DataError, one_line
 from prunebias_jax.data.image_folder import (
-    check_image_size,
-    check_num_examples,
-    default_num_workers,
-    resize_array,
-    stratified_subset,
+  check_image_size,
+  check_num_examples,
+  default_num_workers,
+  resize_array,
+  stratified_subset,
 )
 
 CELEB_A = "celeb_a"
@@ -65,8 +65,10 @@ def _base_name(name: str) -> str:
 
 def _prepare_hint(name: str, data_dir) -> str:
   where = data_dir if data_dir else "DIR"
-  return (f"prepare it on a machine with internet with `python scripts/prepare_data.py --name {name} "
-          f"--data_dir {where}` and copy that folder here (set data.data_dir to it)")
+  return (
+    f"prepare it on a machine with internet with `python scripts/prepare_data.py --name {name} "
+    f"--data_dir {where}` and copy that folder here (set data.data_dir to it)"
+  )
 
 
 def _builder(tfds, name: str, data_dir):
@@ -81,11 +83,15 @@ def _builder(tfds, name: str, data_dir):
       known = []
     close = difflib.get_close_matches(_base_name(name), known, n=3)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise DataError(f"data.name {name!r} is not a dataset tensorflow-datasets {tfds.__version__} knows{hint}; "
-                    "check the name against https://www.tensorflow.org/datasets/catalog/overview") from e
+    raise DataError(
+      f"data.name {name!r} is not a dataset tensorflow-datasets {tfds.__version__} knows{hint}; "
+      "check the name against https://www.tensorflow.org/datasets/catalog/overview"
+    ) from e
   except (ValueError, KeyError, AttributeError) as e:
-    raise DataError(f"cannot open TFDS dataset data.name={name!r}: {one_line(e, 300)}; check data.name "
-                    "(format 'name[/config][:version]')") from e
+    raise DataError(
+      f"cannot open TFDS dataset data.name={name!r}: {one_line(e, 300)}; check data.name "
+      "(format 'name[/config][:version]')"
+    ) from e
 
 
 def _is_prepared(builder) -> bool:
@@ -99,53 +105,81 @@ def _open(tfds, builder, name: str, data_dir, split: str, field: str, decoders=N
   """The random-access data source of one split, with every failure turned into a DataError."""
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
-  except (ValueError, NotImplementedError, FileNotFoundError, AssertionError, OSError, KeyError) as e:
+  except (
+    ValueError,
+    NotImplementedError,
+    FileNotFoundError,
+    AssertionError,
+    OSError,
+    KeyError,
+  ) as e:
     if not _is_prepared(builder):
-      where = (f"data.data_dir={data_dir!r}" if data_dir
-               else "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)")
-      raise DataError(f"TFDS dataset {name!r} is not prepared in {where} (no {builder.data_dir}); "
-                      f"{_prepare_hint(name, data_dir)}") from e
+      where = (
+        f"data.data_dir={data_dir!r}"
+        if data_dir
+        else "the default TFDS data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+      )
+      raise DataError(
+        f"TFDS dataset {name!r} is not prepared in {where} (no {builder.data_dir}); "
+        f"{_prepare_hint(name, data_dir)}"
+      ) from e
     splits = sorted(builder.info.splits.keys())
     if re.split(r"[\[+]", split)[0].strip() not in splits:
-      raise DataError(f"data.{field}={split!r} is not a split of TFDS dataset {name!r}; available splits: "
-                      f"{', '.join(splits)} (TFDS slicing such as 'train[:90%]' is allowed)") from e
+      raise DataError(
+        f"data.{field}={split!r} is not a split of TFDS dataset {name!r}; available splits: "
+        f"{', '.join(splits)} (TFDS slicing such as 'train[:90%]' is allowed)"
+      ) from e
     if isinstance(e, NotImplementedError):
-      raise DataError(f"TFDS dataset {name!r} in {builder.data_dir} is not stored as array_record (random "
-                      f"access is needed to read it without TensorFlow); re-{_prepare_hint(name, data_dir)}") from e
-    raise DataError(f"cannot read TFDS dataset {name!r} split {split!r} from {builder.data_dir}: "
-                    f"{type(e).__name__}: {one_line(e, 300)}") from e
+      raise DataError(
+        f"TFDS dataset {name!r} in {builder.data_dir} is not stored as array_record (random "
+        f"access is needed to read it without TensorFlow); re-{_prepare_hint(name, data_dir)}"
+      ) from e
+    raise DataError(
+      f"cannot read TFDS dataset {name!r} split {split!r} from {builder.data_dir}: "
+      f"{type(e).__name__}: {one_line(e, 300)}"
+    ) from e
 
 
 def _task(name: str, features, label_attribute, group_attribute) -> _Task:
   """The label/group extraction and class names for dataset `name` with `features`."""
   keys = list(features.keys())
   if "image" not in keys:
-    raise DataError(f"TFDS dataset {name!r} has no 'image' feature (features: {', '.join(keys)}); "
-                    "only image-classification datasets are supported")
+    raise DataError(
+      f"TFDS dataset {name!r} has no 'image' feature (features: {', '.join(keys)}); "
+      "only image-classification datasets are supported"
+    )
   if _base_name(name) == CELEB_A:
     attrs = list(features["attributes"].keys())
     label_attribute = label_attribute or DEFAULT_LABEL_ATTRIBUTE
     group_attribute = group_attribute or DEFAULT_GROUP_ATTRIBUTE
     for field, attr in (("label_attribute", label_attribute), ("group_attribute", group_attribute)):
       if attr not in attrs:
-        raise DataError(f"data.{field}={attr!r} is not a CelebA attribute; valid attributes: {', '.join(attrs)}")
+        raise DataError(
+          f"data.{field}={attr!r} is not a CelebA attribute; valid attributes: {', '.join(attrs)}"
+        )
     la, ga = label_attribute, group_attribute
     return _Task(
-        class_names=(f"not_{la}", la),
-        label_of=lambda rec: int(bool(rec["attributes"][la])),
-        group_of=lambda rec: int(bool(rec["attributes"][ga])),
+      class_names=(f"not_{la}", la),
+      label_of=lambda rec: int(bool(rec["attributes"][la])),
+      group_of=lambda rec: int(bool(rec["attributes"][ga])),
     )
 
   if "label" not in keys:
-    raise DataError(f"TFDS dataset {name!r} has no 'label' feature (features: {', '.join(keys)}); only "
-                    "image-classification datasets with image/label features (or celeb_a) are supported")
+    raise DataError(
+      f"TFDS dataset {name!r} has no 'label' feature (features: {', '.join(keys)}); only "
+      "image-classification datasets with image/label features (or celeb_a) are supported"
+    )
   label = features["label"]
   names = getattr(label, "names", None)
   if not names:
-    raise DataError(f"the 'label' feature of TFDS dataset {name!r} is {type(label).__name__}, not a "
-                    "ClassLabel; only class-labelled datasets are supported")
+    raise DataError(
+      f"the 'label' feature of TFDS dataset {name!r} is {type(label).__name__}, not a "
+      "ClassLabel; only class-labelled datasets are supported"
+    )
   if label_attribute:
-    logging.warning("data.label_attribute=%r is ignored for %s (only celeb_a uses it)", label_attribute, name)
+    logging.warning(
+      "data.label_attribute=%r is ignored for %s (only celeb_a uses it)", label_attribute, name
+    )
   group_of = None
   if group_attribute:
     if group_attribute in keys:
@@ -156,14 +190,24 @@ def _task(name: str, features, label_attribute, group_attribute) -> _Task:
       get = lambda rec, g=group_attribute: rec["attributes"][g]
     else:
       feature = None
-      logging.warning("data.group_attribute=%r is not a feature of %s (features: %s); no groups",
-                      group_attribute, name, ", ".join(keys))
+      logging.warning(
+        "data.group_attribute=%r is not a feature of %s (features: %s); no groups",
+        group_attribute,
+        name,
+        ", ".join(keys),
+      )
     if feature is not None:
       if tuple(getattr(feature, "shape", ())) != ():
-        raise DataError(f"data.group_attribute={group_attribute!r} of TFDS dataset {name!r} is not a scalar "
-                        "feature; use a class label or boolean attribute")
+        raise DataError(
+          f"data.group_attribute={group_attribute!r} of TFDS dataset {name!r} is not a scalar "
+          "feature; use a class label or boolean attribute"
+        )
       group_of = lambda rec: int(np.asarray(get(rec)))
-  return _Task(class_names=tuple(str(n) for n in names), label_of=lambda rec: int(rec["label"]), group_of=group_of)
+  return _Task(
+    class_names=tuple(str(n) for n in names),
+    label_of=lambda rec: int(rec["label"]),
+    group_of=group_of,
+  )
 
 
 def _as_hwc(image, desc: str, key: int, image_size: int | None) -> np.ndarray:
@@ -171,8 +215,10 @@ def _as_hwc(image, desc: str, key: int, image_size: int | None) -> np.ndarray:
   if arr.ndim == 2:
     arr = arr[..., None]
   if arr.dtype != np.uint8 or arr.ndim != 3:
-    raise DataError(f"{desc}: record {key} has a {arr.dtype} image of shape {arr.shape}; only uint8 "
-                    "(H, W, C) images are supported")
+    raise DataError(
+      f"{desc}: record {key} has a {arr.dtype} image of shape {arr.shape}; only uint8 "
+      "(H, W, C) images are supported"
+    )
   return arr if image_size is None else resize_array(arr, image_size)
 
 
@@ -183,13 +229,14 @@ def _read_labels(src, task: _Task, desc: str) -> np.ndarray:
   t0 = time.monotonic()
   for start in range(0, n, _LABEL_CHUNK):
     keys = list(range(start, min(start + _LABEL_CHUNK, n)))
-    labels[start:start + len(keys)] = [task.label_of(rec) for rec in src.__getitems__(keys)]
+    labels[start : start + len(keys)] = [task.label_of(rec) for rec in src.__getitems__(keys)]
   logging.info("%s: read %d labels in %.1f s", desc, n, time.monotonic() - t0)
   return labels
 
 
-def _read_split(src, indices: np.ndarray, image_size: int | None, task: _Task, desc: str,
-                num_workers: int) -> Split:
+def _read_split(
+  src, indices: np.ndarray, image_size: int | None, task: _Task, desc: str, num_workers: int
+) -> Split:
   """Records `indices` of `src` as a Split, read in batches by a thread pool."""
   n = len(indices)
   first_key = int(indices[0])
@@ -204,9 +251,11 @@ def _read_split(src, indices: np.ndarray, image_size: int | None, task: _Task, d
     for j, (key, rec) in enumerate(zip(keys, records)):
       img = _as_hwc(rec["image"], desc, key, image_size)
       if img.shape != shape:
-        raise DataError(f"{desc}: images differ in size: record {first_key} is {'x'.join(map(str, shape))} "
-                        f"but record {key} is {'x'.join(map(str, img.shape))} (HxWxC); set data.image_size "
-                        "to resize every image to one size")
+        raise DataError(
+          f"{desc}: images differ in size: record {first_key} is {'x'.join(map(str, shape))} "
+          f"but record {key} is {'x'.join(map(str, img.shape))} (HxWxC); set data.image_size "
+          "to resize every image to one size"
+        )
       images[start + j] = img
       labels[start + j] = task.label_of(rec)
       if groups is not None:
@@ -228,32 +277,39 @@ def _read_split(src, indices: np.ndarray, image_size: int | None, task: _Task, d
   logging.info("%s: read %d examples in %.1f s", desc, n, time.monotonic() - t0)
   num_classes = len(task.class_names)
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise DataError(f"{desc}: labels span {labels.min()}..{labels.max()} but the dataset names "
-                    f"{num_classes} classes")
+    raise DataError(
+      f"{desc}: labels span {labels.min()}..{labels.max()} but the dataset names "
+      f"{num_classes} classes"
+    )
   return Split(images, labels, groups)
 
 
 def load_tfds(
-    name: str,
-    *,
-    data_dir=None,
-    train_split: str = "train",
-    test_split: str = "test",
-    image_size: int | None = None,
-    train_examples: int = 0,
-    test_examples: int = 0,
-    split_seed: int = 0,
-    label_attribute: str | None = None,
-    group_attribute: str | None = None,
-    num_workers: int | None = None,
+  name: str,
+  *,
+  data_dir=None,
+  train_split: str = "train",
+  test_split: str = "test",
+  image_size: int | None = None,
+  train_examples: int = 0,
+  test_examples: int = 0,
+  split_seed: int = 0,
+  label_attribute: str | None = None,
+  group_attribute: str | None = None,
+  num_workers: int | None = None,
 ) -> Dataset:
   """The prepared TFDS dataset `name` as a Dataset (see the module docstring)."""
   import tensorflow_datasets as tfds  # local: the other sources do not need it
 
   image_size = check_image_size(image_size)
-  nums = (check_num_examples(train_examples, "train_examples"), check_num_examples(test_examples, "test_examples"))
+  nums = (
+    check_num_examples(train_examples, "train_examples"),
+    check_num_examples(test_examples, "test_examples"),
+  )
   if not name or not isinstance(name, str):
-    raise DataError(f"data.name is not set (got {name!r}); give a TFDS dataset name such as 'cifar10' or 'celeb_a'")
+    raise DataError(
+      f"data.name is not set (got {name!r}); give a TFDS dataset name such as 'cifar10' or 'celeb_a'"
+    )
   data_dir = str(data_dir) if data_dir else None
   builder = _builder(tfds, name, data_dir)
   workers = num_workers or default_num_workers()
@@ -267,28 +323,39 @@ def load_tfds(
     desc = f"TFDS {name} {split!r}"
     n = len(src)
     if n == 0:
-      raise DataError(f"data.{field}={split!r} of TFDS dataset {name!r} is empty; choose a non-empty split")
+      raise DataError(
+        f"data.{field}={split!r} of TFDS dataset {name!r} is empty; choose a non-empty split"
+      )
     if 0 < nums[k] < n:
-      encoded = _open(tfds, builder, name, data_dir, split, field, decoders={"image": tfds.decode.SkipDecoding()})
+      encoded = _open(
+        tfds, builder, name, data_dir, split, field, decoders={"image": tfds.decode.SkipDecoding()}
+      )
       indices = stratified_subset(_read_labels(encoded, task, desc), nums[k], seed=(split_seed, k))
     else:
       if nums[k] > n:
-        logging.warning("data.%s=%d exceeds the %d examples of %s; using all of them",
-                        "train_examples" if k == 0 else "test_examples", nums[k], n, desc)
+        logging.warning(
+          "data.%s=%d exceeds the %d examples of %s; using all of them",
+          "train_examples" if k == 0 else "test_examples",
+          nums[k],
+          n,
+          desc,
+        )
       indices = np.arange(n)
     splits.append(_read_split(src, indices, image_size, task, desc, workers))
 
   train, test = splits
   if train.images.shape[1:] != test.images.shape[1:]:
-    raise DataError(f"TFDS {name}: {train_split!r} images are {train.images.shape[1:]} but {test_split!r} "
-                    f"images are {test.images.shape[1:]}; set data.image_size to resize both to one size")
+    raise DataError(
+      f"TFDS {name}: {train_split!r} images are {train.images.shape[1:]} but {test_split!r} "
+      f"images are {test.images.shape[1:]}; set data.image_size to resize both to one size"
+    )
   mean, std = channel_stats(train.images)
   return Dataset(
-      name=name,
-      train=train,
-      test=test,
-      num_classes=len(task.class_names),
-      class_names=task.class_names,
-      mean=mean,
-      std=std,
+    name=name,
+    train=train,
+    test=test,
+    num_classes=len(task.class_names),
+    class_names=task.class_names,
+    mean=mean,
+    std=std,
   )

@@ -30,259 +30,265 @@ import numpy as np
 from prunebias_jax.files import write_atomic
 
 __all__ = [
-    "cie_report",
-    "compression_identified_exemplars",
-    "modal_predictions",
-    "pruning_identified_exemplars_all_disagree",
-    "save_cie_grid",
+  "cie_report",
+  "compression_identified_exemplars",
+  "modal_predictions",
+  "pruning_identified_exemplars_all_disagree",
+  "save_cie_grid",
 ]
 
 ArrayLike = Any
 
 
 def _as_population(predictions: ArrayLike, name: str) -> np.ndarray:
-    """``(n,)`` or ``(K, n)`` integer labels -> ``(K, n)`` int array (checked)."""
-    arr = np.asarray(predictions)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must have shape (models, examples), got {arr.shape}")
-    if arr.shape[0] < 1:
-        raise ValueError(f"{name} needs at least one model")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"{name} must hold integer labels")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{name} has negative labels")
-    return arr
+  """``(n,)`` or ``(K, n)`` integer labels -> ``(K, n)`` int array (checked)."""
+  arr = np.asarray(predictions)
+  if arr.ndim == 1:
+    arr = arr[None, :]
+  if arr.ndim != 2:
+    raise ValueError(f"{name} must have shape (models, examples), got {arr.shape}")
+  if arr.shape[0] < 1:
+    raise ValueError(f"{name} needs at least one model")
+  if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if not np.all(np.equal(np.mod(arr, 1), 0)):
+      raise ValueError(f"{name} must hold integer labels")
+  arr = arr.astype(np.int64)
+  if arr.size and arr.min() < 0:
+    raise ValueError(f"{name} has negative labels")
+  return arr
 
 
 def _resolve_num_classes(num_classes: int | None, *populations: np.ndarray) -> int:
-    top = max((int(p.max()) for p in populations if p.size), default=-1)
-    if num_classes is None:
-        return max(top + 1, 1)
-    num_classes = int(num_classes)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if top >= num_classes:
-        raise ValueError(f"a label {top} is out of range for num_classes={num_classes}")
-    return num_classes
+  top = max((int(p.max()) for p in populations if p.size), default=-1)
+  if num_classes is None:
+    return max(top + 1, 1)
+  num_classes = int(num_classes)
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  if top >= num_classes:
+    raise ValueError(f"a label {top} is out of range for num_classes={num_classes}")
+  return num_classes
 
 
 @partial(jax.jit, static_argnames=("num_classes",))
 def _vote_counts(predictions: jax.Array, num_classes: int) -> jax.Array:
-    """``(n, C)`` int32 counts: ``counts[i, c] = #{k : predictions[k, i] = c}``."""
-    k, n = predictions.shape
-    examples = jnp.broadcast_to(jnp.arange(n), (k, n))
-    return jnp.zeros((n, num_classes), jnp.int32).at[examples, predictions].add(1)
+  """``(n, C)`` int32 counts: ``counts[i, c] = #{k : predictions[k, i] = c}``."""
+  k, n = predictions.shape
+  examples = jnp.broadcast_to(jnp.arange(n), (k, n))
+  return jnp.zeros((n, num_classes), jnp.int32).at[examples, predictions].add(1)
 
 
 @partial(jax.jit, static_argnames=("num_classes",))
 def _modes(predictions: jax.Array, num_classes: int) -> jax.Array:
-    # argmax returns the first maximal index: ties go to the smaller label.
-    return jnp.argmax(_vote_counts(predictions, num_classes), axis=1).astype(jnp.int32)
+  # argmax returns the first maximal index: ties go to the smaller label.
+  return jnp.argmax(_vote_counts(predictions, num_classes), axis=1).astype(jnp.int32)
 
 
 def modal_predictions(predictions: ArrayLike, num_classes: int | None = None) -> jax.Array:
-    """Modal label per example of a ``(K, n)`` population (``(n,)`` = one model).
+  """Modal label per example of a ``(K, n)`` population (``(n,)`` = one model).
 
-    ``mode_i = argmax_c #{k : p[k, i] = c}``; ties go to the smaller label.
-    ``num_classes`` defaults to ``max label + 1``.  Returns ``(n,)`` int32.
-    """
-    pop = _as_population(predictions, "predictions")
-    c = _resolve_num_classes(num_classes, pop)
-    return _modes(jnp.asarray(pop, jnp.int32), c)
+  ``mode_i = argmax_c #{k : p[k, i] = c}``; ties go to the smaller label.
+  ``num_classes`` defaults to ``max label + 1``.  Returns ``(n,)`` int32.
+  """
+  pop = _as_population(predictions, "predictions")
+  c = _resolve_num_classes(num_classes, pop)
+  return _modes(jnp.asarray(pop, jnp.int32), c)
 
 
 def compression_identified_exemplars(
-    reference_predictions: ArrayLike,
-    compressed_predictions: ArrayLike,
-    num_classes: int | None = None,
+  reference_predictions: ArrayLike,
+  compressed_predictions: ArrayLike,
+  num_classes: int | None = None,
 ) -> jax.Array:
-    """CIE mask: ``mode(compressed)_i != mode(reference)_i`` per example.
+  """CIE mask: ``mode(compressed)_i != mode(reference)_i`` per example.
 
-    Args:
-      reference_predictions: ``(K_ref, n)`` labels of the dense population
-        (``(n,)`` for a single model).
-      compressed_predictions: ``(K, n)`` labels of the compressed population.
-      num_classes: ``C``; defaults to ``max label + 1`` over both populations.
+  Args:
+    reference_predictions: ``(K_ref, n)`` labels of the dense population
+      (``(n,)`` for a single model).
+    compressed_predictions: ``(K, n)`` labels of the compressed population.
+    num_classes: ``C``; defaults to ``max label + 1`` over both populations.
 
-    Returns:
-      ``(n,)`` bool array, True for compression identified exemplars.
-    """
-    ref = _as_population(reference_predictions, "reference_predictions")
-    comp = _as_population(compressed_predictions, "compressed_predictions")
-    if ref.shape[1] != comp.shape[1]:
-        raise ValueError(f"populations cover different numbers of examples: {ref.shape[1]} and {comp.shape[1]}")
-    c = _resolve_num_classes(num_classes, ref, comp)
-    return _modes(jnp.asarray(ref, jnp.int32), c) != _modes(jnp.asarray(comp, jnp.int32), c)
+  Returns:
+    ``(n,)`` bool array, True for compression identified exemplars.
+  """
+  ref = _as_population(reference_predictions, "reference_predictions")
+  comp = _as_population(compressed_predictions, "compressed_predictions")
+  if ref.shape[1] != comp.shape[1]:
+    raise ValueError(
+      f"populations cover different numbers of examples: {ref.shape[1]} and {comp.shape[1]}"
+    )
+  c = _resolve_num_classes(num_classes, ref, comp)
+  return _modes(jnp.asarray(ref, jnp.int32), c) != _modes(jnp.asarray(comp, jnp.int32), c)
 
 
 def pruning_identified_exemplars_all_disagree(
-    teacher_predictions: ArrayLike,
-    compressed_predictions: ArrayLike,
+  teacher_predictions: ArrayLike,
+  compressed_predictions: ArrayLike,
 ) -> jax.Array:
-    """The Simon Says code's stricter "PIE" count -- a different quantity from CIEs.
+  """The Simon Says code's stricter "PIE" count -- a different quantity from CIEs.
 
-    ``(n,)`` bool, True where *every* one of the ``K`` compressed models
-    predicts a label different from the single teacher's:
-    ``all_k p[k, i] != teacher_i``.  (A CIE only needs the compressed *mode*
-    to differ from the reference mode.)
-    """
-    teacher = np.asarray(teacher_predictions)
-    if teacher.ndim != 1:
-        raise ValueError(f"teacher_predictions must be (n,), got {teacher.shape}")
-    comp = _as_population(compressed_predictions, "compressed_predictions")
-    if comp.shape[1] != teacher.shape[0]:
-        raise ValueError(f"teacher has {teacher.shape[0]} examples, compressed population {comp.shape[1]}")
-    return jnp.all(jnp.asarray(comp) != jnp.asarray(teacher)[None, :], axis=0)
+  ``(n,)`` bool, True where *every* one of the ``K`` compressed models
+  predicts a label different from the single teacher's:
+  ``all_k p[k, i] != teacher_i``.  (A CIE only needs the compressed *mode*
+  to differ from the reference mode.)
+  """
+  teacher = np.asarray(teacher_predictions)
+  if teacher.ndim != 1:
+    raise ValueError(f"teacher_predictions must be (n,), got {teacher.shape}")
+  comp = _as_population(compressed_predictions, "compressed_predictions")
+  if comp.shape[1] != teacher.shape[0]:
+    raise ValueError(
+      f"teacher has {teacher.shape[0]} examples, compressed population {comp.shape[1]}"
+    )
+  return jnp.all(jnp.asarray(comp) != jnp.asarray(teacher)[None, :], axis=0)
 
 
 def _subset_accuracy(predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float | None:
-    """Population-mean accuracy on ``mask``: ``mean_k mean_{i in mask} [p_ki = y_i]``; None if empty."""
-    if not mask.any():
-        return None
-    return float(np.mean(predictions[:, mask] == labels[None, mask]))
+  """Population-mean accuracy on ``mask``: ``mean_k mean_{i in mask} [p_ki = y_i]``; None if empty."""
+  if not mask.any():
+    return None
+  return float(np.mean(predictions[:, mask] == labels[None, mask]))
 
 
 def cie_report(
-    labels: ArrayLike,
-    reference_predictions: ArrayLike,
-    compressed_predictions: ArrayLike,
-    num_classes: int,
+  labels: ArrayLike,
+  reference_predictions: ArrayLike,
+  compressed_predictions: ArrayLike,
+  num_classes: int,
 ) -> dict[str, Any]:
-    """CIE summary of a reference and a compressed population on one test set.
+  """CIE summary of a reference and a compressed population on one test set.
 
-    Keys:
-      ``num_examples``, ``num_reference_models``, ``num_compressed_models``;
-      ``num_cie`` (int) and ``cie_fraction`` (``num_cie / n``);
-      ``reference_accuracy_cie``, ``reference_accuracy_non_cie``,
-      ``compressed_accuracy_cie``, ``compressed_accuracy_non_cie``: population
-      mean accuracy on that subset (mean over models and examples), or None
-      when the subset is empty (no CIE, or every example a CIE) -- never NaN;
-      ``per_class_cie_counts``: ``(C,)`` int64 counts of CIEs by *true* label;
-      ``cie_indices``: int64 indices of the CIEs sorted by strength descending
-      (ties by index), and ``cie_strength`` aligned with it, where strength is
-      the fraction of compressed models whose prediction differs from the
-      reference mode;
-      ``cie_mask`` ``(n,)`` bool, ``reference_modes`` and ``compressed_modes``
-      ``(n,)`` int64 (inputs for :func:`save_cie_grid`).
+  Keys:
+    ``num_examples``, ``num_reference_models``, ``num_compressed_models``;
+    ``num_cie`` (int) and ``cie_fraction`` (``num_cie / n``);
+    ``reference_accuracy_cie``, ``reference_accuracy_non_cie``,
+    ``compressed_accuracy_cie``, ``compressed_accuracy_non_cie``: population
+    mean accuracy on that subset (mean over models and examples), or None
+    when the subset is empty (no CIE, or every example a CIE) -- never NaN;
+    ``per_class_cie_counts``: ``(C,)`` int64 counts of CIEs by *true* label;
+    ``cie_indices``: int64 indices of the CIEs sorted by strength descending
+    (ties by index), and ``cie_strength`` aligned with it, where strength is
+    the fraction of compressed models whose prediction differs from the
+    reference mode;
+    ``cie_mask`` ``(n,)`` bool, ``reference_modes`` and ``compressed_modes``
+    ``(n,)`` int64 (inputs for :func:`save_cie_grid`).
 
-    Arrays are NumPy (call ``.tolist()`` for JSON).
-    """
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be (n,), got {y.shape}")
-    ref = _as_population(reference_predictions, "reference_predictions")
-    comp = _as_population(compressed_predictions, "compressed_predictions")
-    n = y.shape[0]
-    if ref.shape[1] != n or comp.shape[1] != n:
-        raise ValueError(f"labels have {n} examples, populations {ref.shape[1]} and {comp.shape[1]}")
-    y = y.astype(np.int64)
-    c = _resolve_num_classes(num_classes, ref, comp, y)
-    if n and y.min() < 0:
-        raise ValueError("labels has negative entries")
-    ref_modes = np.asarray(_modes(jnp.asarray(ref, jnp.int32), c)).astype(np.int64)
-    comp_modes = np.asarray(_modes(jnp.asarray(comp, jnp.int32), c)).astype(np.int64)
-    mask = ref_modes != comp_modes
-    strength_all = np.mean(comp != ref_modes[None, :], axis=0) if n else np.zeros(0)
-    cie_idx = np.flatnonzero(mask)
-    order = np.argsort(-strength_all[cie_idx], kind="stable")
-    cie_idx = cie_idx[order].astype(np.int64)
-    num_cie = int(mask.sum())
-    return {
-        "num_examples": int(n),
-        "num_reference_models": int(ref.shape[0]),
-        "num_compressed_models": int(comp.shape[0]),
-        "num_cie": num_cie,
-        "cie_fraction": num_cie / n if n else None,
-        "reference_accuracy_cie": _subset_accuracy(ref, y, mask),
-        "reference_accuracy_non_cie": _subset_accuracy(ref, y, ~mask),
-        "compressed_accuracy_cie": _subset_accuracy(comp, y, mask),
-        "compressed_accuracy_non_cie": _subset_accuracy(comp, y, ~mask),
-        "per_class_cie_counts": np.bincount(y[mask], minlength=c).astype(np.int64),
-        "cie_indices": cie_idx,
-        "cie_strength": strength_all[cie_idx],
-        "cie_mask": mask,
-        "reference_modes": ref_modes,
-        "compressed_modes": comp_modes,
-    }
+  Arrays are NumPy (call ``.tolist()`` for JSON).
+  """
+  y = np.asarray(labels)
+  if y.ndim != 1:
+    raise ValueError(f"labels must be (n,), got {y.shape}")
+  ref = _as_population(reference_predictions, "reference_predictions")
+  comp = _as_population(compressed_predictions, "compressed_predictions")
+  n = y.shape[0]
+  if ref.shape[1] != n or comp.shape[1] != n:
+    raise ValueError(f"labels have {n} examples, populations {ref.shape[1]} and {comp.shape[1]}")
+  y = y.astype(np.int64)
+  c = _resolve_num_classes(num_classes, ref, comp, y)
+  if n and y.min() < 0:
+    raise ValueError("labels has negative entries")
+  ref_modes = np.asarray(_modes(jnp.asarray(ref, jnp.int32), c)).astype(np.int64)
+  comp_modes = np.asarray(_modes(jnp.asarray(comp, jnp.int32), c)).astype(np.int64)
+  mask = ref_modes != comp_modes
+  strength_all = np.mean(comp != ref_modes[None, :], axis=0) if n else np.zeros(0)
+  cie_idx = np.flatnonzero(mask)
+  order = np.argsort(-strength_all[cie_idx], kind="stable")
+  cie_idx = cie_idx[order].astype(np.int64)
+  num_cie = int(mask.sum())
+  return {
+    "num_examples": int(n),
+    "num_reference_models": int(ref.shape[0]),
+    "num_compressed_models": int(comp.shape[0]),
+    "num_cie": num_cie,
+    "cie_fraction": num_cie / n if n else None,
+    "reference_accuracy_cie": _subset_accuracy(ref, y, mask),
+    "reference_accuracy_non_cie": _subset_accuracy(ref, y, ~mask),
+    "compressed_accuracy_cie": _subset_accuracy(comp, y, mask),
+    "compressed_accuracy_non_cie": _subset_accuracy(comp, y, ~mask),
+    "per_class_cie_counts": np.bincount(y[mask], minlength=c).astype(np.int64),
+    "cie_indices": cie_idx,
+    "cie_strength": strength_all[cie_idx],
+    "cie_mask": mask,
+    "reference_modes": ref_modes,
+    "compressed_modes": comp_modes,
+  }
 
 
 def _class_name(class_names: Sequence[str] | None, label: int) -> str:
-    if class_names is not None and 0 <= label < len(class_names):
-        return str(class_names[label])
-    return str(label)
+  if class_names is not None and 0 <= label < len(class_names):
+    return str(class_names[label])
+  return str(label)
 
 
 def save_cie_grid(
-    path: str | os.PathLike,
-    images_uint8: ArrayLike,
-    indices: ArrayLike,
-    reference_modes: ArrayLike,
-    compressed_modes: ArrayLike,
-    labels: ArrayLike,
-    class_names: Sequence[str] | None = None,
-    max_images: int = 64,
+  path: str | os.PathLike,
+  images_uint8: ArrayLike,
+  indices: ArrayLike,
+  reference_modes: ArrayLike,
+  compressed_modes: ArrayLike,
+  labels: ArrayLike,
+  class_names: Sequence[str] | None = None,
+  max_images: int = 64,
 ) -> int:
-    """Writes a PNG grid of the examples ``indices`` (e.g. the top CIEs), atomically.
+  """Writes a PNG grid of the examples ``indices`` (e.g. the top CIEs), atomically.
 
-    Args:
-      path: output ``.png``; written with :func:`prunebias_jax.files.write_atomic`.
-      images_uint8: ``(n, H, W, C)`` uint8 images, ``C`` in {1, 3} (``(n, H, W)``
-        is taken as grey); grey images are drawn with the gray colormap.
-      indices: example indices to show, in order; the first ``max_images`` are used.
-      reference_modes, compressed_modes, labels: ``(n,)`` per-example labels,
-        indexed by ``indices``.
-      class_names: optional label -> name list (labels printed otherwise).
-      max_images: cap on the number of tiles.
+  Args:
+    path: output ``.png``; written with :func:`prunebias_jax.files.write_atomic`.
+    images_uint8: ``(n, H, W, C)`` uint8 images, ``C`` in {1, 3} (``(n, H, W)``
+      is taken as grey); grey images are drawn with the gray colormap.
+    indices: example indices to show, in order; the first ``max_images`` are used.
+    reference_modes, compressed_modes, labels: ``(n,)`` per-example labels,
+      indexed by ``indices``.
+    class_names: optional label -> name list (labels printed otherwise).
+    max_images: cap on the number of tiles.
 
-    Each tile's title gives the true label, the dense (reference) mode and
-    the pruned (compressed) mode on three lines ``T:``, ``D:``, ``P:``.
-    An empty ``indices`` writes a figure saying there are no examples.
+  Each tile's title gives the true label, the dense (reference) mode and
+  the pruned (compressed) mode on three lines ``T:``, ``D:``, ``P:``.
+  An empty ``indices`` writes a figure saying there are no examples.
 
-    Returns:
-      The number of images drawn.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+  Returns:
+    The number of images drawn.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
-    images = np.asarray(images_uint8)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be (n, H, W, C) with C in (1, 3), got {images.shape}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {images.dtype}")
-    idx = np.asarray(indices, np.int64).reshape(-1)[: max(int(max_images), 0)]
-    ref = np.asarray(reference_modes).reshape(-1)
-    comp = np.asarray(compressed_modes).reshape(-1)
-    y = np.asarray(labels).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= images.shape[0]):
-        raise ValueError("indices out of range for the images")
-    m = int(idx.size)
-    cols = max(1, math.ceil(math.sqrt(m)))
-    rows = max(1, math.ceil(m / cols))
-    fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4))
-    FigureCanvasAgg(fig)
-    fig.suptitle("true / dense / pruned  (T: true label, D: dense mode, P: pruned mode)", fontsize=8)
-    if m == 0:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no examples", ha="center", va="center")
-    for t, i in enumerate(idx):
-        ax = fig.add_subplot(rows, cols, t + 1)
-        img = images[i]
-        if img.shape[-1] == 1:
-            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
-        else:
-            ax.imshow(img)
-        true_name, dense_name, pruned_name = (_class_name(class_names, int(v[i])) for v in (y, ref, comp))
-        ax.set_title(f"T: {true_name}\nD: {dense_name}\nP: {pruned_name}", fontsize=6)
-        ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_atomic(path, buf.getvalue())
-    return m
+  images = np.asarray(images_uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"images must be (n, H, W, C) with C in (1, 3), got {images.shape}")
+  if images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8, got {images.dtype}")
+  idx = np.asarray(indices, np.int64).reshape(-1)[: max(int(max_images), 0)]
+  ref = np.asarray(reference_modes).reshape(-1)
+  comp = np.asarray(compressed_modes).reshape(-1)
+  y = np.asarray(labels).reshape(-1)
+  if idx.size and (idx.min() < 0 or idx.max() >= images.shape[0]):
+    raise ValueError("indices out of range for the images")
+  m = int(idx.size)
+  cols = max(1, math.ceil(math.sqrt(m)))
+  rows = max(1, math.ceil(m / cols))
+  fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4))
+  FigureCanvasAgg(fig)
+  fig.suptitle("true / dense / pruned  (T: true label, D: dense mode, P: pruned mode)", fontsize=8)
+  if m == 0:
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no examples", ha="center", va="center")
+  for t, i in enumerate(idx):
+    ax = fig.add_subplot(rows, cols, t + 1)
+    img = images[i]
+    if img.shape[-1] == 1:
+      ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+      ax.imshow(img)
+    true_name, dense_name, pruned_name = (
+      _class_name(class_names, int(v[i])) for v in (y, ref, comp)
+    )
+    ax.set_title(f"T: {true_name}\nD: {dense_name}\nP: {pruned_name}", fontsize=6)
+    ax.axis("off")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  write_atomic(path, buf.getvalue())
+  return m

@@ -32,22 +32,22 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "MinibatchCKAState",
-    "StreamingCKAState",
-    "cka_matrix",
-    "debiased_linear_cka",
-    "linear_cka",
-    "minibatch_cka",
-    "minibatch_cka_init",
-    "minibatch_cka_result",
-    "minibatch_cka_update",
-    "prediction_agreement",
-    "streaming_linear_cka",
-    "streaming_linear_cka_init",
-    "streaming_linear_cka_result",
-    "streaming_linear_cka_update",
-    "svcca_conv_distance",
-    "svcca_distance",
+  "MinibatchCKAState",
+  "StreamingCKAState",
+  "cka_matrix",
+  "debiased_linear_cka",
+  "linear_cka",
+  "minibatch_cka",
+  "minibatch_cka_init",
+  "minibatch_cka_result",
+  "minibatch_cka_update",
+  "prediction_agreement",
+  "streaming_linear_cka",
+  "streaming_linear_cka_init",
+  "streaming_linear_cka_result",
+  "streaming_linear_cka_update",
+  "svcca_conv_distance",
+  "svcca_distance",
 ]
 
 ArrayLike = Any
@@ -56,104 +56,104 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _compute_dtype() -> Any:
-    """float64 when ``jax_enable_x64`` is on, float32 otherwise."""
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
+  """float64 when ``jax_enable_x64`` is on, float32 otherwise."""
+  return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def _centred_unit(features: jax.Array, sqrt_w: jax.Array | None, w: jax.Array | None):
-    """Weighted column-centred features scaled to unit Frobenius norm, and that norm."""
-    if w is None:
-        centred = features - features.mean(axis=0, keepdims=True)
-    else:
-        total = jnp.maximum(w.sum(), jnp.finfo(features.dtype).tiny)
-        mean = (w[:, None] * features).sum(axis=0, keepdims=True) / total
-        centred = (features - mean) * sqrt_w[:, None]
-    # CKA is invariant to isotropic scaling: normalise first so the d x d
-    # products cannot overflow for large activations.
-    norm = jnp.sqrt(jnp.sum(centred * centred))
-    unit = centred / jnp.where(norm > 0, norm, 1.0)
-    return unit, norm
+  """Weighted column-centred features scaled to unit Frobenius norm, and that norm."""
+  if w is None:
+    centred = features - features.mean(axis=0, keepdims=True)
+  else:
+    total = jnp.maximum(w.sum(), jnp.finfo(features.dtype).tiny)
+    mean = (w[:, None] * features).sum(axis=0, keepdims=True) / total
+    centred = (features - mean) * sqrt_w[:, None]
+  # CKA is invariant to isotropic scaling: normalise first so the d x d
+  # products cannot overflow for large activations.
+  norm = jnp.sqrt(jnp.sum(centred * centred))
+  unit = centred / jnp.where(norm > 0, norm, 1.0)
+  return unit, norm
 
 
 def linear_cka(
-    features_x: ArrayLike,
-    features_y: ArrayLike,
-    weights: ArrayLike | None = None,
+  features_x: ArrayLike,
+  features_y: ArrayLike,
+  weights: ArrayLike | None = None,
 ) -> jax.Array:
-    """Linear CKA ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on column-centred features.
+  """Linear CKA ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on column-centred features.
 
-    Args:
-      features_x: ``(n, ...)`` features of model/layer X; trailing dims are
-        flattened to ``(n, d1)``.
-      features_y: ``(n, ...)`` features of Y (same ``n``), flattened to ``(n, d2)``.
-      weights: optional ``(n,)`` 0/1 example weights; rows with weight 0 are
-        ignored (weighted column means, rows scaled by ``sqrt(w)``), which
-        equals dropping those rows.
+  Args:
+    features_x: ``(n, ...)`` features of model/layer X; trailing dims are
+      flattened to ``(n, d1)``.
+    features_y: ``(n, ...)`` features of Y (same ``n``), flattened to ``(n, d2)``.
+    weights: optional ``(n,)`` 0/1 example weights; rows with weight 0 are
+      ignored (weighted column means, rows scaled by ``sqrt(w)``), which
+      equals dropping those rows.
 
-    Returns:
-      Scalar in ``[0, 1]``, float32 (float64 when x64 is enabled).  If either
-      centred feature matrix is zero (e.g. constant features), the denominator
-      vanishes and 0.0 is returned instead of NaN.
-    """
-    return _linear_cka_jit(features_x, features_y, weights)
+  Returns:
+    Scalar in ``[0, 1]``, float32 (float64 when x64 is enabled).  If either
+    centred feature matrix is zero (e.g. constant features), the denominator
+    vanishes and 0.0 is returned instead of NaN.
+  """
+  return _linear_cka_jit(features_x, features_y, weights)
 
 
 @jax.jit
 def _linear_cka_jit(features_x, features_y, weights) -> jax.Array:
-    dtype = _compute_dtype()
-    x, y = _flatten_pair(features_x, features_y, dtype)
-    n = x.shape[0]
+  dtype = _compute_dtype()
+  x, y = _flatten_pair(features_x, features_y, dtype)
+  n = x.shape[0]
 
-    if weights is None:
-        w = sqrt_w = None
-    else:
-        w = jnp.asarray(weights).astype(dtype)
-        if w.shape != (n,):
-            raise ValueError(f"weights must have shape ({n},), got {w.shape}")
-        sqrt_w = jnp.sqrt(jnp.maximum(w, 0.0))
-        w = sqrt_w * sqrt_w
+  if weights is None:
+    w = sqrt_w = None
+  else:
+    w = jnp.asarray(weights).astype(dtype)
+    if w.shape != (n,):
+      raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+    sqrt_w = jnp.sqrt(jnp.maximum(w, 0.0))
+    w = sqrt_w * sqrt_w
 
-    xu, x_norm = _centred_unit(x, sqrt_w, w)
-    yu, y_norm = _centred_unit(y, sqrt_w, w)
+  xu, x_norm = _centred_unit(x, sqrt_w, w)
+  yu, y_norm = _centred_unit(y, sqrt_w, w)
 
-    cross = jnp.matmul(yu.T, xu, precision=_HIGHEST)
-    xx = jnp.matmul(xu.T, xu, precision=_HIGHEST)
-    yy = jnp.matmul(yu.T, yu, precision=_HIGHEST)
-    numerator = jnp.sum(cross * cross)
-    denominator = jnp.sqrt(jnp.sum(xx * xx)) * jnp.sqrt(jnp.sum(yy * yy))
-    ok = (x_norm > 0) & (y_norm > 0) & (denominator > 0)
-    return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
+  cross = jnp.matmul(yu.T, xu, precision=_HIGHEST)
+  xx = jnp.matmul(xu.T, xu, precision=_HIGHEST)
+  yy = jnp.matmul(yu.T, yu, precision=_HIGHEST)
+  numerator = jnp.sum(cross * cross)
+  denominator = jnp.sqrt(jnp.sum(xx * xx)) * jnp.sqrt(jnp.sum(yy * yy))
+  ok = (x_norm > 0) & (y_norm > 0) & (denominator > 0)
+  return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
 
 
 def prediction_agreement(
-    predictions_x: ArrayLike,
-    predictions_y: ArrayLike,
-    weights: ArrayLike | None = None,
+  predictions_x: ArrayLike,
+  predictions_y: ArrayLike,
+  weights: ArrayLike | None = None,
 ) -> jax.Array:
-    """Fraction of examples with equal predictions, ``sum_i w_i [x_i = y_i] / sum_i w_i``.
+  """Fraction of examples with equal predictions, ``sum_i w_i [x_i = y_i] / sum_i w_i``.
 
-    Inputs of shape ``(..., n)`` broadcast against each other (e.g. a ``(K, n)``
-    population against one ``(n,)`` model gives ``(K,)``); ``weights`` is an
-    optional ``(n,)`` 0/1 mask for padded examples.  Returns 0.0 when the total
-    weight is zero.
-    """
-    return _prediction_agreement_jit(predictions_x, predictions_y, weights)
+  Inputs of shape ``(..., n)`` broadcast against each other (e.g. a ``(K, n)``
+  population against one ``(n,)`` model gives ``(K,)``); ``weights`` is an
+  optional ``(n,)`` 0/1 mask for padded examples.  Returns 0.0 when the total
+  weight is zero.
+  """
+  return _prediction_agreement_jit(predictions_x, predictions_y, weights)
 
 
 @jax.jit
 def _prediction_agreement_jit(predictions_x, predictions_y, weights) -> jax.Array:
-    px = jnp.asarray(predictions_x)
-    py = jnp.asarray(predictions_y)
-    equal = (px == py).astype(jnp.float32)
-    if weights is None:
-        w = jnp.ones(equal.shape[-1:], jnp.float32)
-    else:
-        w = jnp.asarray(weights, jnp.float32)
-        if w.shape != equal.shape[-1:]:
-            raise ValueError(f"weights must have shape {equal.shape[-1:]}, got {w.shape}")
-    total = w.sum()
-    agree = (equal * w).sum(axis=-1)
-    return jnp.where(total > 0, agree / jnp.where(total > 0, total, 1.0), 0.0)
+  px = jnp.asarray(predictions_x)
+  py = jnp.asarray(predictions_y)
+  equal = (px == py).astype(jnp.float32)
+  if weights is None:
+    w = jnp.ones(equal.shape[-1:], jnp.float32)
+  else:
+    w = jnp.asarray(weights, jnp.float32)
+    if w.shape != equal.shape[-1:]:
+      raise ValueError(f"weights must have shape {equal.shape[-1:]}, got {w.shape}")
+  total = w.sum()
+  agree = (equal * w).sum(axis=-1)
+  return jnp.where(total > 0, agree / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -161,94 +161,100 @@ def _prediction_agreement_jit(predictions_x, predictions_y, weights) -> jax.Arra
 # ---------------------------------------------------------------------------
 
 
-def _flatten_pair(features_x: ArrayLike, features_y: ArrayLike, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """``(n, ...)`` inputs -> ``(n, d1)``, ``(n, d2)`` in ``dtype``; checks the example axis."""
-    x = jnp.asarray(features_x)
-    y = jnp.asarray(features_y)
-    if x.ndim < 1 or y.ndim < 1:
-        raise ValueError("features must have a leading example axis (n, ...)")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"features_x and features_y must have the same number of examples, got {x.shape[0]} and {y.shape[0]}"
-        )
-    n = x.shape[0]
-    # explicit sizes (not -1) so an empty batch (n = 0) reshapes too
-    x = x.reshape((n, math.prod(x.shape[1:])))
-    y = y.reshape((n, math.prod(y.shape[1:])))
-    return x.astype(dtype), y.astype(dtype)
+def _flatten_pair(
+  features_x: ArrayLike, features_y: ArrayLike, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+  """``(n, ...)`` inputs -> ``(n, d1)``, ``(n, d2)`` in ``dtype``; checks the example axis."""
+  x = jnp.asarray(features_x)
+  y = jnp.asarray(features_y)
+  if x.ndim < 1 or y.ndim < 1:
+    raise ValueError("features must have a leading example axis (n, ...)")
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(
+      f"features_x and features_y must have the same number of examples, got {x.shape[0]} and {y.shape[0]}"
+    )
+  n = x.shape[0]
+  # explicit sizes (not -1) so an empty batch (n = 0) reshapes too
+  x = x.reshape((n, math.prod(x.shape[1:])))
+  y = y.reshape((n, math.prod(y.shape[1:])))
+  return x.astype(dtype), y.astype(dtype)
 
 
 def _example_weights(weights: ArrayLike | None, n: int, dtype: Any):
-    """``(w, sqrt_w)`` for optional non-negative ``(n,)`` weights, or ``(None, None)``."""
-    if weights is None:
-        return None, None
-    w = jnp.asarray(weights).astype(dtype)
-    if w.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},), got {w.shape}")
-    sqrt_w = jnp.sqrt(jnp.maximum(w, 0.0))
-    return sqrt_w * sqrt_w, sqrt_w
+  """``(w, sqrt_w)`` for optional non-negative ``(n,)`` weights, or ``(None, None)``."""
+  if weights is None:
+    return None, None
+  w = jnp.asarray(weights).astype(dtype)
+  if w.shape != (n,):
+    raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+  sqrt_w = jnp.sqrt(jnp.maximum(w, 0.0))
+  return sqrt_w * sqrt_w, sqrt_w
 
 
 def _cross_term(xu: jax.Array, yu: jax.Array) -> jax.Array:
-    """``||X^T Y||_F^2 = <X X^T, Y Y^T>`` by the cheaper of two exact forms.
+  """``||X^T Y||_F^2 = <X X^T, Y Y^T>`` by the cheaper of two exact forms.
 
-    Feature form: the ``d1 x d2`` matrix ``Y^T X``.  Gram form, used only when
-    ``n^2 < d1 d2`` (so ``n`` is below the larger ``d``): the ``n x n`` Gram
-    matrix of the wider side, ``G = X X^T``, and ``sum((G Y) * Y)``.  The
-    choice is static (shapes only).
-    """
-    n, dx = xu.shape
-    dy = yu.shape[1]
-    if n * n < dx * dy:
-        wide, narrow = (xu, yu) if dx >= dy else (yu, xu)
-        gram = jnp.matmul(wide, wide.T, precision=_HIGHEST)
-        return jnp.sum(jnp.matmul(gram, narrow, precision=_HIGHEST) * narrow)
-    cross = jnp.matmul(yu.T, xu, precision=_HIGHEST)
-    return jnp.sum(cross * cross)
+  Feature form: the ``d1 x d2`` matrix ``Y^T X``.  Gram form, used only when
+  ``n^2 < d1 d2`` (so ``n`` is below the larger ``d``): the ``n x n`` Gram
+  matrix of the wider side, ``G = X X^T``, and ``sum((G Y) * Y)``.  The
+  choice is static (shapes only).
+  """
+  n, dx = xu.shape
+  dy = yu.shape[1]
+  if n * n < dx * dy:
+    wide, narrow = (xu, yu) if dx >= dy else (yu, xu)
+    gram = jnp.matmul(wide, wide.T, precision=_HIGHEST)
+    return jnp.sum(jnp.matmul(gram, narrow, precision=_HIGHEST) * narrow)
+  cross = jnp.matmul(yu.T, xu, precision=_HIGHEST)
+  return jnp.sum(cross * cross)
 
 
 def _self_term(xu: jax.Array) -> jax.Array:
-    """``||X^T X||_F^2 = ||X X^T||_F^2`` from the smaller of the ``d x d`` and ``n x n`` products."""
-    n, d = xu.shape
-    prod = jnp.matmul(xu, xu.T, precision=_HIGHEST) if n < d else jnp.matmul(xu.T, xu, precision=_HIGHEST)
-    return jnp.sum(prod * prod)
+  """``||X^T X||_F^2 = ||X X^T||_F^2`` from the smaller of the ``d x d`` and ``n x n`` products."""
+  n, d = xu.shape
+  prod = (
+    jnp.matmul(xu, xu.T, precision=_HIGHEST) if n < d else jnp.matmul(xu.T, xu, precision=_HIGHEST)
+  )
+  return jnp.sum(prod * prod)
 
 
 def _unbiased_hsic_times_n_n3(cross: jax.Array, a: jax.Array, b: jax.Array, n: Any) -> jax.Array:
-    """``n (n - 3) HSIC_1`` for column-centred features (Song et al. 2012), feature space.
+  """``n (n - 3) HSIC_1`` for column-centred features (Song et al. 2012), feature space.
 
-    With ``K = X X^T``, ``L = Y Y^T`` and ``K~``, ``L~`` their copies with zeroed
-    diagonals, the unbiased estimator is
+  With ``K = X X^T``, ``L = Y Y^T`` and ``K~``, ``L~`` their copies with zeroed
+  diagonals, the unbiased estimator is
 
-        HSIC_1 = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2))
-                  - 2/(n-2) 1^T K~ L~ 1] / (n (n-3)).
+      HSIC_1 = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2))
+                - 2/(n-2) 1^T K~ L~ 1] / (n (n-3)).
 
-    With row norms ``a_i = ||x_i||^2``, ``b_i = ||y_i||^2`` and column sums
-    ``s_x = X^T 1``: ``tr(K~ L~) = ||X^T Y||_F^2 - sum_i a_i b_i``,
-    ``1^T K~ 1 = ||s_x||^2 - sum_i a_i`` and ``(K~ 1)_i = x_i . s_x - a_i``.  For
-    centred columns ``s_x = 0``, so ``1^T K~ 1 = -sum a``, ``1^T K~ L~ 1 = sum_i
-    a_i b_i`` and the bracket becomes
+  With row norms ``a_i = ||x_i||^2``, ``b_i = ||y_i||^2`` and column sums
+  ``s_x = X^T 1``: ``tr(K~ L~) = ||X^T Y||_F^2 - sum_i a_i b_i``,
+  ``1^T K~ 1 = ||s_x||^2 - sum_i a_i`` and ``(K~ 1)_i = x_i . s_x - a_i``.  For
+  centred columns ``s_x = 0``, so ``1^T K~ 1 = -sum a``, ``1^T K~ L~ 1 = sum_i
+  a_i b_i`` and the bracket becomes
 
-        ||X^T Y||_F^2 - n/(n-2) sum_i a_i b_i + (sum a)(sum b) / ((n-1)(n-2)).
+      ||X^T Y||_F^2 - n/(n-2) sum_i a_i b_i + (sum a)(sum b) / ((n-1)(n-2)).
 
-    HSIC_1 is invariant to shifting the features, so centring first changes
-    nothing but the rounding.  ``cross`` is ``||X^T Y||_F^2``.  Rows that are
-    all zero (padding with weight 0) contribute nothing, so ``n`` may be the
-    number of rows with weight 1.
-    """
-    return _unbiased_hsic_parts(cross, a, b, n)[0]
+  HSIC_1 is invariant to shifting the features, so centring first changes
+  nothing but the rounding.  ``cross`` is ``||X^T Y||_F^2``.  Rows that are
+  all zero (padding with weight 0) contribute nothing, so ``n`` may be the
+  number of rows with weight 1.
+  """
+  return _unbiased_hsic_parts(cross, a, b, n)[0]
 
 
-def _unbiased_hsic_parts(cross: jax.Array, a: jax.Array, b: jax.Array, n: Any) -> tuple[jax.Array, jax.Array]:
-    """``(n (n-3) HSIC_1, sum of the absolute values of its three terms)``.
+def _unbiased_hsic_parts(
+  cross: jax.Array, a: jax.Array, b: jax.Array, n: Any
+) -> tuple[jax.Array, jax.Array]:
+  """``(n (n-3) HSIC_1, sum of the absolute values of its three terms)``.
 
-    The second value bounds the size of the rounding error of the first: an
-    estimate within ``_CANCEL_TOL`` of it is cancellation noise, not signal.
-    """
-    ab = jnp.dot(a, b, precision=_HIGHEST)
-    t2 = n / (n - 2.0) * ab
-    t3 = jnp.sum(a) * jnp.sum(b) / ((n - 1.0) * (n - 2.0))
-    return cross - t2 + t3, jnp.abs(cross) + jnp.abs(t2) + jnp.abs(t3)
+  The second value bounds the size of the rounding error of the first: an
+  estimate within ``_CANCEL_TOL`` of it is cancellation noise, not signal.
+  """
+  ab = jnp.dot(a, b, precision=_HIGHEST)
+  t2 = n / (n - 2.0) * ab
+  t3 = jnp.sum(a) * jnp.sum(b) / ((n - 1.0) * (n - 2.0))
+  return cross - t2 + t3, jnp.abs(cross) + jnp.abs(t2) + jnp.abs(t3)
 
 
 # Relative size (in machine epsilons) below which an unbiased self-HSIC is
@@ -257,19 +263,24 @@ _CANCEL_TOL = 64.0
 
 
 def _self_ok(h: jax.Array, magnitude: jax.Array) -> jax.Array:
-    """True where the unbiased self-HSIC ``h`` is positive beyond rounding noise."""
-    return h > _CANCEL_TOL * jnp.finfo(h.dtype).eps * magnitude
+  """True where the unbiased self-HSIC ``h`` is positive beyond rounding noise."""
+  return h > _CANCEL_TOL * jnp.finfo(h.dtype).eps * magnitude
 
 
 def _debiased_ratio(
-    h_xy: jax.Array, h_xx: jax.Array, h_yy: jax.Array, self_ok: jax.Array, features_ok: jax.Array, n_ok: Any
+  h_xy: jax.Array,
+  h_xx: jax.Array,
+  h_yy: jax.Array,
+  self_ok: jax.Array,
+  features_ok: jax.Array,
+  n_ok: Any,
 ) -> jax.Array:
-    """``h_xy / sqrt(h_xx h_yy)``: 0 for zero centred features, NaN when a self-HSIC is not positive or n < 4."""
-    denom = h_xx * h_yy
-    good = self_ok & (denom > 0)
-    value = jnp.where(good, h_xy / jnp.sqrt(jnp.where(good, denom, 1.0)), jnp.nan)
-    value = jnp.where(features_ok, value, 0.0)
-    return jnp.where(n_ok, value, jnp.nan)
+  """``h_xy / sqrt(h_xx h_yy)``: 0 for zero centred features, NaN when a self-HSIC is not positive or n < 4."""
+  denom = h_xx * h_yy
+  good = self_ok & (denom > 0)
+  value = jnp.where(good, h_xy / jnp.sqrt(jnp.where(good, denom, 1.0)), jnp.nan)
+  value = jnp.where(features_ok, value, 0.0)
+  return jnp.where(n_ok, value, jnp.nan)
 
 
 # ---------------------------------------------------------------------------
@@ -278,63 +289,63 @@ def _debiased_ratio(
 
 
 def debiased_linear_cka(
-    features_x: ArrayLike,
-    features_y: ArrayLike,
-    weights: ArrayLike | None = None,
+  features_x: ArrayLike,
+  features_y: ArrayLike,
+  weights: ArrayLike | None = None,
 ) -> jax.Array:
-    """Linear CKA with HSIC replaced by its unbiased estimator (Song et al. 2012).
+  """Linear CKA with HSIC replaced by its unbiased estimator (Song et al. 2012).
 
-    ``CKA_1 = HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L))`` with linear
-    kernels ``K = X X^T``, ``L = Y Y^T`` (see ``_unbiased_hsic_times_n_n3`` for
-    the feature-space expansion; the common ``1/(n(n-3))`` cancels).  This is
-    the ``debiased=True`` CKA of the google-research ``representation_similarity``
-    notebook (golden value 0.51346 where linear CKA is 0.55761).
+  ``CKA_1 = HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L))`` with linear
+  kernels ``K = X X^T``, ``L = Y Y^T`` (see ``_unbiased_hsic_times_n_n3`` for
+  the feature-space expansion; the common ``1/(n(n-3))`` cancels).  This is
+  the ``debiased=True`` CKA of the google-research ``representation_similarity``
+  notebook (golden value 0.51346 where linear CKA is 0.55761).
 
-    Cost: like :func:`linear_cka`, ``O(n d^2)`` time with ``d x d`` products;
-    only if ``n^2 < d1 d2`` (more features than examples) is an ``n x n`` Gram
-    matrix used instead, whichever is smaller.
+  Cost: like :func:`linear_cka`, ``O(n d^2)`` time with ``d x d`` products;
+  only if ``n^2 < d1 d2`` (more features than examples) is an ``n x n`` Gram
+  matrix used instead, whichever is smaller.
 
-    Args:
-      features_x: ``(n, ...)`` features, flattened to ``(n, d1)``.
-      features_y: ``(n, ...)`` features, flattened to ``(n, d2)``.
-      weights: optional ``(n,)`` 0/1 mask; rows with weight 0 are dropped
-        (the estimator then uses ``n = sum(weights)``).
+  Args:
+    features_x: ``(n, ...)`` features, flattened to ``(n, d1)``.
+    features_y: ``(n, ...)`` features, flattened to ``(n, d2)``.
+    weights: optional ``(n,)`` 0/1 mask; rows with weight 0 are dropped
+      (the estimator then uses ``n = sum(weights)``).
 
-    Returns:
-      Scalar, float32 (float64 under x64).  Unlike linear CKA it can be
-      negative (and, for tiny ``n``, exceed 1).  Degenerate cases: 0.0 when
-      either centred feature matrix is zero (as :func:`linear_cka`); NaN when
-      ``HSIC_1(K, K)`` or ``HSIC_1(L, L)`` is not positive (the ratio is
-      undefined) or when fewer than 4 weighted rows remain.  "Not positive"
-      means below ``64 eps`` times the summed size of the estimator's three
-      terms, so an exact zero lost to float cancellation (e.g. one feature
-      that is non-zero on a single example) also gives NaN, not noise.
+  Returns:
+    Scalar, float32 (float64 under x64).  Unlike linear CKA it can be
+    negative (and, for tiny ``n``, exceed 1).  Degenerate cases: 0.0 when
+    either centred feature matrix is zero (as :func:`linear_cka`); NaN when
+    ``HSIC_1(K, K)`` or ``HSIC_1(L, L)`` is not positive (the ratio is
+    undefined) or when fewer than 4 weighted rows remain.  "Not positive"
+    means below ``64 eps`` times the summed size of the estimator's three
+    terms, so an exact zero lost to float cancellation (e.g. one feature
+    that is non-zero on a single example) also gives NaN, not noise.
 
-    Raises:
-      ValueError: ``n < 4`` (the estimator divides by ``n - 3``), or
-        mismatched shapes.
-    """
-    return _debiased_linear_cka_jit(features_x, features_y, weights)
+  Raises:
+    ValueError: ``n < 4`` (the estimator divides by ``n - 3``), or
+      mismatched shapes.
+  """
+  return _debiased_linear_cka_jit(features_x, features_y, weights)
 
 
 @jax.jit
 def _debiased_linear_cka_jit(features_x, features_y, weights) -> jax.Array:
-    dtype = _compute_dtype()
-    x, y = _flatten_pair(features_x, features_y, dtype)
-    n = x.shape[0]
-    if n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
-    w, sqrt_w = _example_weights(weights, n, dtype)
-    xu, x_norm = _centred_unit(x, sqrt_w, w)
-    yu, y_norm = _centred_unit(y, sqrt_w, w)
-    n_eff = jnp.asarray(n, dtype) if w is None else w.sum()
-    a = jnp.sum(xu * xu, axis=1)
-    b = jnp.sum(yu * yu, axis=1)
-    h_xy = _unbiased_hsic_times_n_n3(_cross_term(xu, yu), a, b, n_eff)
-    h_xx, m_xx = _unbiased_hsic_parts(_self_term(xu), a, a, n_eff)
-    h_yy, m_yy = _unbiased_hsic_parts(_self_term(yu), b, b, n_eff)
-    self_ok = _self_ok(h_xx, m_xx) & _self_ok(h_yy, m_yy)
-    return _debiased_ratio(h_xy, h_xx, h_yy, self_ok, (x_norm > 0) & (y_norm > 0), n_eff >= 4)
+  dtype = _compute_dtype()
+  x, y = _flatten_pair(features_x, features_y, dtype)
+  n = x.shape[0]
+  if n < 4:
+    raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
+  w, sqrt_w = _example_weights(weights, n, dtype)
+  xu, x_norm = _centred_unit(x, sqrt_w, w)
+  yu, y_norm = _centred_unit(y, sqrt_w, w)
+  n_eff = jnp.asarray(n, dtype) if w is None else w.sum()
+  a = jnp.sum(xu * xu, axis=1)
+  b = jnp.sum(yu * yu, axis=1)
+  h_xy = _unbiased_hsic_times_n_n3(_cross_term(xu, yu), a, b, n_eff)
+  h_xx, m_xx = _unbiased_hsic_parts(_self_term(xu), a, a, n_eff)
+  h_yy, m_yy = _unbiased_hsic_parts(_self_term(yu), b, b, n_eff)
+  self_ok = _self_ok(h_xx, m_xx) & _self_ok(h_yy, m_yy)
+  return _debiased_ratio(h_xy, h_xx, h_yy, self_ok, (x_norm > 0) & (y_norm > 0), n_eff >= 4)
 
 
 # ---------------------------------------------------------------------------
@@ -343,99 +354,99 @@ def _debiased_linear_cka_jit(features_x, features_y, weights) -> jax.Array:
 
 
 def _prepare_layer(features: ArrayLike, dtype: Any):
-    """Flattened, centred, unit-norm layer, its centred norm, and its row norms ``a_i``."""
-    x = jnp.asarray(features)
-    x = x.reshape((x.shape[0], math.prod(x.shape[1:]))).astype(dtype)
-    xu, norm = _centred_unit(x, None, None)
-    return xu, norm, jnp.sum(xu * xu, axis=1)
+  """Flattened, centred, unit-norm layer, its centred norm, and its row norms ``a_i``."""
+  x = jnp.asarray(features)
+  x = x.reshape((x.shape[0], math.prod(x.shape[1:]))).astype(dtype)
+  xu, norm = _centred_unit(x, None, None)
+  return xu, norm, jnp.sum(xu * xu, axis=1)
 
 
 def _self_hsic(xu, a, debiased: bool):
-    """``(HSIC term, it is usable)`` for one layer."""
-    term = _self_term(xu)
-    if not debiased:
-        return term, term > 0
-    h, magnitude = _unbiased_hsic_parts(term, a, a, xu.shape[0])
-    return h, _self_ok(h, magnitude)
+  """``(HSIC term, it is usable)`` for one layer."""
+  term = _self_term(xu)
+  if not debiased:
+    return term, term > 0
+  h, magnitude = _unbiased_hsic_parts(term, a, a, xu.shape[0])
+  return h, _self_ok(h, magnitude)
 
 
 def _cross_hsic(xu, yu, a, b, debiased: bool):
-    term = _cross_term(xu, yu)
-    return _unbiased_hsic_times_n_n3(term, a, b, xu.shape[0]) if debiased else term
+  term = _cross_term(xu, yu)
+  return _unbiased_hsic_times_n_n3(term, a, b, xu.shape[0]) if debiased else term
 
 
 def _cka_from_hsic(h_xy, self_x, self_y, norm_x, norm_y, debiased: bool):
-    (h_xx, ok_x), (h_yy, ok_y) = self_x, self_y
-    features_ok = (norm_x > 0) & (norm_y > 0)
-    if debiased:
-        return _debiased_ratio(h_xy, h_xx, h_yy, ok_x & ok_y, features_ok, True)
-    denom = jnp.sqrt(h_xx) * jnp.sqrt(h_yy)
-    ok = features_ok & (denom > 0)
-    return jnp.where(ok, h_xy / jnp.where(ok, denom, 1.0), 0.0)
+  (h_xx, ok_x), (h_yy, ok_y) = self_x, self_y
+  features_ok = (norm_x > 0) & (norm_y > 0)
+  if debiased:
+    return _debiased_ratio(h_xy, h_xx, h_yy, ok_x & ok_y, features_ok, True)
+  denom = jnp.sqrt(h_xx) * jnp.sqrt(h_yy)
+  ok = features_ok & (denom > 0)
+  return jnp.where(ok, h_xy / jnp.where(ok, denom, 1.0), 0.0)
 
 
 @jax.jit(static_argnames=("debiased",))
 def _cka_matrix_jit(layers_a: tuple, layers_b: tuple | None, debiased: bool) -> jax.Array:
-    dtype = _compute_dtype()
-    same = layers_b is None
-    prep_a = [_prepare_layer(f, dtype) for f in layers_a]
-    prep_b = prep_a if same else [_prepare_layer(f, dtype) for f in layers_b]
-    self_a = [_self_hsic(xu, a, debiased) for xu, _, a in prep_a]
-    self_b = self_a if same else [_self_hsic(yu, b, debiased) for yu, _, b in prep_b]
-    rows: list[list[jax.Array]] = []
-    for i, (xu, nx, a) in enumerate(prep_a):
-        row = []
-        for j, (yu, ny, b) in enumerate(prep_b):
-            if same and j < i:
-                row.append(rows[j][i])
-                continue
-            h_xy = _cross_hsic(xu, yu, a, b, debiased)
-            row.append(_cka_from_hsic(h_xy, self_a[i], self_b[j], nx, ny, debiased))
-        rows.append(row)
-    return jnp.stack([jnp.stack(r) for r in rows])
+  dtype = _compute_dtype()
+  same = layers_b is None
+  prep_a = [_prepare_layer(f, dtype) for f in layers_a]
+  prep_b = prep_a if same else [_prepare_layer(f, dtype) for f in layers_b]
+  self_a = [_self_hsic(xu, a, debiased) for xu, _, a in prep_a]
+  self_b = self_a if same else [_self_hsic(yu, b, debiased) for yu, _, b in prep_b]
+  rows: list[list[jax.Array]] = []
+  for i, (xu, nx, a) in enumerate(prep_a):
+    row = []
+    for j, (yu, ny, b) in enumerate(prep_b):
+      if same and j < i:
+        row.append(rows[j][i])
+        continue
+      h_xy = _cross_hsic(xu, yu, a, b, debiased)
+      row.append(_cka_from_hsic(h_xy, self_a[i], self_b[j], nx, ny, debiased))
+    rows.append(row)
+  return jnp.stack([jnp.stack(r) for r in rows])
 
 
 def cka_matrix(
-    features_a: Sequence[ArrayLike],
-    features_b: Sequence[ArrayLike] | None = None,
-    *,
-    debiased: bool = False,
+  features_a: Sequence[ArrayLike],
+  features_b: Sequence[ArrayLike] | None = None,
+  *,
+  debiased: bool = False,
 ) -> jax.Array:
-    """Layer x layer CKA: entry ``[i, j]`` is CKA(``features_a[i]``, ``features_b[j]``).
+  """Layer x layer CKA: entry ``[i, j]`` is CKA(``features_a[i]``, ``features_b[j]``).
 
-    Every layer is an ``(n, ...)`` array over the same ``n`` examples and is
-    flattened per example (a conv map ``(n, H, W, C)`` becomes ``(n, H W C)``),
-    column-centred and scaled to unit Frobenius norm once.  Each HSIC term is
-    then computed by whichever exact form is smaller: the ``d_i x d_j`` feature
-    product, or -- only when ``n^2 < d_i d_j``, i.e. for a layer with more
-    features than examples -- the ``n x n`` Gram matrix of the wider layer.
-    The self terms ``HSIC(K_i, K_i)`` are computed once per layer.  The whole
-    matrix is one jitted computation (compiled once per list of shapes).
+  Every layer is an ``(n, ...)`` array over the same ``n`` examples and is
+  flattened per example (a conv map ``(n, H, W, C)`` becomes ``(n, H W C)``),
+  column-centred and scaled to unit Frobenius norm once.  Each HSIC term is
+  then computed by whichever exact form is smaller: the ``d_i x d_j`` feature
+  product, or -- only when ``n^2 < d_i d_j``, i.e. for a layer with more
+  features than examples -- the ``n x n`` Gram matrix of the wider layer.
+  The self terms ``HSIC(K_i, K_i)`` are computed once per layer.  The whole
+  matrix is one jitted computation (compiled once per list of shapes).
 
-    Args:
-      features_a: sequence of ``La`` layers of model A.
-      features_b: sequence of ``Lb`` layers of model B; ``None`` compares A
-        with itself (symmetric matrix, each pair computed once).
-      debiased: use the unbiased HSIC estimator (as :func:`debiased_linear_cka`)
-        instead of the biased one (as :func:`linear_cka`).
+  Args:
+    features_a: sequence of ``La`` layers of model A.
+    features_b: sequence of ``Lb`` layers of model B; ``None`` compares A
+      with itself (symmetric matrix, each pair computed once).
+    debiased: use the unbiased HSIC estimator (as :func:`debiased_linear_cka`)
+      instead of the biased one (as :func:`linear_cka`).
 
-    Returns:
-      ``(La, Lb)`` array with the same values (and degenerate-case rules) as
-      :func:`linear_cka` / :func:`debiased_linear_cka` applied per pair.
-    """
-    layers_a = tuple(jnp.asarray(f) for f in features_a)
-    layers_b = None if features_b is None else tuple(jnp.asarray(f) for f in features_b)
-    if not layers_a or (layers_b is not None and not layers_b):
-        raise ValueError("cka_matrix needs at least one layer on each side")
-    if any(f.ndim < 1 for f in layers_a + (layers_b or ())):
-        raise ValueError("features must have a leading example axis (n, ...)")
-    sizes = {f.shape[0] for f in layers_a + (layers_b or ())}
-    if len(sizes) != 1:
-        raise ValueError(f"all layers must have the same number of examples, got {sorted(sizes)}")
-    n = sizes.pop()
-    if debiased and n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
-    return _cka_matrix_jit(layers_a, layers_b, bool(debiased))
+  Returns:
+    ``(La, Lb)`` array with the same values (and degenerate-case rules) as
+    :func:`linear_cka` / :func:`debiased_linear_cka` applied per pair.
+  """
+  layers_a = tuple(jnp.asarray(f) for f in features_a)
+  layers_b = None if features_b is None else tuple(jnp.asarray(f) for f in features_b)
+  if not layers_a or (layers_b is not None and not layers_b):
+    raise ValueError("cka_matrix needs at least one layer on each side")
+  if any(f.ndim < 1 for f in layers_a + (layers_b or ())):
+    raise ValueError("features must have a leading example axis (n, ...)")
+  sizes = {f.shape[0] for f in layers_a + (layers_b or ())}
+  if len(sizes) != 1:
+    raise ValueError(f"all layers must have the same number of examples, got {sorted(sizes)}")
+  n = sizes.pop()
+  if debiased and n < 4:
+    raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
+  return _cka_matrix_jit(layers_a, layers_b, bool(debiased))
 
 
 # ---------------------------------------------------------------------------
@@ -444,98 +455,100 @@ def cka_matrix(
 
 
 class MinibatchCKAState(NamedTuple):
-    """Running sums of per-minibatch unbiased HSIC estimates.
+  """Running sums of per-minibatch unbiased HSIC estimates.
 
-    ``scale_xx``/``scale_yy`` sum the absolute sizes of the terms of the
-    self-HSIC estimates, to tell a zero denominator from rounding noise.
-    """
+  ``scale_xx``/``scale_yy`` sum the absolute sizes of the terms of the
+  self-HSIC estimates, to tell a zero denominator from rounding noise.
+  """
 
-    hsic_xy: jax.Array
-    hsic_xx: jax.Array
-    hsic_yy: jax.Array
-    scale_xx: jax.Array
-    scale_yy: jax.Array
-    num_batches: jax.Array
+  hsic_xy: jax.Array
+  hsic_xx: jax.Array
+  hsic_yy: jax.Array
+  scale_xx: jax.Array
+  scale_yy: jax.Array
+  num_batches: jax.Array
 
 
 def minibatch_cka_init() -> MinibatchCKAState:
-    """Empty :class:`MinibatchCKAState` (float32, float64 under x64)."""
-    zero = jnp.zeros((), _compute_dtype())
-    return MinibatchCKAState(zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32))
+  """Empty :class:`MinibatchCKAState` (float32, float64 under x64)."""
+  zero = jnp.zeros((), _compute_dtype())
+  return MinibatchCKAState(zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32))
 
 
 def minibatch_cka_update(
-    state: MinibatchCKAState,
-    features_x: ArrayLike,
-    features_y: ArrayLike,
-    weights: ArrayLike | None = None,
+  state: MinibatchCKAState,
+  features_x: ArrayLike,
+  features_y: ArrayLike,
+  weights: ArrayLike | None = None,
 ) -> MinibatchCKAState:
-    """Adds one minibatch's ``HSIC_1(K,L)``, ``HSIC_1(K,K)``, ``HSIC_1(L,L)`` to ``state``.
+  """Adds one minibatch's ``HSIC_1(K,L)``, ``HSIC_1(K,K)``, ``HSIC_1(L,L)`` to ``state``.
 
-    Each term is the full unbiased estimate on the batch, including its
-    ``1/(n_b (n_b - 3))`` factor (so batches of different sizes are averaged on
-    the same scale), computed in feature space on the raw (centred, not
-    rescaled) features.  Jitted; ``weights`` is an optional ``(n_b,)`` 0/1 mask
-    so a short last batch can be padded to a fixed shape.  A batch with fewer
-    than 4 weighted rows is skipped (it adds nothing and is not counted).
+  Each term is the full unbiased estimate on the batch, including its
+  ``1/(n_b (n_b - 3))`` factor (so batches of different sizes are averaged on
+  the same scale), computed in feature space on the raw (centred, not
+  rescaled) features.  Jitted; ``weights`` is an optional ``(n_b,)`` 0/1 mask
+  so a short last batch can be padded to a fixed shape.  A batch with fewer
+  than 4 weighted rows is skipped (it adds nothing and is not counted).
 
-    Raises:
-      ValueError: a batch (its static shape) has fewer than 4 rows.
-    """
-    return _minibatch_update_jit(state, features_x, features_y, weights)
+  Raises:
+    ValueError: a batch (its static shape) has fewer than 4 rows.
+  """
+  return _minibatch_update_jit(state, features_x, features_y, weights)
 
 
 @jax.jit
 def _minibatch_update_jit(state, features_x, features_y, weights) -> MinibatchCKAState:
-    dtype = state.hsic_xy.dtype
-    x, y = _flatten_pair(features_x, features_y, dtype)
-    n = x.shape[0]
-    if n < 4:
-        raise ValueError(f"minibatch CKA needs batches of at least 4 examples, got {n}")
-    w, sqrt_w = _example_weights(weights, n, dtype)
-    xu, x_norm = _centred_unit(x, sqrt_w, w)
-    yu, y_norm = _centred_unit(y, sqrt_w, w)
-    xc, yc = xu * x_norm, yu * y_norm  # centred (masked) features at their original scale
-    n_eff = jnp.asarray(n, dtype) if w is None else w.sum()
-    ok = n_eff >= 4
-    scale = jnp.where(ok, n_eff * (n_eff - 3.0), 1.0)
-    a = jnp.sum(xc * xc, axis=1)
-    b = jnp.sum(yc * yc, axis=1)
-    h_xy = _unbiased_hsic_times_n_n3(_cross_term(xc, yc), a, b, n_eff) / scale
-    h_xx, m_xx = _unbiased_hsic_parts(_self_term(xc), a, a, n_eff)
-    h_yy, m_yy = _unbiased_hsic_parts(_self_term(yc), b, b, n_eff)
-    return MinibatchCKAState(
-        state.hsic_xy + jnp.where(ok, h_xy, 0.0),
-        state.hsic_xx + jnp.where(ok, h_xx / scale, 0.0),
-        state.hsic_yy + jnp.where(ok, h_yy / scale, 0.0),
-        state.scale_xx + jnp.where(ok, m_xx / scale, 0.0),
-        state.scale_yy + jnp.where(ok, m_yy / scale, 0.0),
-        state.num_batches + ok.astype(jnp.int32),
-    )
+  dtype = state.hsic_xy.dtype
+  x, y = _flatten_pair(features_x, features_y, dtype)
+  n = x.shape[0]
+  if n < 4:
+    raise ValueError(f"minibatch CKA needs batches of at least 4 examples, got {n}")
+  w, sqrt_w = _example_weights(weights, n, dtype)
+  xu, x_norm = _centred_unit(x, sqrt_w, w)
+  yu, y_norm = _centred_unit(y, sqrt_w, w)
+  xc, yc = xu * x_norm, yu * y_norm  # centred (masked) features at their original scale
+  n_eff = jnp.asarray(n, dtype) if w is None else w.sum()
+  ok = n_eff >= 4
+  scale = jnp.where(ok, n_eff * (n_eff - 3.0), 1.0)
+  a = jnp.sum(xc * xc, axis=1)
+  b = jnp.sum(yc * yc, axis=1)
+  h_xy = _unbiased_hsic_times_n_n3(_cross_term(xc, yc), a, b, n_eff) / scale
+  h_xx, m_xx = _unbiased_hsic_parts(_self_term(xc), a, a, n_eff)
+  h_yy, m_yy = _unbiased_hsic_parts(_self_term(yc), b, b, n_eff)
+  return MinibatchCKAState(
+    state.hsic_xy + jnp.where(ok, h_xy, 0.0),
+    state.hsic_xx + jnp.where(ok, h_xx / scale, 0.0),
+    state.hsic_yy + jnp.where(ok, h_yy / scale, 0.0),
+    state.scale_xx + jnp.where(ok, m_xx / scale, 0.0),
+    state.scale_yy + jnp.where(ok, m_yy / scale, 0.0),
+    state.num_batches + ok.astype(jnp.int32),
+  )
 
 
 @jax.jit
 def minibatch_cka_result(state: MinibatchCKAState) -> jax.Array:
-    """``sum_b HSIC_1^b(K,L) / sqrt(sum_b HSIC_1^b(K,K) * sum_b HSIC_1^b(L,L))``.
+  """``sum_b HSIC_1^b(K,L) / sqrt(sum_b HSIC_1^b(K,K) * sum_b HSIC_1^b(L,L))``.
 
-    NaN when an accumulated self-HSIC is not positive beyond rounding noise
-    (no batches, constant features, degenerate data).  With a single batch
-    this is :func:`debiased_linear_cka` of that batch (which returns 0.0
-    rather than NaN for exactly constant features); over many batches it
-    estimates the same population quantity (it is not equal to the debiased
-    CKA of the concatenated data, which uses all cross-batch pairs).
-    """
-    denom = state.hsic_xx * state.hsic_yy
-    good = _self_ok(state.hsic_xx, state.scale_xx) & _self_ok(state.hsic_yy, state.scale_yy) & (denom > 0)
-    return jnp.where(good, state.hsic_xy / jnp.sqrt(jnp.where(good, denom, 1.0)), jnp.nan)
+  NaN when an accumulated self-HSIC is not positive beyond rounding noise
+  (no batches, constant features, degenerate data).  With a single batch
+  this is :func:`debiased_linear_cka` of that batch (which returns 0.0
+  rather than NaN for exactly constant features); over many batches it
+  estimates the same population quantity (it is not equal to the debiased
+  CKA of the concatenated data, which uses all cross-batch pairs).
+  """
+  denom = state.hsic_xx * state.hsic_yy
+  good = (
+    _self_ok(state.hsic_xx, state.scale_xx) & _self_ok(state.hsic_yy, state.scale_yy) & (denom > 0)
+  )
+  return jnp.where(good, state.hsic_xy / jnp.sqrt(jnp.where(good, denom, 1.0)), jnp.nan)
 
 
 def minibatch_cka(batches: Iterable[tuple]) -> jax.Array:
-    """Minibatch CKA over an iterable of ``(features_x, features_y)`` or ``(x, y, weights)`` batches."""
-    state = minibatch_cka_init()
-    for batch in batches:
-        state = minibatch_cka_update(state, *batch)
-    return minibatch_cka_result(state)
+  """Minibatch CKA over an iterable of ``(features_x, features_y)`` or ``(x, y, weights)`` batches."""
+  state = minibatch_cka_init()
+  for batch in batches:
+    state = minibatch_cka_update(state, *batch)
+  return minibatch_cka_result(state)
 
 
 # ---------------------------------------------------------------------------
@@ -544,122 +557,122 @@ def minibatch_cka(batches: Iterable[tuple]) -> jax.Array:
 
 
 class StreamingCKAState(NamedTuple):
-    """Count, means and centred (co)variance sums of everything seen so far.
+  """Count, means and centred (co)variance sums of everything seen so far.
 
-    ``cov_xy = sum_i (x_i - mean_x)(y_i - mean_y)^T`` (not divided by ``n``);
-    batches are merged with the pairwise update of Chan, Golub & LeVeque
-    (1979), which avoids the cancellation of ``X^T Y - n mean_x mean_y^T``.
-    """
+  ``cov_xy = sum_i (x_i - mean_x)(y_i - mean_y)^T`` (not divided by ``n``);
+  batches are merged with the pairwise update of Chan, Golub & LeVeque
+  (1979), which avoids the cancellation of ``X^T Y - n mean_x mean_y^T``.
+  """
 
-    count: jax.Array
-    mean_x: jax.Array
-    mean_y: jax.Array
-    cov_xx: jax.Array
-    cov_yy: jax.Array
-    cov_xy: jax.Array
+  count: jax.Array
+  mean_x: jax.Array
+  mean_y: jax.Array
+  cov_xx: jax.Array
+  cov_yy: jax.Array
+  cov_xy: jax.Array
 
 
 def streaming_linear_cka_init(dim_x: int, dim_y: int) -> StreamingCKAState:
-    """Empty state for flattened feature sizes ``dim_x``, ``dim_y`` (``O(d^2)`` memory)."""
-    dtype = _compute_dtype()
-    return StreamingCKAState(
-        jnp.zeros((), dtype),
-        jnp.zeros((dim_x,), dtype),
-        jnp.zeros((dim_y,), dtype),
-        jnp.zeros((dim_x, dim_x), dtype),
-        jnp.zeros((dim_y, dim_y), dtype),
-        jnp.zeros((dim_x, dim_y), dtype),
-    )
+  """Empty state for flattened feature sizes ``dim_x``, ``dim_y`` (``O(d^2)`` memory)."""
+  dtype = _compute_dtype()
+  return StreamingCKAState(
+    jnp.zeros((), dtype),
+    jnp.zeros((dim_x,), dtype),
+    jnp.zeros((dim_y,), dtype),
+    jnp.zeros((dim_x, dim_x), dtype),
+    jnp.zeros((dim_y, dim_y), dtype),
+    jnp.zeros((dim_x, dim_y), dtype),
+  )
 
 
 def streaming_linear_cka_update(
-    state: StreamingCKAState,
-    features_x: ArrayLike,
-    features_y: ArrayLike,
-    weights: ArrayLike | None = None,
+  state: StreamingCKAState,
+  features_x: ArrayLike,
+  features_y: ArrayLike,
+  weights: ArrayLike | None = None,
 ) -> StreamingCKAState:
-    """Merges one batch (``(n_b, ...)`` each, optional ``(n_b,)`` 0/1 weights) into ``state``.
+  """Merges one batch (``(n_b, ...)`` each, optional ``(n_b,)`` 0/1 weights) into ``state``.
 
-    Batch ``B`` with count ``n_B``, means ``m_B`` and centred sums ``C_B`` merges
-    into ``A`` as ``n = n_A + n_B``, ``m = m_A + (n_B/n) delta`` and
-    ``C_xy = C_xy^A + C_xy^B + (n_A n_B / n) delta_x delta_y^T`` with
-    ``delta = m_B - m_A``.  Jitted.
-    """
-    return _streaming_update_jit(state, features_x, features_y, weights)
+  Batch ``B`` with count ``n_B``, means ``m_B`` and centred sums ``C_B`` merges
+  into ``A`` as ``n = n_A + n_B``, ``m = m_A + (n_B/n) delta`` and
+  ``C_xy = C_xy^A + C_xy^B + (n_A n_B / n) delta_x delta_y^T`` with
+  ``delta = m_B - m_A``.  Jitted.
+  """
+  return _streaming_update_jit(state, features_x, features_y, weights)
 
 
 @jax.jit
 def _streaming_update_jit(state, features_x, features_y, weights) -> StreamingCKAState:
-    dtype = state.count.dtype
-    x, y = _flatten_pair(features_x, features_y, dtype)
-    if x.shape[1] != state.mean_x.shape[0] or y.shape[1] != state.mean_y.shape[0]:
-        raise ValueError(
-            f"batch feature sizes ({x.shape[1]}, {y.shape[1]}) do not match the state "
-            f"({state.mean_x.shape[0]}, {state.mean_y.shape[0]})"
-        )
-    n = x.shape[0]
-    w, sqrt_w = _example_weights(weights, n, dtype)
-    if w is None:
-        w = sqrt_w = jnp.ones((n,), dtype)
-    n_b = w.sum()
-    safe_b = jnp.where(n_b > 0, n_b, 1.0)
-    mean_bx = jnp.matmul(w, x, precision=_HIGHEST) / safe_b
-    mean_by = jnp.matmul(w, y, precision=_HIGHEST) / safe_b
-    xc = (x - mean_bx) * sqrt_w[:, None]
-    yc = (y - mean_by) * sqrt_w[:, None]
-    n_a = state.count
-    total = n_a + n_b
-    safe_total = jnp.where(total > 0, total, 1.0)
-    delta_x = mean_bx - state.mean_x
-    delta_y = mean_by - state.mean_y
-    coef = n_a * n_b / safe_total
-    return StreamingCKAState(
-        total,
-        state.mean_x + (n_b / safe_total) * delta_x,
-        state.mean_y + (n_b / safe_total) * delta_y,
-        state.cov_xx + jnp.matmul(xc.T, xc, precision=_HIGHEST) + coef * jnp.outer(delta_x, delta_x),
-        state.cov_yy + jnp.matmul(yc.T, yc, precision=_HIGHEST) + coef * jnp.outer(delta_y, delta_y),
-        state.cov_xy + jnp.matmul(xc.T, yc, precision=_HIGHEST) + coef * jnp.outer(delta_x, delta_y),
+  dtype = state.count.dtype
+  x, y = _flatten_pair(features_x, features_y, dtype)
+  if x.shape[1] != state.mean_x.shape[0] or y.shape[1] != state.mean_y.shape[0]:
+    raise ValueError(
+      f"batch feature sizes ({x.shape[1]}, {y.shape[1]}) do not match the state "
+      f"({state.mean_x.shape[0]}, {state.mean_y.shape[0]})"
     )
+  n = x.shape[0]
+  w, sqrt_w = _example_weights(weights, n, dtype)
+  if w is None:
+    w = sqrt_w = jnp.ones((n,), dtype)
+  n_b = w.sum()
+  safe_b = jnp.where(n_b > 0, n_b, 1.0)
+  mean_bx = jnp.matmul(w, x, precision=_HIGHEST) / safe_b
+  mean_by = jnp.matmul(w, y, precision=_HIGHEST) / safe_b
+  xc = (x - mean_bx) * sqrt_w[:, None]
+  yc = (y - mean_by) * sqrt_w[:, None]
+  n_a = state.count
+  total = n_a + n_b
+  safe_total = jnp.where(total > 0, total, 1.0)
+  delta_x = mean_bx - state.mean_x
+  delta_y = mean_by - state.mean_y
+  coef = n_a * n_b / safe_total
+  return StreamingCKAState(
+    total,
+    state.mean_x + (n_b / safe_total) * delta_x,
+    state.mean_y + (n_b / safe_total) * delta_y,
+    state.cov_xx + jnp.matmul(xc.T, xc, precision=_HIGHEST) + coef * jnp.outer(delta_x, delta_x),
+    state.cov_yy + jnp.matmul(yc.T, yc, precision=_HIGHEST) + coef * jnp.outer(delta_y, delta_y),
+    state.cov_xy + jnp.matmul(xc.T, yc, precision=_HIGHEST) + coef * jnp.outer(delta_x, delta_y),
+  )
 
 
 @jax.jit
 def streaming_linear_cka_result(state: StreamingCKAState) -> jax.Array:
-    """``||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F)``: linear CKA of all data seen (0.0 if degenerate)."""
-    tx = jnp.trace(state.cov_xx)  # = ||X_c||_F^2; normalise like linear_cka to avoid overflow
-    ty = jnp.trace(state.cov_yy)
-    ok = (tx > 0) & (ty > 0)
-    tx = jnp.where(ok, tx, 1.0)
-    ty = jnp.where(ok, ty, 1.0)
-    cxy = state.cov_xy / (jnp.sqrt(tx) * jnp.sqrt(ty))
-    numerator = jnp.sum(cxy * cxy)
-    cxx = state.cov_xx / tx
-    cyy = state.cov_yy / ty
-    denominator = jnp.sqrt(jnp.sum(cxx * cxx)) * jnp.sqrt(jnp.sum(cyy * cyy))
-    ok = ok & (denominator > 0)
-    return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
+  """``||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F)``: linear CKA of all data seen (0.0 if degenerate)."""
+  tx = jnp.trace(state.cov_xx)  # = ||X_c||_F^2; normalise like linear_cka to avoid overflow
+  ty = jnp.trace(state.cov_yy)
+  ok = (tx > 0) & (ty > 0)
+  tx = jnp.where(ok, tx, 1.0)
+  ty = jnp.where(ok, ty, 1.0)
+  cxy = state.cov_xy / (jnp.sqrt(tx) * jnp.sqrt(ty))
+  numerator = jnp.sum(cxy * cxy)
+  cxx = state.cov_xx / tx
+  cyy = state.cov_yy / ty
+  denominator = jnp.sqrt(jnp.sum(cxx * cxx)) * jnp.sqrt(jnp.sum(cyy * cyy))
+  ok = ok & (denominator > 0)
+  return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
 
 
 def streaming_linear_cka(batches: Iterable[tuple]) -> jax.Array:
-    """Exact linear CKA from an iterable of ``(x, y)`` or ``(x, y, weights)`` batches.
+  """Exact linear CKA from an iterable of ``(x, y)`` or ``(x, y, weights)`` batches.
 
-    Accumulates counts, means and the centred ``X^T X``, ``Y^T Y``, ``X^T Y`` in
-    feature space (``O(d^2)`` memory, independent of the number of examples),
-    so the result equals :func:`linear_cka` on the concatenated batches up to
-    float rounding.  Returns 0.0 for no data.
-    """
-    state = None
-    for batch in batches:
-        x, y = batch[0], batch[1]
-        if state is None:
-            x_arr, y_arr = jnp.asarray(x), jnp.asarray(y)
-            state = streaming_linear_cka_init(
-                int(np.prod(x_arr.shape[1:], dtype=np.int64)), int(np.prod(y_arr.shape[1:], dtype=np.int64))
-            )
-        state = streaming_linear_cka_update(state, *batch)
+  Accumulates counts, means and the centred ``X^T X``, ``Y^T Y``, ``X^T Y`` in
+  feature space (``O(d^2)`` memory, independent of the number of examples),
+  so the result equals :func:`linear_cka` on the concatenated batches up to
+  float rounding.  Returns 0.0 for no data.
+  """
+  state = None
+  for batch in batches:
+    x, y = batch[0], batch[1]
     if state is None:
-        return jnp.zeros((), _compute_dtype())
-    return streaming_linear_cka_result(state)
+      x_arr, y_arr = jnp.asarray(x), jnp.asarray(y)
+      state = streaming_linear_cka_init(
+        int(np.prod(x_arr.shape[1:], dtype=np.int64)), int(np.prod(y_arr.shape[1:], dtype=np.int64))
+      )
+    state = streaming_linear_cka_update(state, *batch)
+  if state is None:
+    return jnp.zeros((), _compute_dtype())
+  return streaming_linear_cka_result(state)
 
 
 # ---------------------------------------------------------------------------
@@ -667,210 +680,216 @@ def streaming_linear_cka(batches: Iterable[tuple]) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def _keep_count(s: jax.Array, threshold: float, anatome_compat: bool, rank_tol: jax.Array) -> jax.Array:
-    """Number of leading singular directions kept by the cumulative-sum rule.
+def _keep_count(
+  s: jax.Array, threshold: float, anatome_compat: bool, rank_tol: jax.Array
+) -> jax.Array:
+  """Number of leading singular directions kept by the cumulative-sum rule.
 
-    ``r_k = sum_{j<=k} s_j / sum_j s_j`` (singular values, not squared).
-    Default: the smallest ``k`` with ``r_k >= threshold``.  anatome: the number
-    of ``k`` with ``r_k < threshold`` (one fewer).  Clipped to ``[1, rank]``.
-    """
-    total = jnp.sum(s)
-    ratio = jnp.cumsum(s) / jnp.where(total > 0, total, 1.0)
-    below = jnp.sum(ratio < threshold)
-    k = below if anatome_compat else below + 1
-    rank = jnp.sum(s > rank_tol)
-    return jnp.clip(k, 1, jnp.maximum(rank, 1))
+  ``r_k = sum_{j<=k} s_j / sum_j s_j`` (singular values, not squared).
+  Default: the smallest ``k`` with ``r_k >= threshold``.  anatome: the number
+  of ``k`` with ``r_k < threshold`` (one fewer).  Clipped to ``[1, rank]``.
+  """
+  total = jnp.sum(s)
+  ratio = jnp.cumsum(s) / jnp.where(total > 0, total, 1.0)
+  below = jnp.sum(ratio < threshold)
+  k = below if anatome_compat else below + 1
+  rank = jnp.sum(s > rank_tol)
+  return jnp.clip(k, 1, jnp.maximum(rank, 1))
 
 
 def _reduced_basis(x: jax.Array, threshold: float, anatome_compat: bool):
-    """Orthonormal basis of the centred, SVD-reduced ``x`` (columns past ``k`` zeroed), ``k``, ok flag."""
-    n, d = x.shape
-    eps = jnp.finfo(x.dtype).eps
-    positions = jnp.arange(min(n, d))
-    if not anatome_compat:
-        xc = x - x.mean(axis=0, keepdims=True)
-        u, s, _ = jnp.linalg.svd(xc, full_matrices=False)
-        tol = s[0] * max(n, d) * eps
-        k = _keep_count(s, threshold, False, tol)
-        # span(U_k S_k) = span(U_k), already orthonormal and centred (1^T X_c = 0).
-        return u * (positions < k), k, s[0] > 0
-    # anatome: SVD of the uncentred input, project on V_k, then centre for CCA.
-    u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+  """Orthonormal basis of the centred, SVD-reduced ``x`` (columns past ``k`` zeroed), ``k``, ok flag."""
+  n, d = x.shape
+  eps = jnp.finfo(x.dtype).eps
+  positions = jnp.arange(min(n, d))
+  if not anatome_compat:
+    xc = x - x.mean(axis=0, keepdims=True)
+    u, s, _ = jnp.linalg.svd(xc, full_matrices=False)
     tol = s[0] * max(n, d) * eps
-    k = _keep_count(s, threshold, True, tol)
-    z = (u * s) * (positions < k)
-    z = z - z.mean(axis=0, keepdims=True)
-    u2, s2, _ = jnp.linalg.svd(z, full_matrices=False)
-    basis = u2 * (s2 > s2[0] * max(n, d) * eps)
-    xc_nonzero = jnp.any(jnp.abs(x - x.mean(axis=0, keepdims=True)) > 0)
-    return basis, k, xc_nonzero & (s2[0] > 0)
+    k = _keep_count(s, threshold, False, tol)
+    # span(U_k S_k) = span(U_k), already orthonormal and centred (1^T X_c = 0).
+    return u * (positions < k), k, s[0] > 0
+  # anatome: SVD of the uncentred input, project on V_k, then centre for CCA.
+  u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+  tol = s[0] * max(n, d) * eps
+  k = _keep_count(s, threshold, True, tol)
+  z = (u * s) * (positions < k)
+  z = z - z.mean(axis=0, keepdims=True)
+  u2, s2, _ = jnp.linalg.svd(z, full_matrices=False)
+  basis = u2 * (s2 > s2[0] * max(n, d) * eps)
+  xc_nonzero = jnp.any(jnp.abs(x - x.mean(axis=0, keepdims=True)) > 0)
+  return basis, k, xc_nonzero & (s2[0] > 0)
 
 
 def _svcca_core(x: jax.Array, y: jax.Array, threshold: float, anatome_compat: bool) -> jax.Array:
-    """SVCCA distance of two ``(n, d)`` matrices (traceable; k handled by masking)."""
-    bx, kx, okx = _reduced_basis(x, threshold, anatome_compat)
-    by, ky, oky = _reduced_basis(y, threshold, anatome_compat)
-    corr = jnp.linalg.svd(jnp.matmul(bx.T, by, precision=_HIGHEST), compute_uv=False)
-    m = jnp.minimum(kx, ky)
-    kept = jnp.arange(corr.shape[0]) < m
-    total = jnp.sum(jnp.where(kept, jnp.clip(corr, 0.0, 1.0), 0.0))
-    return jnp.where(okx & oky, 1.0 - total / m.astype(x.dtype), jnp.nan)
+  """SVCCA distance of two ``(n, d)`` matrices (traceable; k handled by masking)."""
+  bx, kx, okx = _reduced_basis(x, threshold, anatome_compat)
+  by, ky, oky = _reduced_basis(y, threshold, anatome_compat)
+  corr = jnp.linalg.svd(jnp.matmul(bx.T, by, precision=_HIGHEST), compute_uv=False)
+  m = jnp.minimum(kx, ky)
+  kept = jnp.arange(corr.shape[0]) < m
+  total = jnp.sum(jnp.where(kept, jnp.clip(corr, 0.0, 1.0), 0.0))
+  return jnp.where(okx & oky, 1.0 - total / m.astype(x.dtype), jnp.nan)
 
 
 @jax.jit(static_argnames=("threshold", "anatome_compat"))
 def _svcca_jit(x, y, threshold: float, anatome_compat: bool) -> jax.Array:
-    return _svcca_core(x, y, threshold, anatome_compat)
+  return _svcca_core(x, y, threshold, anatome_compat)
 
 
 def _check_threshold(threshold: float) -> float:
-    threshold = float(threshold)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    return threshold
+  threshold = float(threshold)
+  if not 0.0 < threshold <= 1.0:
+    raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+  return threshold
 
 
 def svcca_distance(
-    features_x: ArrayLike,
-    features_y: ArrayLike,
-    *,
-    threshold: float = 0.99,
-    anatome_compat: bool = False,
+  features_x: ArrayLike,
+  features_y: ArrayLike,
+  *,
+  threshold: float = 0.99,
+  anatome_compat: bool = False,
 ) -> jax.Array:
-    """SVCCA distance ``1 - mean canonical correlation`` (Raghu et al. 2017).
+  """SVCCA distance ``1 - mean canonical correlation`` (Raghu et al. 2017).
 
-    Steps, for each ``(n, d)`` feature matrix (trailing dims flattened):
+  Steps, for each ``(n, d)`` feature matrix (trailing dims flattened):
 
-    1. centre the columns and take the thin SVD ``X_c = U S V^T``;
-    2. keep the leading ``k`` directions, ``k`` the smallest with
-       ``sum_{j<=k} s_j >= threshold * sum_j s_j`` (singular values, not
-       squared), giving ``X_k = U_k S_k``;
-    3. CCA between ``X_k`` and ``Y_k``: the canonical correlations are the
-       singular values of ``Q_x^T Q_y`` for orthonormal bases of the two
-       (centred) reduced matrices -- here ``Q_x = U_k`` directly, which spans
-       the same space as a QR basis of ``U_k S_k``;
-    4. distance ``= 1 - (1/min(k_x, k_y)) sum_{i <= min(k_x, k_y)} rho_i``.
+  1. centre the columns and take the thin SVD ``X_c = U S V^T``;
+  2. keep the leading ``k`` directions, ``k`` the smallest with
+     ``sum_{j<=k} s_j >= threshold * sum_j s_j`` (singular values, not
+     squared), giving ``X_k = U_k S_k``;
+  3. CCA between ``X_k`` and ``Y_k``: the canonical correlations are the
+     singular values of ``Q_x^T Q_y`` for orthonormal bases of the two
+     (centred) reduced matrices -- here ``Q_x = U_k`` directly, which spans
+     the same space as a QR basis of ``U_k S_k``;
+  4. distance ``= 1 - (1/min(k_x, k_y)) sum_{i <= min(k_x, k_y)} rho_i``.
 
-    ``k`` is data dependent, so it is handled by masking columns of fixed-size
-    arrays: the whole computation is traceable and jitted (``threshold`` and
-    ``anatome_compat`` are static).  Cost: two thin SVDs, ``O(n d^2)``
-    (``d <= n``), plus a ``min(n,d1) x min(n,d2)`` SVD.  CCA is meaningful only
-    for ``n`` well above ``k``; for ``n`` close to ``k_x + k_y`` the
-    correlations are biased towards 1.
+  ``k`` is data dependent, so it is handled by masking columns of fixed-size
+  arrays: the whole computation is traceable and jitted (``threshold`` and
+  ``anatome_compat`` are static).  Cost: two thin SVDs, ``O(n d^2)``
+  (``d <= n``), plus a ``min(n,d1) x min(n,d2)`` SVD.  CCA is meaningful only
+  for ``n`` well above ``k``; for ``n`` close to ``k_x + k_y`` the
+  correlations are biased towards 1.
 
-    Args:
-      features_x, features_y: ``(n, ...)`` features over the same examples.
-      threshold: fraction of the singular-value sum to keep, in ``(0, 1]``.
-      anatome_compat: reproduce ``anatome.similarity.svcca_distance`` exactly
-        instead: the reduction SVD is taken of the *uncentred* input (``x V_k``,
-        centred only afterwards for CCA) and ``k`` counts the directions with
-        cumulative ratio strictly below ``threshold`` (one fewer than the
-        default rule; clipped to at least 1 where anatome would return NaN).
+  Args:
+    features_x, features_y: ``(n, ...)`` features over the same examples.
+    threshold: fraction of the singular-value sum to keep, in ``(0, 1]``.
+    anatome_compat: reproduce ``anatome.similarity.svcca_distance`` exactly
+      instead: the reduction SVD is taken of the *uncentred* input (``x V_k``,
+      centred only afterwards for CCA) and ``k`` counts the directions with
+      cumulative ratio strictly below ``threshold`` (one fewer than the
+      default rule; clipped to at least 1 where anatome would return NaN).
 
-    Returns:
-      Scalar in ``[0, 1]``, float32 (float64 under x64); NaN if either input
-      has zero centred variance.
-    """
-    threshold = _check_threshold(threshold)
-    dtype = _compute_dtype()
-    x, y = _flatten_pair(features_x, features_y, dtype)
-    if x.shape[0] < 2:
-        raise ValueError(f"SVCCA needs at least 2 examples, got {x.shape[0]}")
-    return _svcca_jit(x, y, threshold, bool(anatome_compat))
+  Returns:
+    Scalar in ``[0, 1]``, float32 (float64 under x64); NaN if either input
+    has zero centred variance.
+  """
+  threshold = _check_threshold(threshold)
+  dtype = _compute_dtype()
+  x, y = _flatten_pair(features_x, features_y, dtype)
+  if x.shape[0] < 2:
+    raise ValueError(f"SVCCA needs at least 2 examples, got {x.shape[0]}")
+  return _svcca_jit(x, y, threshold, bool(anatome_compat))
 
 
 def _adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
-    """``(out, length)`` averaging matrix with PyTorch ``adaptive_avg_pool`` bins.
+  """``(out, length)`` averaging matrix with PyTorch ``adaptive_avg_pool`` bins.
 
-    Bin ``i`` covers ``[floor(i L / out), ceil((i + 1) L / out))``.
-    """
-    mat = np.zeros((out, length), np.float64)
-    for i in range(out):
-        start = (i * length) // out
-        end = -((-(i + 1) * length) // out)
-        mat[i, start:end] = 1.0 / (end - start)
-    return mat
+  Bin ``i`` covers ``[floor(i L / out), ceil((i + 1) L / out))``.
+  """
+  mat = np.zeros((out, length), np.float64)
+  for i in range(out):
+    start = (i * length) // out
+    end = -((-(i + 1) * length) // out)
+    mat[i, start:end] = 1.0 / (end - start)
+  return mat
 
 
 def _downsample_maps(maps: jax.Array, height: int, width: int, method: str) -> jax.Array:
-    n, h, w, c = maps.shape
-    if (h, w) == (height, width):
-        return maps
-    if method == "bilinear":
-        return jax.image.resize(maps, (n, height, width, c), method="bilinear", antialias=True)
-    ph = jnp.asarray(_adaptive_pool_matrix(h, height), maps.dtype)
-    pw = jnp.asarray(_adaptive_pool_matrix(w, width), maps.dtype)
-    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, maps, precision=_HIGHEST)
+  n, h, w, c = maps.shape
+  if (h, w) == (height, width):
+    return maps
+  if method == "bilinear":
+    return jax.image.resize(maps, (n, height, width, c), method="bilinear", antialias=True)
+  ph = jnp.asarray(_adaptive_pool_matrix(h, height), maps.dtype)
+  pw = jnp.asarray(_adaptive_pool_matrix(w, width), maps.dtype)
+  return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, maps, precision=_HIGHEST)
 
 
 @jax.jit(static_argnames=("threshold", "anatome_compat", "position_batch"))
-def _svcca_conv_jit(x, y, threshold: float, anatome_compat: bool, position_batch: int | None) -> jax.Array:
-    n, h, w, _ = x.shape
-    xp = jnp.moveaxis(x.reshape((n, h * w, -1)), 1, 0)  # (P, n, Cx)
-    yp = jnp.moveaxis(y.reshape((n, h * w, -1)), 1, 0)  # (P, n, Cy)
-    distances = jax.lax.map(
-        lambda pair: _svcca_core(pair[0], pair[1], threshold, anatome_compat),
-        (xp, yp),
-        batch_size=position_batch,
-    )
-    return jnp.mean(distances)
+def _svcca_conv_jit(
+  x, y, threshold: float, anatome_compat: bool, position_batch: int | None
+) -> jax.Array:
+  n, h, w, _ = x.shape
+  xp = jnp.moveaxis(x.reshape((n, h * w, -1)), 1, 0)  # (P, n, Cx)
+  yp = jnp.moveaxis(y.reshape((n, h * w, -1)), 1, 0)  # (P, n, Cy)
+  distances = jax.lax.map(
+    lambda pair: _svcca_core(pair[0], pair[1], threshold, anatome_compat),
+    (xp, yp),
+    batch_size=position_batch,
+  )
+  return jnp.mean(distances)
 
 
 def svcca_conv_distance(
-    maps_x: ArrayLike,
-    maps_y: ArrayLike,
-    *,
-    size: int = 16,
-    threshold: float = 0.99,
-    resize_method: str | None = None,
-    anatome_compat: bool = False,
-    position_batch: int | None = 16,
+  maps_x: ArrayLike,
+  maps_y: ArrayLike,
+  *,
+  size: int = 16,
+  threshold: float = 0.99,
+  resize_method: str | None = None,
+  anatome_compat: bool = False,
+  position_batch: int | None = 16,
 ) -> jax.Array:
-    """SVCCA distance of two conv feature maps, per spatial position, averaged.
+  """SVCCA distance of two conv feature maps, per spatial position, averaged.
 
-    Both ``(n, H, W, C)`` maps (channels last; ``C`` may differ) are first
-    *down*sampled to a common grid ``(min(size, H_x, H_y), min(size, W_x,
-    W_y))`` -- maps already that small are used as they are, never upsampled
-    (anatome refuses ``size > H``).  Then, for each of the ``P`` positions,
-    :func:`svcca_distance` is computed between the ``(n, C_x)`` and ``(n, C_y)``
-    matrices of that position, and the ``P`` distances are averaged (NaN if any
-    position is degenerate).
+  Both ``(n, H, W, C)`` maps (channels last; ``C`` may differ) are first
+  *down*sampled to a common grid ``(min(size, H_x, H_y), min(size, W_x,
+  W_y))`` -- maps already that small are used as they are, never upsampled
+  (anatome refuses ``size > H``).  Then, for each of the ``P`` positions,
+  :func:`svcca_distance` is computed between the ``(n, C_x)`` and ``(n, C_y)``
+  matrices of that position, and the ``P`` distances are averaged (NaN if any
+  position is degenerate).
 
-    Args:
-      maps_x, maps_y: ``(n, H, W, C)`` activations over the same examples.
-      size: target spatial size (the Simon Says authors used 16).
-      threshold, anatome_compat: as in :func:`svcca_distance`.
-      resize_method: ``"bilinear"`` (``jax.image.resize``, antialiased) or
-        ``"avg_pool"`` (PyTorch ``adaptive_avg_pool2d`` bins, what anatome
-        does).  ``None``: ``"avg_pool"`` if ``anatome_compat`` else
-        ``"bilinear"``.
-      position_batch: positions processed together (``lax.map`` with this
-        ``batch_size``; ``None`` = one at a time).
+  Args:
+    maps_x, maps_y: ``(n, H, W, C)`` activations over the same examples.
+    size: target spatial size (the Simon Says authors used 16).
+    threshold, anatome_compat: as in :func:`svcca_distance`.
+    resize_method: ``"bilinear"`` (``jax.image.resize``, antialiased) or
+      ``"avg_pool"`` (PyTorch ``adaptive_avg_pool2d`` bins, what anatome
+      does).  ``None``: ``"avg_pool"`` if ``anatome_compat`` else
+      ``"bilinear"``.
+    position_batch: positions processed together (``lax.map`` with this
+      ``batch_size``; ``None`` = one at a time).
 
-    Cost: ``P`` pairs of thin SVDs of ``n x C`` matrices, ``O(P n C^2)`` time;
-    peak memory ``O(position_batch * n * C)`` on top of the resized maps.
-    Jitted per input shape.
-    """
-    threshold = _check_threshold(threshold)
-    if resize_method is None:
-        resize_method = "avg_pool" if anatome_compat else "bilinear"
-    if resize_method not in ("bilinear", "avg_pool"):
-        raise ValueError(f"resize_method must be 'bilinear' or 'avg_pool', got {resize_method!r}")
-    if int(size) < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    if position_batch is not None and int(position_batch) < 1:
-        raise ValueError(f"position_batch must be >= 1 or None, got {position_batch}")
-    dtype = _compute_dtype()
-    x = jnp.asarray(maps_x).astype(dtype)
-    y = jnp.asarray(maps_y).astype(dtype)
-    if x.ndim != 4 or y.ndim != 4:
-        raise ValueError(f"maps must be (n, H, W, C), got shapes {x.shape} and {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"maps must have the same number of examples, got {x.shape[0]} and {y.shape[0]}")
-    if x.shape[0] < 2:
-        raise ValueError(f"SVCCA needs at least 2 examples, got {x.shape[0]}")
-    height = min(int(size), x.shape[1], y.shape[1])
-    width = min(int(size), x.shape[2], y.shape[2])
-    x = _downsample_maps(x, height, width, resize_method)
-    y = _downsample_maps(y, height, width, resize_method)
-    batch = None if position_batch is None else int(position_batch)
-    return _svcca_conv_jit(x, y, threshold, bool(anatome_compat), batch)
+  Cost: ``P`` pairs of thin SVDs of ``n x C`` matrices, ``O(P n C^2)`` time;
+  peak memory ``O(position_batch * n * C)`` on top of the resized maps.
+  Jitted per input shape.
+  """
+  threshold = _check_threshold(threshold)
+  if resize_method is None:
+    resize_method = "avg_pool" if anatome_compat else "bilinear"
+  if resize_method not in ("bilinear", "avg_pool"):
+    raise ValueError(f"resize_method must be 'bilinear' or 'avg_pool', got {resize_method!r}")
+  if int(size) < 1:
+    raise ValueError(f"size must be >= 1, got {size}")
+  if position_batch is not None and int(position_batch) < 1:
+    raise ValueError(f"position_batch must be >= 1 or None, got {position_batch}")
+  dtype = _compute_dtype()
+  x = jnp.asarray(maps_x).astype(dtype)
+  y = jnp.asarray(maps_y).astype(dtype)
+  if x.ndim != 4 or y.ndim != 4:
+    raise ValueError(f"maps must be (n, H, W, C), got shapes {x.shape} and {y.shape}")
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(
+      f"maps must have the same number of examples, got {x.shape[0]} and {y.shape[0]}"
+    )
+  if x.shape[0] < 2:
+    raise ValueError(f"SVCCA needs at least 2 examples, got {x.shape[0]}")
+  height = min(int(size), x.shape[1], y.shape[1])
+  width = min(int(size), x.shape[2], y.shape[2])
+  x = _downsample_maps(x, height, width, resize_method)
+  y = _downsample_maps(y, height, width, resize_method)
+  batch = None if position_batch is None else int(position_batch)
+  return _svcca_conv_jit(x, y, threshold, bool(anatome_compat), batch)

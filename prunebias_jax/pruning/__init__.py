@@ -17,20 +17,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunebias_jax.pruning.masks import (
-    apply_masks, build_masks, dense_masks, is_prunable, mask_sparsity, masks_from_flat,
-    masks_to_flat, prunable_layers, sparsity_report)
-from prunebias_jax.pruning.scores import keep_mask, l1_filter_scores, magnitude_scores, random_scores
+  apply_masks,
+  build_masks,
+  dense_masks,
+  is_prunable,
+  mask_sparsity,
+  masks_from_flat,
+  masks_to_flat,
+  prunable_layers,
+  sparsity_report,
+)
+from prunebias_jax.pruning.scores import (
+  keep_mask,
+  l1_filter_scores,
+  magnitude_scores,
+  random_scores,
+)
 
 PyTree = Any
 METHODS = ("l1_filter", "global_magnitude", "layer_magnitude", "random")
 
 
 def _previous(previous_masks: PyTree | None) -> dict[str, np.ndarray]:
-  return {} if previous_masks is None else {n: np.asarray(m) for n, m in masks_to_flat(previous_masks).items()}
+  return (
+    {}
+    if previous_masks is None
+    else {n: np.asarray(m) for n, m in masks_to_flat(previous_masks).items()}
+  )
 
 
-def prune(params: PyTree, method: str, sparsity: float, seed: int = 0,
-          previous_masks: PyTree | None = None) -> PyTree:
+def prune(
+  params: PyTree, method: str, sparsity: float, seed: int = 0, previous_masks: PyTree | None = None
+) -> PyTree:
   """Masks (pytree shaped like `params`) removing the fraction `sparsity` by `method`.
 
   `previous_masks`: units already pruned get score −∞ so they stay pruned (monotone schedules).
@@ -58,7 +76,7 @@ def prune(params: PyTree, method: str, sparsity: float, seed: int = 0,
     keep = keep_mask(flat, int(round(sparsity * flat.size)))
     offset = 0
     for name, k in layers.items():
-      result[name] = keep[offset:offset + k.size].reshape(k.shape)
+      result[name] = keep[offset : offset + k.size].reshape(k.shape)
       offset += k.size
   else:
     rng = np.random.default_rng(seed)
@@ -72,6 +90,15 @@ def prune(params: PyTree, method: str, sparsity: float, seed: int = 0,
 
 
 __all__ = [
-    "METHODS", "apply_masks", "build_masks", "dense_masks", "is_prunable", "mask_sparsity",
-    "masks_from_flat", "masks_to_flat", "prunable_layers", "prune", "sparsity_report",
+  "METHODS",
+  "apply_masks",
+  "build_masks",
+  "dense_masks",
+  "is_prunable",
+  "mask_sparsity",
+  "masks_from_flat",
+  "masks_to_flat",
+  "prunable_layers",
+  "prune",
+  "sparsity_report",
 ]

@@ -42,7 +42,8 @@ def _is_none(x) -> bool:
 def build_masks(params: PyTree, fn) -> PyTree:
   """A masks pytree with `fn(name, kernel)` at every prunable leaf and None elsewhere."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: fn(layer_name(p), x) if is_prunable(p, x) else None, params)
+    lambda p, x: fn(layer_name(p), x) if is_prunable(p, x) else None, params
+  )
 
 
 def dense_masks(params: PyTree) -> PyTree:
@@ -55,8 +56,11 @@ def apply_masks(params: PyTree, masks: PyTree | None) -> PyTree:
   if masks is None:
     return params
   return jax.tree.map(
-      lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-      masks, params, is_leaf=_is_none)
+    lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+    masks,
+    params,
+    is_leaf=_is_none,
+  )
 
 
 def masks_to_flat(masks: PyTree) -> dict[str, Any]:
@@ -69,7 +73,9 @@ def masks_from_flat(params: PyTree, flat: dict[str, Any]) -> PyTree:
   """Inverse of `masks_to_flat`, shaped like `params`."""
   expected = set(prunable_layers(params))
   if set(flat) != expected:
-    raise ValueError(f"mask layers {sorted(flat)} do not match the model's prunable layers {sorted(expected)}")
+    raise ValueError(
+      f"mask layers {sorted(flat)} do not match the model's prunable layers {sorted(expected)}"
+    )
   return build_masks(params, lambda name, _: jnp.asarray(flat[name], bool))
 
 

@@ -23,8 +23,15 @@ def agp_sparsity(epoch: int, target: float, initial: float, span: int) -> float:
   return target + (initial - target) * (1.0 - progress) ** 3
 
 
-def pruning_steps(epochs: int, target: float, *, schedule: str, initial: float = 0.1,
-                  frequency: int = 5, end_fraction: float = 0.5) -> dict[int, float]:
+def pruning_steps(
+  epochs: int,
+  target: float,
+  *,
+  schedule: str,
+  initial: float = 0.1,
+  frequency: int = 5,
+  end_fraction: float = 0.5,
+) -> dict[int, float]:
   """{0-based epoch at whose start to prune: sparsity}; the last entry is always `target`."""
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown pruning schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,7 +34,9 @@ def _format_eta(seconds: float) -> str:
 
 
 @jax.jit
-def _accumulate(window: dict, persistent: dict, metrics: dict, step: jax.Array) -> tuple[dict, dict]:
+def _accumulate(
+  window: dict, persistent: dict, metrics: dict, step: jax.Array
+) -> tuple[dict, dict]:
   """Adds one step's metrics on the device (no host sync). `window` holds the sums since the
   last progress line over steps with a finite loss; `persistent` the number of non-finite
   steps, the first one (-1: none) and the last finite loss before it."""
@@ -43,25 +44,38 @@ def _accumulate(window: dict, persistent: dict, metrics: dict, step: jax.Array) 
   first = persistent["first_bad"]
   first = jnp.where((first < 0) & jnp.any(~finite), step, first)
   window = {
-      "loss": window["loss"] + jnp.where(finite, metrics["loss"], 0.0),
-      "accuracy": window["accuracy"] + jnp.where(finite, metrics["accuracy"], 0.0),
-      "finite": window["finite"] + finite.astype(jnp.int32),
+    "loss": window["loss"] + jnp.where(finite, metrics["loss"], 0.0),
+    "accuracy": window["accuracy"] + jnp.where(finite, metrics["accuracy"], 0.0),
+    "finite": window["finite"] + finite.astype(jnp.int32),
   }
   persistent = {
-      "nonfinite": persistent["nonfinite"] + (~finite).astype(jnp.int32),
-      "first_bad": first,
-      "last_finite": jnp.where(first < 0, metrics["loss"], persistent["last_finite"]),
-      "last_finite_step": jnp.where(first < 0, step, persistent["last_finite_step"]),
+    "nonfinite": persistent["nonfinite"] + (~finite).astype(jnp.int32),
+    "first_bad": first,
+    "last_finite": jnp.where(first < 0, metrics["loss"], persistent["last_finite"]),
+    "last_finite_step": jnp.where(first < 0, step, persistent["last_finite_step"]),
   }
   return window, persistent
 
 
-def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch_size: int, epochs: int,
-        seed: int | Sequence[int], masks: PyTree | None = None, teacher_variables: PyTree | None = None,
-        alpha: float = 0.0, temperature: float = 1.0, progress_seconds: float = 10.0,
-        epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
-        parallel: DataParallel | None = None, checkpoint: StageCheckpoint | None = None,
-        nonfinite: str = "stop") -> tuple[TrainState, dict, PyTree]:
+def fit(
+  state: TrainState,
+  step_fn: Callable,
+  split: Split,
+  *,
+  stage: str,
+  batch_size: int,
+  epochs: int,
+  seed: int | Sequence[int],
+  masks: PyTree | None = None,
+  teacher_variables: PyTree | None = None,
+  alpha: float = 0.0,
+  temperature: float = 1.0,
+  progress_seconds: float = 10.0,
+  epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
+  parallel: DataParallel | None = None,
+  checkpoint: StageCheckpoint | None = None,
+  nonfinite: str = "stop",
+) -> tuple[TrainState, dict, PyTree]:
   """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
   (state, summary, final masks).
 
@@ -96,26 +110,40 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   if checkpoint is not None and checkpoint.latest_step() is not None:
     saved, start_step = checkpoint.restore(_checkpoint_tree(state, masks))
     state, masks = saved["state"], saved.get("masks")
-    logging.info("%s: resumed from the mid-stage checkpoint at step %d/%d (%s)", stage, start_step, total,
-                 checkpoint.directory)
+    logging.info(
+      "%s: resumed from the mid-stage checkpoint at step %d/%d (%s)",
+      stage,
+      start_step,
+      total,
+      checkpoint.directory,
+    )
   state, masks, teacher_variables = parallel.replicate((state, masks, teacher_variables))
   base_rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))  # key(s) per member
   fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   alpha = jnp.float32(alpha)
   temperature = jnp.float32(temperature)
   shape = (len(seeds),) if population else ()
-  fresh_window = lambda: {"loss": jnp.zeros(shape), "accuracy": jnp.zeros(shape),
-                          "finite": jnp.zeros(shape, jnp.int32)}
+  fresh_window = lambda: {
+    "loss": jnp.zeros(shape),
+    "accuracy": jnp.zeros(shape),
+    "finite": jnp.zeros(shape, jnp.int32),
+  }
   window_sums = fresh_window()
-  persistent = {"nonfinite": jnp.zeros(shape, jnp.int32), "first_bad": jnp.int32(-1),
-                "last_finite": jnp.full(shape, jnp.nan), "last_finite_step": jnp.int32(-1)}
+  persistent = {
+    "nonfinite": jnp.zeros(shape, jnp.int32),
+    "first_bad": jnp.int32(-1),
+    "last_finite": jnp.full(shape, jnp.nan),
+    "last_finite_step": jnp.int32(-1),
+  }
   window, window_start, start = 0, time.perf_counter(), time.perf_counter()
   last_log, reported_bad = time.perf_counter(), 0
   summary: dict[str, float] = {}
   # A stage resumed mid-epoch already ran that epoch's hook (its masks were saved); one resumed
   # at an epoch boundary has not, like an uninterrupted run about to start that epoch.
   current_epoch = start_step // per_epoch if start_step % per_epoch else -1
-  member_batches = zip(*(train_batches(split, batch_size, s, 0, epochs, skip=start_step) for s in seeds))
+  member_batches = zip(
+    *(train_batches(split, batch_size, s, 0, epochs, skip=start_step) for s in seeds)
+  )
   for i, batches in enumerate(member_batches, start=start_step):
     epoch = batches[0][0]
     if epoch != current_epoch:
@@ -125,11 +153,21 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
         state, masks = parallel.replicate((state, masks))
     rngs = fold(base_rngs, i)
     if population:  # (members, batch, ...): the batch axis (1) is the sharded one
-      images = parallel.put_batch(np.stack([b[1][local] for b in batches]), parallel.eval_batches, axis=1)
-      labels = parallel.put_batch(np.stack([b[2][local] for b in batches]), parallel.eval_batches, axis=1)
+      images = parallel.put_batch(
+        np.stack([b[1][local] for b in batches]), parallel.eval_batches, axis=1
+      )
+      labels = parallel.put_batch(
+        np.stack([b[2][local] for b in batches]), parallel.eval_batches, axis=1
+      )
     else:
-      images, labels, rngs = parallel.put_batch(batches[0][1][local]), parallel.put_batch(batches[0][2][local]), rngs[0]
-    state, metrics = step_fn(state, images, labels, rngs, masks, teacher_variables, alpha, temperature)
+      images, labels, rngs = (
+        parallel.put_batch(batches[0][1][local]),
+        parallel.put_batch(batches[0][2][local]),
+        rngs[0],
+      )
+    state, metrics = step_fn(
+      state, images, labels, rngs, masks, teacher_variables, alpha, temperature
+    )
     window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
     window += 1
     done = i + 1
@@ -141,15 +179,23 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
       first_bad = int(bad["first_bad"])
       if first_bad >= 0 and nonfinite == "stop":
         last = float(np.mean(bad["last_finite"]))
-        last_text = (f"last finite loss {last:.4g} at step {int(bad['last_finite_step']) + 1}"
-                     if int(bad["last_finite_step"]) >= 0 else "no finite loss before it")
+        last_text = (
+          f"last finite loss {last:.4g} at step {int(bad['last_finite_step']) + 1}"
+          if int(bad["last_finite_step"]) >= 0
+          else "no finite loss before it"
+        )
         raise NonFiniteLossError(
-            f"{stage}: non-finite loss at step {first_bad + 1}/{total} (epoch {first_bad // per_epoch + 1}); "
-            f"{last_text}. Lower the learning rate, check the data, or set --config.nonfinite=skip")
+          f"{stage}: non-finite loss at step {first_bad + 1}/{total} (epoch {first_bad // per_epoch + 1}); "
+          f"{last_text}. Lower the learning rate, check the data, or set --config.nonfinite=skip"
+        )
       skipped = int(np.max(bad["nonfinite"]))
       if skipped > reported_bad:
-        logging.warning("%s: skipped %d step(s) with a non-finite loss so far (first at step %d)", stage,
-                        skipped, first_bad + 1)
+        logging.warning(
+          "%s: skipped %d step(s) with a non-finite loss so far (first at step %d)",
+          stage,
+          skipped,
+          first_bad + 1,
+        )
         reported_bad = skipped
       # Population: the mean over members of each member's mean over its finite steps.
       finite = np.maximum(np.asarray(got["finite"]), 1)
@@ -158,8 +204,18 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
       now = time.perf_counter()
       rate = window * batch_size / max(now - window_start, 1e-9)
       eta = (total - done) * batch_size / max(rate, 1e-9)
-      logging.info("%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s", stage, done, total,
-                   epoch + 1, epochs, loss, acc, rate, _format_eta(eta))
+      logging.info(
+        "%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s",
+        stage,
+        done,
+        total,
+        epoch + 1,
+        epochs,
+        loss,
+        acc,
+        rate,
+        _format_eta(eta),
+      )
       summary = {"train_loss": loss, "train_accuracy": acc}
       window_sums = fresh_window()
       window, window_start, last_log = 0, now, now
@@ -171,8 +227,13 @@ def fit(state: TrainState, step_fn: Callable, split: Split, *, stage: str, batch
   seconds = time.perf_counter() - start
   steps_run = total - start_step
   # The last step always syncs, so `reported_bad` is the stage's final count of skipped steps.
-  summary.update(steps=total, seconds=seconds, images_per_second=steps_run * batch_size / max(seconds, 1e-9),
-                 resumed_at_step=start_step, nonfinite_steps=reported_bad)
+  summary.update(
+    steps=total,
+    seconds=seconds,
+    images_per_second=steps_run * batch_size / max(seconds, 1e-9),
+    resumed_at_step=start_step,
+    nonfinite_steps=reported_bad,
+  )
   return state, summary, masks
 
 
@@ -181,8 +242,14 @@ def _checkpoint_tree(state: TrainState, masks: PyTree | None) -> dict:
   return {"state": state} if masks is None else {"state": state, "masks": masks}
 
 
-def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images: np.ndarray,
-             num_examples: int, parallel: DataParallel | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def evaluate(
+  eval_fn: Callable,
+  variables: PyTree,
+  masks: PyTree | None,
+  images: np.ndarray,
+  num_examples: int,
+  parallel: DataParallel | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Logits and per-layer features ({'features': penultimate, 'stage1': ..., ...}) of the
   first `num_examples` rows of the padded set
   (images (num_batches, batch, H, W, C); each batch is sharded over the devices). With a
@@ -192,4 +259,6 @@ def evaluate(eval_fn: Callable, variables: PyTree, masks: PyTree | None, images:
   variables, masks = parallel.replicate((variables, masks))
   images = parallel.put_batch(images[:, local], parallel.eval_batches, axis=1)
   logits, layers = jax.device_get(eval_fn(variables, masks, images))
-  return np.asarray(logits[..., :num_examples, :]), {k: np.asarray(v[..., :num_examples, :]) for k, v in layers.items()}
+  return np.asarray(logits[..., :num_examples, :]), {
+    k: np.asarray(v[..., :num_examples, :]) for k, v in layers.items()
+  }

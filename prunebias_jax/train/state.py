@@ -28,7 +28,9 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int) -> optax.Schedule:
+def learning_rate_schedule(
+  cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int
+) -> optax.Schedule:
   """'cosine': lr·½(1+cos(π t/T)); 'step': lr·factor^(#decay epochs passed); 'constant'."""
   total = max(1, steps_per_epoch * epochs)
   if cfg.schedule == "cosine":
@@ -41,22 +43,33 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
   raise ValueError(f"unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int
+) -> optax.GradientTransformation:
   """SGD with momentum and L2 weight decay added to the gradient (PyTorch's SGD semantics):
   g ← g + wd·w;  v ← μ·v + g;  w ← w − lr·v."""
   return optax.chain(
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.sgd(learning_rate_schedule(cfg, steps_per_epoch, epochs), momentum=cfg.momentum,
-                nesterov=cfg.nesterov),
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.sgd(
+      learning_rate_schedule(cfg, steps_per_epoch, epochs),
+      momentum=cfg.momentum,
+      nesterov=cfg.nesterov,
+    ),
   )
 
 
-def create_state(params: PyTree, batch_stats: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+def create_state(
+  params: PyTree, batch_stats: PyTree, optimizer: optax.GradientTransformation
+) -> TrainState:
   """A fresh state (step 0, new optimizer state) around copies of the given weights.
 
   The train step donates its state, so the state must own its buffers: without the copy a
   fine-tune would free the teacher's arrays it was started from.
   """
   params, batch_stats = jax.tree.map(jnp.array, (params, batch_stats))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=optimizer.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=optimizer.init(params),
+  )

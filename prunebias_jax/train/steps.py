@@ -18,9 +18,19 @@ from prunebias_jax.train.state import TrainState
 PyTree = Any
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, mean, std,
-                    crop_padding: int, flip: bool, kd: bool, population: int = 1,
-                    shared_masks: bool = True, skip_nonfinite: bool = False) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  *,
+  mean,
+  std,
+  crop_padding: int,
+  flip: bool,
+  kd: bool,
+  population: int = 1,
+  shared_masks: bool = True,
+  skip_nonfinite: bool = False,
+) -> Callable:
   """Returns jitted `step(state, images_u8, labels, rng, masks, teacher_variables, alpha, T)`.
 
   The forward pass uses params ⊙ masks (so pruned weights get zero gradient); after the
@@ -54,20 +64,25 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
         loss = ce = cross_entropy(logits, labels)
       return loss, (logits, updates["batch_stats"], ce)
 
-    (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates), masks)
     finite = jnp.isfinite(loss)
     if skip_nonfinite:  # keep the old values where the loss was not finite
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      params, batch_stats, opt_state = keep((params, batch_stats, opt_state),
-                                            (state.params, state.batch_stats, state.opt_state))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+      params, batch_stats, opt_state = keep(
+        (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state)
+      )
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     metrics = {
-        "loss": loss,
-        "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
-        "ce": ce,
-        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+      "loss": loss,
+      "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
+      "ce": ce,
+      "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
     }
     return new_state, metrics
 
@@ -76,8 +91,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
   return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None, population: int = 1,
-                 shared_masks: bool = True) -> Callable:
+def make_eval_fn(
+  model: nn.Module, *, mean, std, out_shardings=None, population: int = 1, shared_masks: bool = True
+) -> Callable:
   """Returns jitted `evaluate(variables, masks, images (B,bs,...)) -> (logits, layers)`.
 
   `layers` maps 'features' (the penultimate vector) and every sown stage output
@@ -97,8 +113,9 @@ def make_eval_fn(model: nn.Module, *, mean, std, out_shardings=None, population:
     variables = {**variables, "params": apply_masks(variables["params"], masks)}
 
     def one_batch(batch_images):
-      logits, state = model.apply(variables, normalize(batch_images, mean, std), train=False,
-                                  mutable=["intermediates"])
+      logits, state = model.apply(
+        variables, normalize(batch_images, mean, std), train=False, mutable=["intermediates"]
+      )
       layers = {}
       for name, (value, *_) in state["intermediates"].items():
         value = value.astype(jnp.float32)
