@@ -7,22 +7,22 @@ Full experiment (GPU/TPU; TFDS 'cifar10' prepared in --config.data.data_dir or t
 From the JPEG image folder instead of TFDS:
 
     python -m prunebias_jax.main --config configs/cifar10.py \
-      --config.data.source=image_folder --config.data.dir=../shared/data/cifar10 --workdir runs/c10
+      --config.data.source=image_folder --config.data.dir=PATH/TO/cifar10 --workdir runs/c10
 
 A ≤ 10-minute check on 2 CPU cores (subset of the data, few epochs, one method):
 
     python -m prunebias_jax.main --config configs/cifar10.py --config.runlocal=True \
-      --config.data.source=image_folder --config.data.dir=../shared/data/cifar10 --workdir runs/c10-local
+      --config.data.source=image_folder --config.data.dir=PATH/TO/cifar10 --workdir runs/c10-local
 
 The dense teacher trains on the balanced training split; pruning + fine-tuning see an
 imbalanced one (bird keeps 10%, cat 20%, deer 50% of their images; test split untouched).
 Structured L1 filter pruning, gradual (AGP) over the first half of fine-tuning, CE vs KD
-(α = 0.9, T = 4), 4 seeds per cell, as in PAPER.md (the schedule scaled to CIFAR-10/ResNet-20).
+(α = 0.9, T = 4), 4 seeds per cell, as in the paper (the schedule scaled to CIFAR-10/ResNet-20).
 """
 
 import ml_collections
 
-from prunebias_jax.config_defaults import base_config, sgd
+from prunebias_jax.config import base_config, sgd
 
 
 def get_config() -> ml_collections.ConfigDict:

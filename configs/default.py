@@ -1,4 +1,5 @@
-"""The default Simon Says experiment on the embedded 8x8 digits (no download; ~1.5 min on 2 CPU cores).
+"""The default Simon Says experiment on the embedded 8x8 digits (no download; minutes on 2 CPU
+cores).
 
     python -m prunebias_jax.main --config configs/default.py --workdir runs/default
 
@@ -12,7 +13,7 @@ Override any value, e.g. `--config.pruning.sparsities='(0.5,0.9)' --config.seeds
 
 import ml_collections
 
-from prunebias_jax.config_defaults import base_config
+from prunebias_jax.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ sensitive attribute: DPD/EOD are reported where the data has one, e.g. CelebA:
 
 import ml_collections
 
-from prunebias_jax.config_defaults import base_config
+from prunebias_jax.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

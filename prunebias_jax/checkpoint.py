@@ -20,18 +20,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from prunebias_jax.errors import CheckpointError, one_line
+
 PyTree = Any
-
-
-class CheckpointError(ValueError):
-  """A checkpoint exists but cannot be used by this run; the message is one line."""
 
 
 def tree_signature(tree: PyTree) -> list[str]:
   """`path:shape:dtype` of every leaf: what a checkpoint must match to be restored."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   return [
-    f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:{np.dtype(getattr(x, 'dtype', np.float32)).name}"
+    f"{jax.tree_util.keystr(p)}:{tuple(np.shape(x))}:"
+    f"{np.dtype(getattr(x, 'dtype', np.float32)).name}"
     for p, x in leaves
   ]
 
@@ -82,8 +81,8 @@ class ModelCheckpoint:
   def _fail(self, step: int | None, reason: str) -> CheckpointError:
     where = self.directory if step is None else self.directory / str(step)
     return CheckpointError(
-      f"checkpoint {where} cannot be used by this run: {reason}. It was left untouched; move it away "
-      "or use a new --workdir"
+      f"checkpoint {where} cannot be used by this run: {reason}. It was left untouched; "
+      "move it away or use a new --workdir"
     )
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -95,7 +94,7 @@ class ModelCheckpoint:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
       raise self._fail(
-        step, f"its metadata is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        step, f"its metadata is unreadable ({type(e).__name__}: {one_line(e, 200)})"
       ) from None
     if not isinstance(meta, dict):
       raise self._fail(step, "its metadata is not a JSON object")
@@ -123,9 +122,7 @@ class ModelCheckpoint:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
       )
     except Exception as e:
-      raise self._fail(
-        step, f"restoring failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-      ) from None
+      raise self._fail(step, f"restoring failed ({type(e).__name__}: {one_line(e, 200)})") from None
     got = tree_signature(restored.state)
     if got != expected:
       raise self._fail(step, f"its arrays differ ({_first_difference(expected, got)})")

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 
 from absl import logging
 
-from prunebias_jax.config_validation import ConfigError
+from prunebias_jax.errors import ConfigError, one_line
 
 # Set on Cloud TPU VMs (GCE and GKE) by the TPU runtime / the VM image.
 TPU_ENV_VARS = (
@@ -44,11 +44,6 @@ TPU_ENV_VARS = (
 )
 TIMEOUT_ENV = "PRUNEBIAS_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _cloud_tpu_vm() -> bool:
@@ -144,8 +139,8 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
       socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
       raise ConfigError(
-        f"config.coordinator_address={address!r}: cannot resolve host {host!r} ({e.strerror or e}); "
-        "use the address of process 0's host"
+        f"config.coordinator_address={address!r}: cannot resolve host {host!r} "
+        f"({e.strerror or e}); use the address of process 0's host"
       ) from None
     remaining = deadline - time.monotonic()
     try:
@@ -154,9 +149,9 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     except OSError as e:
       if time.monotonic() + 0.5 >= deadline:
         raise ConfigError(
-          f"cannot reach the coordinator (process 0) at {address} within {timeout_s:g} s ({e.strerror or e}); "
-          "start process 0 with the same config.coordinator_address, check the host/port and firewall, or "
-          f"raise {TIMEOUT_ENV}"
+          f"cannot reach the coordinator (process 0) at {address} within {timeout_s:g} s "
+          f"({e.strerror or e}); start process 0 with the same config.coordinator_address, "
+          f"check the host/port and firewall, or raise {TIMEOUT_ENV}"
         ) from None
       time.sleep(0.5)
 
@@ -219,13 +214,13 @@ def maybe_initialize(config, *, initialization_timeout: int | None = None) -> bo
     # Starting the backend exchanges the device topology with every process: fail here, not mid-run.
     local, total = jax.local_device_count(), jax.device_count()
   except (RuntimeError, ValueError, TypeError, OSError) as e:
+    auto = lambda v: "auto" if v is None else v
     raise ConfigError(
       f"jax.distributed.initialize failed ({why}; coordinator {where}; process "
-      f"{kwargs['process_id'] if kwargs['process_id'] is not None else 'auto'} of "
-      f"{kwargs['num_processes'] if kwargs['num_processes'] is not None else 'auto'}): {_one_line(e)}. "
-      "Check that every process uses the same coordinator_address (process 0's host:port, reachable from all "
-      "hosts) and num_processes, with distinct process_id values, and that all processes start within "
-      f"{timeout} s"
+      f"{auto(kwargs['process_id'])} of {auto(kwargs['num_processes'])}): "
+      f"{one_line(e, 400) or type(e).__name__}. Check that every process uses the same "
+      "coordinator_address (process 0's host:port, reachable from all hosts) and num_processes, "
+      f"with distinct process_id values, and that all processes start within {timeout} s"
     ) from None
   logging.info(
     "distributed: process %d of %d; %d local / %d global %s devices",

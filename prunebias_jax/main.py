@@ -16,14 +16,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from prunebias_jax.errors import EXIT_BAD_INPUT, UserError, one_line
+
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (configs/*.py).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
-
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -44,19 +43,16 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
   sys.exit(code)
 
 
-def _one_line(e: BaseException) -> str:
-  return " ".join(str(e).split())
-
-
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's parser, but a bad flag or config override is one line and exit code 2."""
   try:
     return flag_values(argv)
   except flags.Error as e:
-    _fail(_one_line(e))
+    _fail(one_line(e))
   except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-    # ml_collections raises these for unknown keys, wrong types, or a config file that fails to load.
-    _fail(f"{type(e).__name__}: {_one_line(e)}")
+    # ml_collections raises these for unknown keys, wrong types, or a config file that fails
+    # to load.
+    _fail(f"{type(e).__name__}: {one_line(e)}")
   return []
 
 
@@ -77,24 +73,15 @@ def main(argv: list[str]) -> None:
   # Orbax logs several INFO lines per checkpoint through absl; keep the console to our own lines.
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
-  from prunebias_jax.checkpoint import CheckpointError
-  from prunebias_jax.config_validation import ConfigError
   from prunebias_jax.distributed import maybe_initialize
-  from prunebias_jax.train import NonFiniteLossError
-
-  try:  # multi-host: jax.distributed.initialize() must come before any other JAX call
-    maybe_initialize(config)
-  except ConfigError as e:
-    _fail(_one_line(e))
-
-  from prunebias_jax.experiment import run
 
   try:
+    maybe_initialize(config)  # multi-host: before any other JAX call
+    from prunebias_jax.experiment import run
+
     run(config, FLAGS.workdir, explicit_keys=set(config_flags.get_override_values(FLAGS["config"])))
-  except (ConfigError, CheckpointError) as e:
-    _fail(_one_line(e))
-  except NonFiniteLossError as e:  # checkpoints of finished stages are kept; a rerun resumes
-    _fail(_one_line(e), EXIT_NONFINITE)
+  except UserError as e:  # bad input (2) or a non-finite loss (3); finished stages are kept
+    _fail(str(e), e.exit_code)
 
 
 def cli() -> None:

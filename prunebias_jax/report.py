@@ -1,21 +1,122 @@
-"""Human-readable outputs: the markdown table and the paper-style plots.
+"""Every file of a run a person or a program reads: the JSON-lines records, results.md, the
+plots (paper-style curves, per-class changes, the CIE image grid, layer CKA), config.json,
+dataset.json and timings.json. Every file is written atomically (`files.write_atomic`).
 
-Both read the per-cell records (one per method × sparsity × CE/KD): CEV/SDE of a cell come
-from the per-class rates averaged over its seeds, and accuracy/CKA are mean ± std over seeds.
+Tables and plots read the per-cell records (one per method × sparsity × CE/KD): CEV/SDE of a
+cell come from the per-class rates averaged over its seeds, and accuracy/CKA are mean ± std
+over seeds. The statistical settings named in the texts come from the config.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
-from prunebias_jax.files import write_atomic
+from prunebias_jax.data import Dataset
+from prunebias_jax.files import write_atomic, write_json_atomic
+from prunebias_jax.records import Showcase
 
 Record = dict[str, Any]
+
+
+def write_run_description(workdir: Path, config: ml_collections.ConfigDict, data: Dataset) -> None:
+  """config.json (the resolved config) and dataset.json (class counts, normalisation)."""
+  write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+  C = data.num_classes
+  write_json_atomic(
+    workdir / "dataset.json",
+    {
+      "name": data.name,
+      "class_names": list(data.class_names),
+      "image_shape": list(data.image_shape),
+      "teacher_train_class_counts": data.teacher_train.class_counts(C).tolist(),
+      "finetune_train_class_counts": data.train.class_counts(C).tolist(),
+      "test_class_counts": data.test.class_counts(C).tolist(),
+      "normalization": {"mean": list(data.mean), "std": list(data.std)},
+    },
+  )
+
+
+def write_jsonl(path: Path, rows: Sequence[Record]) -> None:
+  """One key-sorted JSON object per line: two runs of one config give the same bytes."""
+  write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def write_report(
+  workdir: Path,
+  config: ml_collections.ConfigDict,
+  data: Dataset,
+  records: Sequence[Record],
+  cells: Sequence[Record],
+  correlations: Sequence[Record],
+  showcase: Showcase,
+) -> str:
+  """results.jsonl, cells.jsonl, correlations.jsonl, results.md and plots/; returns the main
+  table (the caller prints it)."""
+  cfg = config
+  for name, rows in (
+    ("results.jsonl", records),
+    ("cells.jsonl", cells),
+    ("correlations.jsonl", correlations),
+  ):
+    write_jsonl(workdir / name, rows)
+  notes = [
+    f"CEV in %², SDE in % (convention {cfg.metrics.convention!r}, zero reference rates: "
+    f"{cfg.metrics.zero_rate!r}); both measure how unevenly the per-class FPR/FNR changed "
+    "relative to the dense model (docs/metrics.md). With several seeds a cell's CEV/SDE come "
+    "from the seed-averaged rates; brackets: per-seed mean ± std.",
+    "CKA: linear CKA between the penultimate features of the dense and the pruned model on the "
+    "test set.",
+    f"KD: (1-α)·CE + α·T²·KL with α = {cfg.kd.alpha:g}, T = {cfg.kd.temperature:g}; fine-tuned "
+    f"for {cfg.finetune.epochs} epochs from the same masked weights as CE. Last-epoch models "
+    "(no test-set selection).",
+  ]
+  main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
+  dense = next(r for r in records if r["method"] == "dense")
+  extra = analysis_sections(
+    cells,
+    correlations,
+    data.test.groups is not None,
+    fdr_q=cfg.analysis.fdr_q,
+    confidence=cfg.analysis.confidence,
+  )
+  title = f"prunebias_jax: {cfg.model} on {data.name}"
+  table = write_results_markdown(workdir / "results.md", dense, main_cells, title, notes, extra)
+  plots = workdir / "plots"
+  shown = [r for r in records if r["method"] != "dense" or r.get("reference")]
+  write_plots(plots, shown, main_cells, data.class_names)
+  write_similarity_scatter(plots / "similarity_vs_bias.png", records)
+  top = showcase.cell
+  write_cie_grid(
+    plots / "cie_grid.png",
+    data.test.images,
+    showcase.cie_indices[: cfg.analysis.cie_grid_images],
+    showcase.dense_predictions,
+    showcase.compressed_modes,
+    data.test.labels,
+    data.class_names,
+    max_images=cfg.analysis.cie_grid_images,
+  )
+  student = "CE" if not top["kd"] else f"KD T={top['temperature']:g}"
+  write_cka_heatmap(
+    plots / "cka_layers.png",
+    showcase.layer_cka,
+    showcase.layer_names,
+    showcase.layer_names,
+    f"linear CKA, dense vs {top['method']} s={top['sparsity']:g} {student} seed {top['seeds'][0]}",
+  )
+  return table
+
+
+def write_timings(workdir: Path, timings: dict[str, float]) -> None:
+  write_json_atomic(workdir / "timings.json", {k: round(v, 3) for k, v in timings.items()})
 
 
 def _value(cell: Record, field: str) -> str:
@@ -32,7 +133,8 @@ def results_table(dense: Record, cells: Sequence[Record]) -> str:
   """Markdown: one row per (method, sparsity), CE and KD side by side."""
   seeds = sorted({s for c in cells for s in c["seeds"]})
   lines = [
-    f"Dense reference: accuracy {dense['accuracy']:.4f} on {dense['num_test_examples']} test examples. "
+    f"Dense reference: accuracy {dense['accuracy']:.4f} on {dense['num_test_examples']} test "
+    "examples. "
     f"Students per cell: {len(seeds)} (seeds {', '.join(map(str, seeds))}).",
     "",
   ]
@@ -206,11 +308,16 @@ def _fmt(v, spec: str = ".4g") -> str:
 
 
 def analysis_sections(
-  cells: Sequence[Record], correlation_markdown: str, main_temperature: float, has_groups: bool
+  cells: Sequence[Record],
+  correlation_rows: Sequence[Record],
+  has_groups: bool,
+  fdr_q: float,
+  confidence: float,
 ) -> str:
   """Markdown sections after the main table: group fairness, CIE and significance, the KD
   temperature study (when several temperatures ran), similarity–bias correlations."""
   label = lambda c: "CE" if not c["kd"] else f"KD T={c['temperature']:g}"
+  row = lambda c: f"| {c['method']} | {c['sparsity']:g} | {label(c)} |"
   out = []
   if has_groups:
     out += [
@@ -220,38 +327,32 @@ def analysis_sections(
       "|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-      out.append(
-        f"| {c['method']} | {c['sparsity']:g} | {label(c)} | {_fmt(c.get('dpd_seed_mean'))} | "
-        f"{_fmt(c.get('eod_seed_mean'))} | {_fmt(c.get('dpd_change_seed_mean'))} | {_fmt(c.get('eod_change_seed_mean'))} |"
-      )
+      values = (c.get(f"{f}_seed_mean") for f in ("dpd", "eod", "dpd_change", "eod_change"))
+      out.append(f"{row(c)} " + " | ".join(_fmt(v) for v in values) + " |")
     out.append("")
   out += [
     "## Compression Identified Exemplars and class-wise significance",
     "",
-    "CIE: the modal prediction of the cell's pruned models differs from that of the dense models "
-    "(Hooker et al. 2020). Significance: per-class accuracy, pruned vs dense populations, Welch's t-test "
-    "and a permutation test with Benjamini–Hochberg at q = 0.05.",
+    "CIE: the modal prediction of the cell's pruned models differs from that of the dense "
+    "models (Hooker et al. 2020). Significance: per-class accuracy, pruned vs dense "
+    "populations, Welch's t-test and a permutation test with Benjamini–Hochberg at "
+    f"q = {fdr_q:g}.",
     "",
-    "| method | sparsity | student | CIE fraction | dense acc CIE / rest | pruned acc CIE / rest | "
-    "classes changed (Welch) | (permutation) |",
+    "| method | sparsity | student | CIE fraction | dense acc CIE / rest | "
+    "pruned acc CIE / rest | classes changed (Welch) | (permutation) |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for c in cells:
-    sig_w = (
-      _fmt(c.get("significant_fraction_welch"), ".0%")
-      if "significant_fraction_welch" in c
-      else "n/a"
-    )
-    sig_p = (
-      _fmt(c.get("significant_fraction_permutation"), ".0%")
-      if "significant_fraction_permutation" in c
-      else "n/a"
+    sig = [
+      _fmt(c.get(f), ".0%") if f in c else "n/a"
+      for f in ("significant_fraction_welch", "significant_fraction_permutation")
+    ]
+    acc = lambda who: " / ".join(
+      _fmt(c[f"{who}_accuracy_on_{w}"], ".3f") for w in ("cie", "non_cie")
     )
     out.append(
-      f"| {c['method']} | {c['sparsity']:g} | {label(c)} | {_fmt(c['cie_fraction'], '.4f')} | "
-      f"{_fmt(c['dense_accuracy_on_cie'], '.3f')} / {_fmt(c['dense_accuracy_on_non_cie'], '.3f')} | "
-      f"{_fmt(c['pruned_accuracy_on_cie'], '.3f')} / {_fmt(c['pruned_accuracy_on_non_cie'], '.3f')} | "
-      f"{sig_w} | {sig_p} |"
+      f"{row(c)} {_fmt(c['cie_fraction'], '.4f')} | {acc('dense')} | {acc('pruned')} | "
+      f"{sig[0]} | {sig[1]} |"
     )
   if any("significance" in c for c in cells):
     out += ["", f"Significance: {next(c['significance'] for c in cells if 'significance' in c)}."]
@@ -264,23 +365,47 @@ def analysis_sections(
       "| method | sparsity | T | acc | CEV | SDE | DPD | EOD |",
       "|---|---|---|---|---|---|---|---|",
     ]
-    for c in sorted(
+    kd_cells = sorted(
       (c for c in cells if c["kd"]), key=lambda c: (c["method"], c["sparsity"], c["temperature"])
-    ):
+    )
+    for c in kd_cells:
+      values = [_fmt(c["accuracy_seed_mean"], ".4f"), _fmt(c["cev"]), _fmt(c["sde"])]
+      values += [_fmt(c.get("dpd_seed_mean")), _fmt(c.get("eod_seed_mean"))]
       out.append(
-        f"| {c['method']} | {c['sparsity']:g} | {c['temperature']:g} | {_fmt(c['accuracy_seed_mean'], '.4f')} | "
-        f"{_fmt(c['cev'])} | {_fmt(c['sde'])} | {_fmt(c.get('dpd_seed_mean'))} | {_fmt(c.get('eod_seed_mean'))} |"
+        f"| {c['method']} | {c['sparsity']:g} | {c['temperature']:g} | " + " | ".join(values) + " |"
       )
     out.append("")
   out += [
     "## Similarity to the dense model vs bias (all pruned models)",
     "",
-    "CKA / debiased CKA: penultimate features; SVCCA: distance of the logits (as the paper's authors); "
-    "agreement: fraction of equal predictions. r [95% bootstrap CI].",
+    "CKA / debiased CKA: penultimate features; SVCCA: distance of the logits (as the paper's "
+    "authors); agreement: fraction of equal predictions. "
+    f"r [{confidence:.0%} bootstrap CI].",
     "",
-    correlation_markdown,
+    correlation_table(correlation_rows),
   ]
   return "\n".join(out)
+
+
+def correlation_table(rows: Sequence[Record]) -> str:
+  """Markdown: r [low, high] per similarity × bias."""
+  if not rows:
+    return "Too few pruned models (< 3) for similarity–bias correlations.\n"
+
+  def fmt(v) -> str:
+    if v[0] is None:
+      return "–"
+    return f"{v[0]:+.3f} [{v[1]:+.2f}, {v[2]:+.2f}]" if v[1] is not None else f"{v[0]:+.3f}"
+
+  lines = [
+    "| similarity | bias | n | Pearson r [CI] | Spearman ρ [CI] |",
+    "|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['similarity']} | {r['bias']} | {r['n']} | {fmt(r['pearson'])} | {fmt(r['spearman'])} |"
+    )
+  return "\n".join(lines) + "\n"
 
 
 def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
@@ -341,3 +466,83 @@ def write_cka_heatmap(
   fig.colorbar(im, ax=ax, fraction=0.046)
   _savefig(fig, path)
   plt.close(fig)
+
+
+def _class_name(class_names: Sequence[str] | None, label: int) -> str:
+  if class_names is not None and 0 <= label < len(class_names):
+    return str(class_names[label])
+  return str(label)
+
+
+def write_cie_grid(
+  path: str | Path,
+  images_uint8: Any,
+  indices: Any,
+  reference_modes: Any,
+  compressed_modes: Any,
+  labels: Any,
+  class_names: Sequence[str] | None = None,
+  max_images: int = 64,
+) -> int:
+  """Writes a PNG grid of the examples ``indices`` (e.g. the top CIEs), atomically.
+
+  Args:
+    path: output ``.png``; written with :func:`prunebias_jax.files.write_atomic`.
+    images_uint8: ``(n, H, W, C)`` uint8 images, ``C`` in {1, 3} (``(n, H, W)``
+      is taken as grey); grey images are drawn with the gray colormap.
+    indices: example indices to show, in order; the first ``max_images`` are used.
+    reference_modes, compressed_modes, labels: ``(n,)`` per-example labels,
+      indexed by ``indices``.
+    class_names: optional label -> name list (labels printed otherwise).
+    max_images: cap on the number of tiles.
+
+  Each tile's title gives the true label, the dense (reference) mode and
+  the pruned (compressed) mode on three lines ``T:``, ``D:``, ``P:``.
+  An empty ``indices`` writes a figure saying there are no examples.
+
+  Returns:
+    The number of images drawn.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  images = np.asarray(images_uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"images must be (n, H, W, C) with C in (1, 3), got {images.shape}")
+  if images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8, got {images.dtype}")
+  idx = np.asarray(indices, np.int64).reshape(-1)[: max(int(max_images), 0)]
+  ref = np.asarray(reference_modes).reshape(-1)
+  comp = np.asarray(compressed_modes).reshape(-1)
+  y = np.asarray(labels).reshape(-1)
+  if idx.size and (idx.min() < 0 or idx.max() >= images.shape[0]):
+    raise ValueError("indices out of range for the images")
+  m = int(idx.size)
+  cols = max(1, math.ceil(math.sqrt(m)))
+  rows = max(1, math.ceil(m / cols))
+  fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4))
+  FigureCanvasAgg(fig)
+  fig.suptitle("true / dense / pruned  (T: true label, D: dense mode, P: pruned mode)", fontsize=8)
+  if m == 0:
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no examples", ha="center", va="center")
+  for t, i in enumerate(idx):
+    ax = fig.add_subplot(rows, cols, t + 1)
+    img = images[i]
+    if img.shape[-1] == 1:
+      ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+      ax.imshow(img)
+    true_name, dense_name, pruned_name = (
+      _class_name(class_names, int(v[i])) for v in (y, ref, comp)
+    )
+    ax.set_title(f"T: {true_name}\nD: {dense_name}\nP: {pruned_name}", fontsize=6)
+    ax.axis("off")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  write_atomic(path, buf.getvalue())
+  return m

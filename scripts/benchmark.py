@@ -1,7 +1,7 @@
 """Speed of prunebias_jax against PyTorch and NumPy baselines, measured side by side.
 
     python scripts/benchmark.py                       # every section, default sizes
-    python scripts/benchmark.py --quick               # a fast smoke run (tiny sizes, no torch.compile)
+    python scripts/benchmark.py --quick     # a fast smoke run (tiny sizes, no torch.compile)
     python scripts/benchmark.py --sections train --models resnet20 --batches 128 --repeats 7
     python scripts/benchmark.py --json runs/bench.json --markdown docs/benchmarks.md
 
@@ -173,7 +173,7 @@ def flops_of(compiled) -> float | None:
 
 
 def _jax_train_setup(name: str, batch: int, dtype: str, seed: int = 0, augment: bool = False):
-  from prunebias_jax.config_defaults import sgd
+  from prunebias_jax.config import sgd
   from prunebias_jax.models import get_model
   from prunebias_jax.pruning import apply_masks, prune
   from prunebias_jax.train import create_state, make_optimizer, make_train_step
@@ -185,7 +185,9 @@ def _jax_train_setup(name: str, batch: int, dtype: str, seed: int = 0, augment: 
   step = make_train_step(
     model, opt, mean=MEAN, std=STD, crop_padding=4 if augment else 0, flip=augment, kd=True
   )
-  state = create_state(apply_masks(teacher["params"], masks), teacher["batch_stats"], opt)
+  state = create_state(
+    apply_masks(teacher["params"], masks), teacher["batch_stats"], opt, masks=masks
+  )
   return model, teacher, masks, opt, step, state
 
 
@@ -214,16 +216,16 @@ def bench_train(args, torch_mod, results: list[dict]) -> None:
         _, teacher, masks, _, step, state = _jax_train_setup(name, batch, dtype)
         key = jax.random.key(1)
         t0 = time.perf_counter()
-        compiled = step.lower(state, ji, jl, key, masks, teacher, a, t).compile()
+        compiled = step.lower(state, ji, jl, key, teacher, a, t).compile()
         compile_s = time.perf_counter() - t0
         f = flops_of(compiled)
         if dtype == "float32" or flops is None:
           flops = f
         box = [state]
 
-        def run(compiled=compiled, box=box, masks=masks, teacher=teacher, key=key):
+        def run(compiled=compiled, box=box, teacher=teacher, key=key):
           for _ in range(args.steps):
-            box[0], metrics = compiled(box[0], ji, jl, key, masks, teacher, a, t)
+            box[0], metrics = compiled(box[0], ji, jl, key, teacher, a, t)
           jax.block_until_ready((box[0], metrics))
 
         run()
@@ -653,24 +655,22 @@ def bench_population(args, results: list[dict]) -> None:
   keys = jax.random.split(jax.random.key(1), k)
   a, t = jnp.float32(ALPHA), jnp.float32(TEMPERATURE)
   params = state.params
-  seq = [create_state(params, teacher["batch_stats"], opt) for _ in range(k)]
+  seq = [create_state(params, teacher["batch_stats"], opt, masks=masks) for _ in range(k)]
   stacked = jax.tree.map(
     lambda *xs: jnp.stack(xs),
     *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)],
-  )
+  ).replace(masks=jax.tree.map(jnp.array, masks))  # shared masks: one unstacked set
   box = {"seq": seq, "pop": stacked}
 
   def run_sequential():
     for _ in range(args.steps):
       for j in range(k):
-        box["seq"][j], m = single(
-          box["seq"][j], images[j], labels[j], keys[j], masks, teacher, a, t
-        )
+        box["seq"][j], m = single(box["seq"][j], images[j], labels[j], keys[j], teacher, a, t)
     jax.block_until_ready(box["seq"])
 
   def run_population():
     for _ in range(args.steps):
-      box["pop"], m = pop(box["pop"], images, labels, keys, masks, teacher, a, t)
+      box["pop"], m = pop(box["pop"], images, labels, keys, teacher, a, t)
     jax.block_until_ready(box["pop"])
 
   t0 = time.perf_counter()
@@ -700,13 +700,19 @@ def bench_population(args, results: list[dict]) -> None:
   results.append(row)
   print(
     f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
-    f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
+    f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s "
+    f"vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
     f"speedup={row['speedup_vs_sequential']:.2f}x",
     flush=True,
   )
 
 
 # ----------------------------------------------------------------------------- output
+
+
+def _md_row(*cells) -> str:
+  """One markdown table row."""
+  return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _fmt(x, spec=".0f", none="–"):
@@ -724,7 +730,8 @@ def markdown(report: dict) -> str:
     f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, numpy {env['numpy']}, "
     f"scikit-learn {env['sklearn']}, torch {env['torch']}"
     + (f" ({env.get('torch_threads')} threads)" if "torch_threads" in env else "")
-    + f", Python {env['python']}; XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; command: `{report['command']}`. "
+    + f", Python {env['python']}; XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; "
+    f"command: `{report['command']}`. "
     f"Load average (1/5/15 min) at start {report['load_start']}, per row below.",
     "",
   ]
@@ -733,7 +740,18 @@ def markdown(report: dict) -> str:
     lines += [
       "#### Masked CE+KD train step (teacher forward included; no augmentation on either side)",
       "",
-      "| model | batch | variant | img/s | ms/step | TFLOP/s | % bf16 peak | JAX ÷ this (speed ratio) | compile / first call s | load |",
+      _md_row(
+        "model",
+        "batch",
+        "variant",
+        "img/s",
+        "ms/step",
+        "TFLOP/s",
+        "% bf16 peak",
+        "JAX ÷ this (speed ratio)",
+        "compile / first call s",
+        "load",
+      ),
       "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["train"]:
@@ -749,16 +767,27 @@ def markdown(report: dict) -> str:
         if name.startswith("jax") and name != "jax" and name.endswith("bfloat16"):
           ratio = None
         tfl = v.get("tflops")
+        peak_pct = 100 * v["fraction_of_bf16_peak"] if v.get("fraction_of_bf16_peak") else None
         lines.append(
-          f"| {row['model']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | {1000 * v['seconds_median'] / row['steps']:.1f} | "
-          f"{_fmt(tfl, '.3f')} | {_fmt(100 * v['fraction_of_bf16_peak'] if v.get('fraction_of_bf16_peak') else None, '.1f')} | "
-          f"{_fmt(ratio, '.2f') + '×' if ratio else ''} | {_fmt(v.get('compile_s') or v.get('first_call_s'), '.1f')} | {row['load_after']} |"
+          _md_row(
+            row["model"],
+            row["batch"],
+            name,
+            f"{v['items_per_s']:.0f}",
+            f"{1000 * v['seconds_median'] / row['steps']:.1f}",
+            _fmt(tfl, ".3f"),
+            _fmt(peak_pct, ".1f"),
+            _fmt(ratio, ".2f") + "×" if ratio else "",
+            _fmt(v.get("compile_s") or v.get("first_call_s"), ".1f"),
+            row["load_after"],
+          )
         )
       for k, e in row.get("errors", {}).items():
         lines.append(f"| {row['model']} | {row['batch']} | {k} | error: {e} | | | | | | |")
     lines += [
       "",
-      "`JAX ÷ this` = (PyTorch seconds per step) / (JAX float32 seconds per step): > 1 means JAX is faster. "
+      "`JAX ÷ this` = (PyTorch seconds per step) / (JAX float32 seconds per step): > 1 means "
+      "JAX is faster. "
       "TFLOP/s use XLA's cost analysis of the compiled JAX step (the same FLOP count for every row"
       + ("" if peak else "; no peak is given for a CPU")
       + ").",
@@ -778,7 +807,8 @@ def markdown(report: dict) -> str:
         ratio = row.get("ratios", {}).get("jax", {}).get(name)
         lines.append(
           f"| {row['model']} | {row['n']} | {row['batch']} | {name} | {v['items_per_s']:.0f} | "
-          f"{v['seconds_median']:.2f} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | {row['load_after']} |"
+          f"{v['seconds_median']:.2f} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | "
+          f"{row['load_after']} |"
         )
       for k, e in row.get("errors", {}).items():
         lines.append(f"| {row['model']} | {row['n']} | {row['batch']} | {k} | error: {e} | | | |")
@@ -787,7 +817,17 @@ def markdown(report: dict) -> str:
     lines += [
       "#### Metric kernels: CEV + SDE + linear CKA (one reference and one compared model)",
       "",
-      "| n | d | C | implementation | seconds | peak RSS increase MB | implementation ÷ JAX time | CKA | load |",
+      _md_row(
+        "n",
+        "d",
+        "C",
+        "implementation",
+        "seconds",
+        "peak RSS increase MB",
+        "implementation ÷ JAX time",
+        "CKA",
+        "load",
+      ),
       "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {
@@ -807,10 +847,19 @@ def markdown(report: dict) -> str:
         elif name == "paper":
           label += f" ({row['gram_backend']})"
         ratio = row["ratios"].get(name)
+        cka = v["values"][2]
         lines.append(
-          f"| {row['n']} | {row['d']} | {row['num_classes']} | {label} | {v['seconds_median']:.4f} | "
-          f"{_fmt(v['peak_rss_increase_mb'], '.0f')} | {_fmt(ratio, '.2f') + '×' if ratio else ''} | "
-          f"{_fmt(v['values'][2], '.5f', 'n/a') if not math.isnan(v['values'][2]) else 'n/a'} | {row['load_after']} |"
+          _md_row(
+            row["n"],
+            row["d"],
+            row["num_classes"],
+            label,
+            f"{v['seconds_median']:.4f}",
+            _fmt(v["peak_rss_increase_mb"], ".0f"),
+            _fmt(ratio, ".2f") + "×" if ratio else "",
+            _fmt(cka, ".5f", "n/a") if not math.isnan(cka) else "n/a",
+            row["load_after"],
+          )
         )
     lines += [
       "",
@@ -828,8 +877,15 @@ def markdown(report: dict) -> str:
     for row in report["population"]:
       v = row["variants"]
       lines.append(
-        f"| {row['model']} | {row['population']} | {row['batch_per_member']} | {v['sequential']['items_per_s']:.0f} | "
-        f"{v['vmap']['items_per_s']:.0f} | {row['speedup_vs_sequential']:.2f}× | {row['load_after']} |"
+        _md_row(
+          row["model"],
+          row["population"],
+          row["batch_per_member"],
+          f"{v['sequential']['items_per_s']:.0f}",
+          f"{v['vmap']['items_per_s']:.0f}",
+          f"{row['speedup_vs_sequential']:.2f}×",
+          row["load_after"],
+        )
       )
     lines.append("")
   return "\n".join(lines) + "\n"

@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     import tensorflow  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     print(
-      "error: preparing a TFDS dataset needs TensorFlow; install it with `pip install tensorflow-cpu` "
-      "(or `pip install -e '.[prepare]'`). Reading the prepared data later does not need it.",
+      "error: preparing a TFDS dataset needs TensorFlow; install it with "
+      "`pip install tensorflow-cpu` (or `pip install -e '.[prepare]'`). Reading the prepared "
+      "data later does not need it.",
       file=sys.stderr,
     )
     return 2

@@ -37,8 +37,10 @@ for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
   parallel = DataParallel(devices)
   for kd in (False, True):
     step = make_train_step(model, opt, mean=ds.mean, std=ds.std, crop_padding=1, flip=True, kd=kd)
-    state = create_state(apply_masks(variables["params"], masks), variables["batch_stats"], opt)
-    state, summary, _ = fit(
+    state = create_state(
+      apply_masks(variables["params"], masks), variables["batch_stats"], opt, masks=masks
+    )
+    state, summary = fit(
       state,
       step,
       ds.train,
@@ -46,7 +48,6 @@ for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
       batch_size=64,
       epochs=2,
       seed=3,
-      masks=masks,
       teacher_variables=variables if kd else None,
       alpha=0.9,
       temperature=4.0,

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ml_collections import config_flags
 
-from prunebias_jax import distributed, experiment, main
+from prunebias_jax import distributed, main, records, stages
 from prunebias_jax.checkpoint import CheckpointError, ModelCheckpoint
-from prunebias_jax.config_defaults import base_config
-from prunebias_jax.config_validation import ConfigError, check_schema
+from prunebias_jax.config import ConfigError, base_config, check_schema, resolve_config
+from prunebias_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,9 +124,8 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
   with tempfile.TemporaryDirectory() as workdir:
     try:
       distributed._arguments(config)  # what main checks before initialising JAX
-      exp = experiment.Experiment(config, workdir)
-      exp.prepare()
-    except ConfigError as e:
+      stages.prepare(config, workdir)
+    except UserError as e:  # ConfigError, or DataError for a data source that cannot be read
       message = str(e)
       assert "\n" not in message
       names = (field,) + PARTNERS.get(field, ())
@@ -152,7 +151,7 @@ def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):
     assert code == 2 and expected.split("=")[0].split(".")[-1] in err
     return
   with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
-    experiment.Experiment(config, tmp_path).prepare()
+    stages.prepare(config, tmp_path)
 
 
 def test_a_misspelt_field_in_a_config_file_is_refused():
@@ -163,7 +162,7 @@ def test_a_misspelt_field_in_a_config_file_is_refused():
   cfg = base_config()
   cfg.runlocal_overrides = (("dense.epoch", 1),)
   with pytest.raises(ConfigError, match=r"runlocal_overrides='dense\.epoch'"):
-    experiment.resolve_config(cfg)
+    resolve_config(cfg)
 
 
 def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path, monkeypatch):
@@ -178,10 +177,10 @@ def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path
       x = nn.Conv(4, (3, 3))(x)
       return nn.Dense(10)(x.reshape((x.shape[0], 32 * 32 * 3)))
 
-  monkeypatch.setattr(experiment, "get_model", lambda name, num_classes, dtype: NeedsLargeImages())
+  monkeypatch.setattr(stages, "get_model", lambda name, num_classes, dtype: NeedsLargeImages())
   cfg = base_config()
   with pytest.raises(ConfigError, match=r"config\.model='small_cnn' cannot take 8×8×1 images"):
-    experiment.Experiment(cfg, tmp_path).prepare()
+    stages.prepare(cfg, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
 
 
@@ -199,9 +198,9 @@ def test_a_model_that_cannot_take_the_images_is_refused_before_training(tmp_path
 def test_every_analysis_value_the_validator_accepts_runs(field, values):
   """The boundary values of the analysis settings: refused with ConfigError, or the analysis
   runs with them (a value that passes validation must not crash hours later)."""
-  from prunebias_jax import analysis
-  from prunebias_jax.analysis import Outputs
-  from prunebias_jax.config_validation import validate_config
+  from prunebias_jax import records as analysis
+  from prunebias_jax.config import validate_config
+  from prunebias_jax.records import Outputs
 
   rng = np.random.default_rng(0)
   n, C = 40, 10
@@ -218,7 +217,7 @@ def test_every_analysis_value_the_validator_accepts_runs(field, values):
       continue
     analysis.bootstrap_intervals(labels, ref, preds[0], None, C, 0, cfg.analysis, cfg.metrics, 0)
     analysis.cell_analysis(labels, [ref, preds[1]], preds, C, cfg.analysis, seed=0)
-    records = [
+    rows = [
       {
         "method": "m",
         "sparsity": s,
@@ -232,7 +231,7 @@ def test_every_analysis_value_the_validator_accepts_runs(field, values):
       for s in (0.5, 0.7, 0.9)
       for kd in (False, True)
     ]
-    analysis.correlations(records, cfg.analysis, 0)
+    analysis.correlations(rows, cfg.analysis, 0)
     layers = {
       name: rng.normal(size=(n, d)).astype(np.float32)
       for name, d in (("features", 16), ("logits", C))
@@ -251,11 +250,11 @@ def _tree_hash(directory: Path) -> str:
   return h.hexdigest()
 
 
-def _tiny(workdir: Path) -> experiment.Experiment:
+def _tiny(workdir: Path) -> ml_collections.ConfigDict:
   cfg = base_config()
   cfg.dense.epochs = 1
   cfg.progress_seconds = 1e9
-  return experiment.Experiment(cfg, workdir)
+  return cfg
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
@@ -268,7 +267,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
   with pytest.raises(
     CheckpointError, match=r"model='resnet20', this run has model='small_cnn'.*left untouched"
   ):
-    _tiny(tmp_path).prepare()
+    stages.prepare(_tiny(tmp_path), tmp_path)
   assert _tree_hash(tmp_path / "checkpoints") == before
 
 
@@ -293,19 +292,17 @@ def test_checkpoint_without_metadata_of_other_shapes_is_refused_and_kept(tmp_pat
   manager.wait_until_finished()
   manager.close()
   before = _tree_hash(tmp_path / "checkpoints")
-  exp = _tiny(tmp_path)
-  exp.prepare()
+  ctx = stages.prepare(_tiny(tmp_path), tmp_path)
   with pytest.raises(CheckpointError, match=r"checkpoint .*dense.16 cannot be used by this run"):
-    exp.dense_stage()
+    stages.train_dense(ctx, ctx.config.seed)
   assert _tree_hash(tmp_path / "checkpoints") == before
 
 
 @pytest.fixture(scope="module")
 def trained_dense(tmp_path_factory) -> Path:
   workdir = tmp_path_factory.mktemp("dense")
-  exp = _tiny(workdir)
-  exp.prepare()
-  exp.dense_stage()
+  ctx = stages.prepare(_tiny(workdir), workdir)
+  stages.train_dense(ctx, ctx.config.seed)
   return workdir
 
 
@@ -322,7 +319,7 @@ def test_damaged_checkpoint_metadata_is_refused_before_training(trained_dense, t
   meta.write_bytes(b"\x00\x01 not json")
   before = _tree_hash(workdir / "checkpoints")
   with pytest.raises(CheckpointError, match="metadata is unreadable"):
-    _tiny(workdir).prepare()
+    stages.prepare(_tiny(workdir), workdir)
   assert _tree_hash(workdir / "checkpoints") == before
 
 
@@ -333,18 +330,16 @@ def test_damaged_checkpoint_arrays_are_refused_and_kept(trained_dense, tmp_path)
     if f.is_file() and f.parent.name == "d":  # the array data files
       f.write_bytes(b"garbage")
   before = _tree_hash(workdir / "checkpoints")
-  exp = _tiny(workdir)
-  exp.prepare()
+  ctx = stages.prepare(_tiny(workdir), workdir)
   with pytest.raises(CheckpointError, match="restoring failed"):
-    exp.dense_stage()
+    stages.train_dense(ctx, ctx.config.seed)
   assert _tree_hash(workdir / "checkpoints") == before
 
 
 def test_restoring_a_good_checkpoint_still_works(trained_dense, tmp_path):
   workdir = _copy(trained_dense, tmp_path / "w")
-  exp = _tiny(workdir)
-  exp.prepare()
-  tree = exp.dense_stage()
+  ctx = stages.prepare(_tiny(workdir), workdir)
+  tree = stages.train_dense(ctx, ctx.config.seed)
   assert set(tree) == {"params", "batch_stats"}
 
 
@@ -442,18 +437,19 @@ def test_the_image_cache_never_unpickles(tmp_path):
 
 def test_undefined_metrics_are_recorded_with_the_reason_never_silently(caplog):
   record = {"cev": "nan", "sde": 12.5, "cka": 0.9, "svcca": None, "cka_debiased": 0.4}
-  experiment._note_undefined(record, "random s=0.9 CE seed 0")
+  records.note_undefined(record, "random s=0.9 CE seed 0")
   assert set(record["undefined_metrics"]) == {"cev", "svcca"}
   assert "zero_rate='exclude'" in record["undefined_metrics"]["cev"]
   fine = {"cev": 1.0, "sde": 2.0, "cka": 0.5}
-  experiment._note_undefined(fine, "x")
+  records.note_undefined(fine, "x")
   assert "undefined_metrics" not in fine
 
 
 @pytest.mark.parametrize("rule", ["floor", "exclude"])
 def test_a_class_absent_from_the_test_set_gives_no_nan(rule):
   """Class 2 never occurs in the labels (its FNR has a zero denominator) but is predicted
-  sometimes; the dense model never errs on class 0 (zero reference rates): METRICS.md's rule
+  sometimes; the dense model never errs on class 0 (zero reference rates): the rule of
+  docs/metrics.md
   applies and every output is finite."""
   from prunebias_jax import metrics as pm
 

@@ -74,7 +74,7 @@ def test_numpy_cev_sde_floor_rule_for_zero_reference_rates(bench):
 
 
 def test_gram_cka_equals_feature_cka_golden(bench):
-  # the reference notebook's golden value (METRICS.md)
+  # the reference notebook's golden value (docs/metrics.md)
   np.random.seed(1337)
   x = np.random.randn(100, 10)
   y = np.random.randn(100, 10) + x

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prunebias_jax import experiment
-from prunebias_jax.config_validation import validate_config
+from prunebias_jax.config import resolve_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").rglob("*.py") if not p.name.startswith("_"))
@@ -28,10 +28,10 @@ def load(path: Path):
 def test_config_is_valid_and_documents_its_command(path):
   module = load(path)
   config = module.get_config()
-  validate_config(experiment.resolve_config(config))
+  validate_config(resolve_config(config))
   local = config.copy_and_resolve_references()
   local.runlocal = True
-  validate_config(experiment.resolve_config(local))
+  validate_config(resolve_config(local))
   assert "python -m prunebias_jax.main --config configs/" in module.__doc__
 
 
@@ -39,9 +39,9 @@ def test_runlocal_keeps_explicit_overrides():
   config = load(ROOT / "configs" / "cifar10.py").get_config()
   config.runlocal = True
   config.dense.epochs = 9
-  resolved = experiment.resolve_config(config, explicit_keys={"dense.epochs"})
+  resolved = resolve_config(config, explicit_keys={"dense.epochs"})
   assert resolved.dense.epochs == 9 and resolved.data.train_examples == 5000
-  assert experiment.resolve_config(config).dense.epochs == 6
+  assert resolve_config(config).dense.epochs == 6
 
 
 def test_paper_imbalanced_config_matches_paper():
@@ -49,7 +49,7 @@ def test_paper_imbalanced_config_matches_paper():
   imb = config.data.imbalance
   keep = dict(zip(imb.classes, imb.keep_fractions))
   assert len(keep) == 15 and keep[83] == 0.1 and keep[17] == 0.2 and keep[6] == 0.5
-  # PAPER.md: 5·50 + 5·100 + 5·250 + 85·500 = 44,500 training images remain.
+  # The paper: 5·50 + 5·100 + 5·250 + 85·500 = 44,500 training images remain.
   assert sum(round(500 * keep.get(c, 1.0)) for c in range(100)) == 44_500
   assert config.model == "resnet32x4" and config.kd.temperature == 4.0 and config.kd.alpha == 0.9
   assert (

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from prunebias_jax.config import ConfigError, base_config, validate_against_dataset, validate_config
 from prunebias_jax.data import SOURCES, DataError, image_folder, load_dataset
 
 CIFAR10_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10").resolve()
@@ -30,20 +31,11 @@ CIFAR10_CLASSES = (
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-  """configs/default.py's `data` block (no imbalance), with `overrides` set or added."""
-  data = ml_collections.ConfigDict()
-  data.source = "digits"
-  data.test_fraction = 0.4
-  data.split_seed = 0
-  data.batch_size = 64
-  data.eval_batch_size = 256
-  data.crop_padding = 1
-  data.flip = False
-  data.imbalance = ml_collections.ConfigDict()
+  """The schema's `data` block (every field at its default) without imbalance, with
+  `overrides` set."""
+  data = base_config().data
   data.imbalance.classes = ()
   data.imbalance.keep_fractions = ()
-  data.imbalance.seed = 0
-  data.imbalance.apply_to_dense = False
   for key, value in overrides.items():
     data[key] = value
   return data
@@ -419,9 +411,13 @@ def test_image_folder_with_imbalance(tmp_path):
   assert ds.train.class_counts(3).tolist() == [10, 3, 10]
   assert ds.teacher_train.class_counts(3).tolist() == [10, 10, 10]
   assert ds.test.class_counts(3).tolist() == [2, 2, 2]
-  cfg.imbalance.classes = (3,)
-  with pytest.raises(DataError, match=r"classes \(3,\).*outside 0..2"):
-    load_dataset(cfg)
+  # A class index the dataset does not have: the config validator (the one place of config
+  # rules) refuses it, before any training.
+  full = base_config()
+  full.data = cfg
+  full.data.imbalance.classes = (3,)
+  with pytest.raises(ConfigError, match=r"data\.imbalance\.classes=3 .*class indices in \[0, 2\]"):
+    validate_against_dataset(full, ds.num_classes, len(ds.teacher_train), len(ds.train))
 
 
 def test_image_folder_errors(tmp_path):
@@ -474,10 +470,12 @@ def test_image_folder_errors(tmp_path):
   with pytest.raises(DataError, match="cache_dir .* is inside the data folder"):
     load_dataset(folder_config(root, root / "cache"))
 
-  with pytest.raises(DataError, match="data.image_size=-2"):
-    load_dataset(folder_config(tmp_path / "inside", cache, image_size=-2))
-  with pytest.raises(DataError, match="data.train_examples=-1"):
-    load_dataset(folder_config(tmp_path / "inside", cache, train_examples=-1))
+  # Bad sizes are config values: the validator refuses them before any data is read.
+  for field, value in (("image_size", -2), ("train_examples", -1)):
+    full = base_config()
+    full.data = folder_config(tmp_path / "inside", cache, **{field: value})
+    with pytest.raises(ConfigError, match=f"data.{field}={value}"):
+      validate_config(full)
 
 
 def test_default_cache_dir_honours_xdg(monkeypatch, tmp_path):

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from prunebias_jax import experiment
-from prunebias_jax.config_validation import ConfigError
+from prunebias_jax import experiment, stages
+from prunebias_jax import workdir as workdir_lib
+from prunebias_jax.config import ConfigError, resolve_config
 
 RECORD_KEYS = {
   "method",
@@ -115,7 +116,7 @@ def test_rerun_skips_training_and_reproduces_results(finished_run, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError("a finished stage was retrained")
 
-  monkeypatch.setattr(experiment, "fit", no_training)
+  monkeypatch.setattr(stages, "fit", no_training)
   experiment.run(cfg, workdir)
   assert (workdir / "results.jsonl").read_bytes() == before
 
@@ -196,10 +197,10 @@ def test_workdir_from_before_a_new_field_is_accepted(finished_run):
     trimmed = dict(saved)
     trimmed.pop("analysis")
     (workdir / "config.json").write_text(json.dumps(trimmed))
-    experiment._must_discard(workdir, experiment.resolve_config(cfg))  # no ConfigError
-    changed = experiment.resolve_config(cfg)
+    workdir_lib.must_discard(workdir, resolve_config(cfg))  # no ConfigError
+    changed = resolve_config(cfg)
     changed.analysis.bootstrap_resamples = 7
     with pytest.raises(ConfigError, match="analysis.bootstrap_resamples"):
-      experiment._must_discard(workdir, changed)
+      workdir_lib.must_discard(workdir, changed)
   finally:
     (workdir / "config.json").write_text(json.dumps(saved))

@@ -1,7 +1,7 @@
 """Tests for prunebias_jax.metrics.confusion and prunebias_jax.metrics.bias.
 
 References are written independently here in plain NumPy (np.add.at, loops
-over classes) and scikit-learn, following METRICS.md.
+over classes) and scikit-learn, following docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def random_case(seed, n=500, C=10, K=None, acc=0.7):
 
 
 # --------------------------------------------------------------------------
-# Hand-computed cases (METRICS.md)
+# Hand-computed cases (docs/metrics.md)
 # --------------------------------------------------------------------------
 
 
@@ -324,7 +324,7 @@ def test_population_averages_rates_before_relative_change(seed):
   assert cev == pytest.approx(np_cev(d1, d2, v), rel=1e-4)
   assert sde == pytest.approx(np_sde(d1, d2, v), rel=1e-4)
 
-  # Averaging the per-model CEV gives a different number (not what METRICS.md asks).
+  # Averaging the per-model CEV gives a different number (not what docs/metrics.md defines).
   per_model = np.mean([float(combined_error_variance(labels, ref, pop[k], C)) for k in range(K)])
   assert abs(per_model - cev) > 1e-2 * cev
 

@@ -14,8 +14,8 @@ from prunebias_jax.metrics.cie import (
   compression_identified_exemplars,
   modal_predictions,
   pruning_identified_exemplars_all_disagree,
-  save_cie_grid,
 )
+from prunebias_jax.report import write_cie_grid as save_cie_grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

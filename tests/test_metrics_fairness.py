@@ -1,7 +1,7 @@
 """Tests for prunebias_jax.metrics.fairness.
 
 References: fairlearn (binary DPD/EOD) and plain NumPy loops over classes and
-groups written here (multiclass one-vs-rest), following METRICS.md.
+groups written here (multiclass one-vs-rest), following docs/metrics.md.
 """
 
 from __future__ import annotations

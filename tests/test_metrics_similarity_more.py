@@ -1,4 +1,4 @@
-"""Tests for the extra similarity measures: debiased / minibatch / streaming / matrix CKA and SVCCA.
+"""Tests for the extra similarity measures: debiased / streaming / matrix CKA and SVCCA.
 
 Every reference here is an independent implementation: explicit n x n Gram
 matrices for HSIC, NumPy SVD + QR for SVCCA.
@@ -15,10 +15,6 @@ from prunebias_jax.metrics.similarity import (
   cka_matrix,
   debiased_linear_cka,
   linear_cka,
-  minibatch_cka,
-  minibatch_cka_init,
-  minibatch_cka_result,
-  minibatch_cka_update,
   streaming_linear_cka,
   streaming_linear_cka_init,
   streaming_linear_cka_result,
@@ -176,7 +172,7 @@ def test_debiased_cka_jit_weights_and_degenerate_cases():
 
 
 # ---------------------------------------------------------------------------
-# Streaming (exact) and minibatch CKA
+# Streaming (exact) CKA
 # ---------------------------------------------------------------------------
 
 
@@ -208,59 +204,6 @@ def test_streaming_linear_cka_equals_full_batch():
   assert float(streaming_linear_cka([])) == 0.0
   with pytest.raises(ValueError):
     streaming_linear_cka_update(streaming_linear_cka_init(3, 5), x[:10], y[:10])
-
-
-def test_minibatch_cka_single_batch_equals_debiased():
-  x, y = golden_xy()
-  one = float(minibatch_cka([(x, y)]))
-  assert one == pytest.approx(float(debiased_linear_cka(x, y)), abs=2e-6)
-  assert round(one, 5) == 0.51346
-
-
-def test_minibatch_cka_matches_per_batch_gram_sums_and_converges():
-  rng = np.random.default_rng(5)
-  n, d, bs = 2400, 10, 200
-  x = rng.normal(size=(n, d))
-  y = rng.normal(size=(n, d)) + x
-  batches = [(x[i : i + bs], y[i : i + bs]) for i in range(0, n, bs)]
-  # independent reference: sums of per-batch n x n unbiased HSICs
-  kl = sum(unbiased_hsic_gram(a, b) for a, b in batches)
-  kk = sum(unbiased_hsic_gram(a, a) for a, _ in batches)
-  ll = sum(unbiased_hsic_gram(b, b) for _, b in batches)
-  update = jax.jit(minibatch_cka_update)
-  state = minibatch_cka_init()
-  for a, b in batches:
-    state = update(state, a, b)
-  got = float(minibatch_cka_result(state))
-  assert int(state.num_batches) == len(batches)
-  assert got == pytest.approx(kl / np.sqrt(kk * ll), abs=1e-5)
-  # Both estimate the same population CKA; with 12 batches of 200 the gap to the
-  # full-data debiased CKA is a sampling difference, documented loose tolerance.
-  full = float(debiased_linear_cka(x, y))
-  assert got == pytest.approx(full, abs=0.02)
-  # the biased minibatch average would be visibly off (positive bias of linear CKA)
-  biased_avg = np.mean([float(linear_cka(a, b)) for a, b in batches])
-  assert biased_avg > full + 0.005
-
-  # a short padded last batch with weights, and a too-small (skipped) batch
-  state2 = minibatch_cka_init()
-  for a, b in batches[:-1]:
-    state2 = update(state2, a, b)
-  a, b = batches[-1]
-  w = np.concatenate([np.ones(bs), np.zeros(56)])
-  state2 = update(
-    state2, np.concatenate([a, np.ones((56, d))]), np.concatenate([b, np.ones((56, d))]), w
-  )
-  w_small = np.zeros(bs + 56)
-  w_small[:3] = 1
-  state2 = update(
-    state2, np.concatenate([a, np.ones((56, d))]), np.concatenate([b, np.ones((56, d))]), w_small
-  )
-  assert int(state2.num_batches) == len(batches)
-  assert float(minibatch_cka_result(state2)) == pytest.approx(got, abs=1e-5)
-  assert np.isnan(float(minibatch_cka_result(minibatch_cka_init())))
-  with pytest.raises(ValueError):
-    minibatch_cka_update(minibatch_cka_init(), x[:3], y[:3])
 
 
 # ---------------------------------------------------------------------------

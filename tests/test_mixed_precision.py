@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prunebias_jax.config_defaults import sgd
+from prunebias_jax.config import sgd
 from prunebias_jax.models import COMPUTE_DTYPES, get_model
 from prunebias_jax.pruning import apply_masks, prune
 from prunebias_jax.pruning.masks import masks_to_flat, prunable_layers
@@ -67,11 +67,13 @@ def test_bf16_kd_train_step_runs_and_matches_f32_loss():
     step = make_train_step(
       model, opt, mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=0, flip=False, kd=True
     )
-    state = create_state(apply_masks(teacher["params"], masks), teacher["batch_stats"], opt)
+    state = create_state(
+      apply_masks(teacher["params"], masks), teacher["batch_stats"], opt, masks=masks
+    )
     losses = []
     for _ in range(2):
       state, metrics = step(
-        state, images, labels, jax.random.key(1), masks, teacher, jnp.float32(0.9), jnp.float32(4.0)
+        state, images, labels, jax.random.key(1), teacher, jnp.float32(0.9), jnp.float32(4.0)
       )
       assert metrics["loss"].dtype == jnp.float32
       losses.append(float(metrics["loss"]))

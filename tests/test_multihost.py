@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# every_steps=4: the training stages also write (and discard) mid-stage checkpoints across processes.
+# every_steps=4: the training stages also write (and discard) mid-stage checkpoints across
+# processes.
 ARGS = [
   "--config",
   "configs/default.py",
@@ -116,7 +117,9 @@ import sys, jax, numpy as np
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), cluster_detection_method="deactivate")
 from jax.sharding import NamedSharding, PartitionSpec as P
 mesh = jax.make_mesh((jax.device_count(),), ("d",), devices=jax.devices())
-x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), np.ones(2, np.float32), (4,))
+x = jax.make_array_from_process_local_data(
+  NamedSharding(mesh, P("d")), np.ones(2, np.float32), (4,)
+)
 total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
 assert float(total) == 4.0, float(total)
 print("PROBE OK", jax.process_index(), jax.device_count())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prunebias_jax import experiment
-from prunebias_jax.config_validation import ConfigError
+from prunebias_jax.config import ConfigError
 
 
 def tiny(workdir_config_changes: dict):

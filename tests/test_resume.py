@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prunebias_jax.checkpoint import StageCheckpoint
-from prunebias_jax.config_defaults import base_config
+from prunebias_jax.config import base_config
 from prunebias_jax.data import load_dataset
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
 from prunebias_jax.models import get_model
@@ -63,8 +63,11 @@ def setup():
 
 
 def _state(variables, optimizer, masks, members: int = 1):
+  """A fresh state (stacked for a population), its masks inside it."""
   states = [
-    create_state(apply_masks(variables["params"], masks), variables["batch_stats"], optimizer)
+    create_state(
+      apply_masks(variables["params"], masks), variables["batch_stats"], optimizer, masks=masks
+    )
     for _ in range(members)
   ]
   return states[0] if members == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -75,9 +78,10 @@ def _reprune(members: int):
   also shrinks the weights), so running it at the wrong point of a resumed stage, or twice,
   changes the result."""
 
-  def hook(epoch, state, masks):
+  def hook(epoch, state):
+    masks = state.masks
     if epoch == 0:
-      return state, masks
+      return state
     if members == 1:
       new = prune(state.params, "global_magnitude", 0.7, previous_masks=masks)
     else:
@@ -92,8 +96,8 @@ def _reprune(members: int):
       ]
       new = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
     return state.replace(
-      params=jax.tree.map(lambda w: 0.9 * w, apply_masks(state.params, new))
-    ), new
+      params=jax.tree.map(lambda w: 0.9 * w, apply_masks(state.params, new)), masks=new
+    )
 
   return hook
 
@@ -102,7 +106,6 @@ def _run(setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatc
   data, variables, optimizer, step = setup
   members = 1 if isinstance(seeds, int) else len(seeds)
   masks = prune(variables["params"], "global_magnitude", 0.5)
-  stacked_masks = masks if members == 1 else jax.tree.map(lambda x: jnp.stack([x] * members), masks)
 
   def crash(point):
     if crash_at is not None and point == f"stage:step{crash_at}":
@@ -120,7 +123,6 @@ def _run(setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatc
       batch_size=BATCH,
       epochs=EPOCHS,
       seed=seeds,
-      masks=stacked_masks,
       epoch_hook=_reprune(members),
       checkpoint=ckpt,
       progress_seconds=1e9,
@@ -148,7 +150,7 @@ def _assert_bitwise_equal(a, b):
 def test_resumed_stage_equals_uninterrupted(setup, tmp_path, monkeypatch, seeds, every, crash_at):
   per_epoch = steps_per_epoch(len(setup[0].train), BATCH)
   assert per_epoch == 12  # the cases above are placed around this epoch boundary
-  reference_state, _, reference_masks = _run(
+  reference_state, _ = _run(
     setup, tmp_path / "a", seeds=seeds, every=0, crash_at=None, monkeypatch=monkeypatch
   )
   with pytest.raises(Interrupted):
@@ -158,12 +160,12 @@ def test_resumed_stage_equals_uninterrupted(setup, tmp_path, monkeypatch, seeds,
   saved = StageCheckpoint(tmp_path / "b" / "partial", every_steps=every)
   assert saved.latest_step() == (crash_at // every) * every
   saved.close()
-  state, summary, masks = _run(
+  state, summary = _run(
     setup, tmp_path / "b", seeds=seeds, every=every, crash_at=None, monkeypatch=monkeypatch
   )
   assert summary["resumed_at_step"] == (crash_at // every) * every
   _assert_bitwise_equal(state, reference_state)
-  _assert_bitwise_equal(masks, reference_masks)
+  _assert_bitwise_equal(state.masks, reference_state.masks)
 
 
 def test_resume_skips_exactly_the_consumed_batches(setup):
@@ -243,7 +245,7 @@ def test_skip_drops_the_update_of_a_nonfinite_step(setup):
   teacher = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   # T = NaN makes the KD loss NaN: the update must be dropped, the counter must advance.
   new, metrics = kd_skip(
-    state, images, labels, jax.random.key(0), None, teacher, jnp.float32(0.5), jnp.float32(jnp.nan)
+    state, images, labels, jax.random.key(0), teacher, jnp.float32(0.5), jnp.float32(jnp.nan)
   )
   assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
   assert int(new.step) == 1
@@ -254,7 +256,7 @@ def test_skip_drops_the_update_of_a_nonfinite_step(setup):
   # A finite step still updates.
   state = _state(variables, optimizer, None)
   new, metrics = kd_skip(
-    state, images, labels, jax.random.key(0), None, teacher, jnp.float32(0.5), jnp.float32(4.0)
+    state, images, labels, jax.random.key(0), teacher, jnp.float32(0.5), jnp.float32(4.0)
   )
   assert int(metrics["nonfinite"]) == 0
   assert not np.array_equal(
@@ -265,7 +267,7 @@ def test_skip_drops_the_update_of_a_nonfinite_step(setup):
 def test_skip_mode_counts_and_finishes(setup):
   data, variables, optimizer, step = setup
   poisoned = _PoisonAt(step(skip=True), at=20)
-  state, summary, _ = fit(
+  state, summary = fit(
     _state(variables, optimizer, None),
     poisoned,
     data.train,

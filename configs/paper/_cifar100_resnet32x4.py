@@ -1,10 +1,12 @@
-"""Shared by the CIFAR-100 / ResNet32x4 configs of the Simon Says paper (PAPER.md); not a config itself."""
+"""Shared by the CIFAR-100 / ResNet32x4 configs of the Simon Says paper (Blakeney et al.
+2021); not a config itself."""
 
 import ml_collections
 
-from prunebias_jax.config_defaults import base_config, sgd
+from prunebias_jax.config import base_config, sgd
 
-# CIFAR-100 fine-label indices that keep only part of their 500 training images (PAPER.md).
+# CIFAR-100 fine-label indices that keep only part of their 500 training images (the paper's
+# imbalanced CIFAR-100 setting).
 IMBALANCED_CLASSES = {
   0.1: (83, 20, 75, 85, 90),  # shrew, apple, crocodile, maple_tree, bicycle
   0.2: (17, 86, 87, 94, 37),  # can, oak_tree, palm_tree, train, butterfly

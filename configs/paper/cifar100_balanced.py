@@ -2,7 +2,8 @@
 at 30/45/60/75/90%, fine-tuned with CE ("Struct") and with KD (0.1·CE + 0.9·T²·KL, T = 4),
 4 seeds per cell; CEV/SDE from seed-averaged rates (paper Figs. on CEV/SDE vs sparsity).
 
-    python -m prunebias_jax.main --config configs/paper/cifar100_balanced.py --workdir runs/paper-c100
+    python -m prunebias_jax.main --config configs/paper/cifar100_balanced.py \
+      --workdir runs/paper-c100
     # CPU check: add --config.runlocal=True (needs TFDS cifar100 prepared: scripts/prepare_data.py)
 """
 

@@ -2,7 +2,8 @@
 pruning + fine-tuning (44,500 images remain; test set and teacher untouched); ResNet32x4,
 structured L1 filter pruning (gradual AGP) at 45%, CE vs KD (T = 4, α = 0.9), 4 seeds.
 
-    python -m prunebias_jax.main --config configs/paper/cifar100_imbalanced.py --workdir runs/paper-c100-imb
+    python -m prunebias_jax.main --config configs/paper/cifar100_imbalanced.py \
+      --workdir runs/paper-c100-imb
     # CPU check: add --config.runlocal=True (needs TFDS cifar100 prepared: scripts/prepare_data.py)
 """
 

@@ -1,16 +1,17 @@
 """Data sources by name, class imbalance, batching and augmentation.
 
-`load_dataset(config.data)` reads (fields added after the first release are read with
-`.get(name, default)`, so older configs keep working):
+`load_dataset(config.data)` reads the fields below; `prunebias_jax.config` validates them
+(types, ranges, class indices) before this runs, so only what needs the files is checked here:
 
   source          'digits' | 'tfds' | 'image_folder'
   name            tfds: dataset name ('cifar10', 'cifar100', 'celeb_a', ...)
   data_dir        tfds: prepared TFDS data dir (None: the TFDS default)
   dir             image_folder: root with train/<class>/* and test/<class>/*
-  cache_dir       image_folder: decoded-array cache (None: $XDG_CACHE_HOME or ~/.cache /prunebias_jax)
+  cache_dir       image_folder: decoded-array cache (None: $XDG_CACHE_HOME/prunebias_jax or
+                  ~/.cache/prunebias_jax)
   train_split     'train'   (tfds split or image-folder sub-folder)
   test_split      'test'
-  image_size      None/0: keep; int: resize to image_size x image_size (Pillow bilinear, antialiased)
+  image_size      None: keep; int: resize to image_size x image_size (Pillow bilinear, antialiased)
   train_examples  0: all; n: seeded stratified subset of n (chosen before decoding)
   test_examples   0: all; n: seeded stratified subset of n
   split_seed      seed of the digits train/test split and of the subsets
@@ -20,7 +21,7 @@
                   tfds datasets: an existing scalar feature used as groups
   imbalance       the paper's per-class subsampling of the fine-tuning split
 
-Every bad value raises `DataError` (a ValueError) with a one-line message before training.
+A source that cannot be read raises `DataError` (one line) before training.
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ import numpy as np
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
 from prunebias_jax.data.embedded import load_digits
-from prunebias_jax.data.errors import DataError
 from prunebias_jax.data.image_folder import (
-  check_image_size,
-  check_num_examples,
   load_image_folder,
   resize_array,
   stratified_subset,
 )
 from prunebias_jax.data.imbalance import subsample_classes
 from prunebias_jax.data.tfds_source import load_tfds
+from prunebias_jax.errors import DataError
 
 SOURCES = ("digits", "tfds", "image_folder")
 
@@ -49,11 +48,8 @@ def _digits(data_config: ml_collections.ConfigDict) -> Dataset:
   defaults leave the original behaviour untouched)."""
   seed = data_config.split_seed
   ds = load_digits(test_fraction=data_config.test_fraction, split_seed=seed)
-  image_size = check_image_size(data_config.get("image_size", None))
-  nums = (
-    check_num_examples(data_config.get("train_examples", 0), "train_examples"),
-    check_num_examples(data_config.get("test_examples", 0), "test_examples"),
-  )
+  image_size = data_config.image_size
+  nums = (data_config.train_examples, data_config.test_examples)
   if image_size is None and not any(nums):
     return ds
   splits = []
@@ -79,56 +75,37 @@ def _digits(data_config: ml_collections.ConfigDict) -> Dataset:
   )
 
 
-def _check_imbalance(imb, num_classes: int) -> None:
-  classes, fractions = tuple(imb.classes), tuple(imb.keep_fractions)
-  if len(classes) != len(fractions):
-    raise DataError(
-      f"data.imbalance.classes {classes} and data.imbalance.keep_fractions {fractions} "
-      "must have the same length"
-    )
-  bad = [c for c in classes if not 0 <= int(c) < num_classes]
-  if bad:
-    raise DataError(
-      f"data.imbalance.classes {classes} names classes {bad} outside 0..{num_classes - 1} "
-      f"of this dataset ({num_classes} classes)"
-    )
-  if any(not 0.0 < float(f) <= 1.0 for f in fractions):
-    raise DataError(f"data.imbalance.keep_fractions {fractions} must each be in (0, 1]")
-
-
 def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
   """Loads the configured source and applies the configured training-split imbalance.
 
   With `imbalance.apply_to_dense=False` (the paper's protocol) the dense teacher trains on the
   full training split and only pruning + fine-tuning see the subsampled one.
   """
-  source = data_config.source
-  get = data_config.get
+  d = data_config
   common = dict(
-    train_split=get("train_split", "train"),
-    test_split=get("test_split", "test"),
-    image_size=get("image_size", None),
-    train_examples=get("train_examples", 0),
-    test_examples=get("test_examples", 0),
-    split_seed=get("split_seed", 0),
+    train_split=d.train_split,
+    test_split=d.test_split,
+    image_size=d.image_size,
+    train_examples=d.train_examples,
+    test_examples=d.test_examples,
+    split_seed=d.split_seed,
   )
-  if source == "digits":
-    ds = _digits(data_config)
-  elif source == "tfds":
+  if d.source == "digits":
+    ds = _digits(d)
+  elif d.source == "tfds":
     ds = load_tfds(
-      get("name", None),
-      data_dir=get("data_dir", None),
-      label_attribute=get("label_attribute", None),
-      group_attribute=get("group_attribute", None),
+      d.name,
+      data_dir=d.data_dir,
+      label_attribute=d.label_attribute,
+      group_attribute=d.group_attribute,
       **common,
     )
-  elif source == "image_folder":
-    ds = load_image_folder(get("dir", None), cache_dir=get("cache_dir", None), **common)
+  elif d.source == "image_folder":
+    ds = load_image_folder(d.dir, cache_dir=d.cache_dir, **common)
   else:
-    raise DataError(f"unknown data.source {source!r}; allowed: {', '.join(SOURCES)}")
+    raise DataError(f"unknown data.source {d.source!r}; allowed: {', '.join(SOURCES)}")
   imb = data_config.imbalance
-  if imb.classes:
-    _check_imbalance(imb, ds.num_classes)
+  if imb.classes:  # class indices are checked against the dataset by the config validator
     full = ds.train
     reduced = subsample_classes(full, dict(zip(imb.classes, imb.keep_fractions)), seed=imb.seed)
     ds = Dataset(

@@ -36,7 +36,7 @@ from absl import logging
 from PIL import Image
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
-from prunebias_jax.data.errors import DataError, one_line
+from prunebias_jax.errors import DataError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow modes that carry a single intensity channel (decoded as 'L').
@@ -48,32 +48,6 @@ _PROGRESS_SECONDS = 10.0
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared with the TFDS source.
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def check_image_size(image_size) -> int | None:
-  """`data.image_size` validated: None or 0 (keep the stored size) or a positive int."""
-  if image_size is None or (_is_int(image_size) and image_size == 0):
-    return None
-  if _is_int(image_size) and image_size > 0:
-    return int(image_size)
-  raise DataError(
-    f"data.image_size={image_size!r} is not allowed; use None or 0 (keep the stored size) "
-    "or a positive int (resize every image to image_size x image_size)"
-  )
-
-
-def check_num_examples(value, field: str) -> int:
-  """`data.train_examples`/`data.test_examples` validated: 0 (all) or a positive int."""
-  if _is_int(value) and value >= 0:
-    return int(value)
-  raise DataError(
-    f"data.{field}={value!r} is not allowed; use 0 (the whole split) or a positive "
-    "number of examples"
-  )
 
 
 def stratified_subset(labels: np.ndarray, num_examples: int, seed) -> np.ndarray:
@@ -353,9 +327,6 @@ def load_image_folder(
   num_workers: int | None = None,
 ) -> Dataset:
   """The image folder at `root` as a Dataset (see the module docstring for layout and caching)."""
-  image_size = check_image_size(image_size)
-  train_examples = check_num_examples(train_examples, "train_examples")
-  test_examples = check_num_examples(test_examples, "test_examples")
   path = _check_root(root, train_split, test_split)
   cache_base = _cache_base(cache_dir, path)
 

@@ -62,7 +62,7 @@ def train_batches(
 
 
 def padded_eval_arrays(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(images (B, bs, H, W, C), labels (B, bs), valid (B, bs) float32) with zero padding at the end."""
+  """(images (B, bs, H, W, C), labels (B, bs), valid (B, bs) float32), zero-padded at the end."""
   n = len(split)
   num_batches = max(1, -(-n // batch_size))
   pad = num_batches * batch_size - n

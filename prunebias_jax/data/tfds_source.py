@@ -31,14 +31,12 @@ import numpy as np
 from absl import logging
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
-from prunebias_jax.data.errors import DataError, one_line
 from prunebias_jax.data.image_folder import (
-  check_image_size,
-  check_num_examples,
   default_num_workers,
   resize_array,
   stratified_subset,
 )
+from prunebias_jax.errors import DataError, one_line
 
 CELEB_A = "celeb_a"
 DEFAULT_LABEL_ATTRIBUTE = "Blond_Hair"
@@ -301,14 +299,11 @@ def load_tfds(
   """The prepared TFDS dataset `name` as a Dataset (see the module docstring)."""
   import tensorflow_datasets as tfds  # local: the other sources do not need it
 
-  image_size = check_image_size(image_size)
-  nums = (
-    check_num_examples(train_examples, "train_examples"),
-    check_num_examples(test_examples, "test_examples"),
-  )
+  nums = (train_examples, test_examples)
   if not name or not isinstance(name, str):
     raise DataError(
-      f"data.name is not set (got {name!r}); give a TFDS dataset name such as 'cifar10' or 'celeb_a'"
+      f"data.name is not set (got {name!r}); give a TFDS dataset name such as 'cifar10' or "
+      "'celeb_a'"
     )
   data_dir = str(data_dir) if data_dir else None
   builder = _builder(tfds, name, data_dir)

@@ -1,6 +1,6 @@
 """Metrics: per-class rates, pruning-induced bias (CEV/SDE) and model similarity.
 
-See ``METRICS.md`` for the exact definitions.
+See docs/metrics.md for the exact definitions.
 """
 
 from prunebias_jax.metrics.bias import (
@@ -18,7 +18,6 @@ from prunebias_jax.metrics.cie import (
   compression_identified_exemplars,
   modal_predictions,
   pruning_identified_exemplars_all_disagree,
-  save_cie_grid,
 )
 from prunebias_jax.metrics.confusion import (
   ClassRates,
@@ -41,10 +40,6 @@ from prunebias_jax.metrics.similarity import (
   cka_matrix,
   debiased_linear_cka,
   linear_cka,
-  minibatch_cka,
-  minibatch_cka_init,
-  minibatch_cka_result,
-  minibatch_cka_update,
   prediction_agreement,
   streaming_linear_cka,
   streaming_linear_cka_init,
@@ -91,13 +86,8 @@ __all__ = [
   "cka_matrix",
   "compression_identified_exemplars",
   "debiased_linear_cka",
-  "minibatch_cka",
-  "minibatch_cka_init",
-  "minibatch_cka_result",
-  "minibatch_cka_update",
   "modal_predictions",
   "pruning_identified_exemplars_all_disagree",
-  "save_cie_grid",
   "streaming_linear_cka",
   "streaming_linear_cka_init",
   "streaming_linear_cka_result",

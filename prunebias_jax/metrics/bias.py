@@ -1,6 +1,6 @@
 """Pruning-induced bias: relative change of per-class rates, CEV and SDE.
 
-Definitions follow ``METRICS.md`` (Simon Says, Blakeney et al.):
+Definitions follow docs/metrics.md (Simon Says, Blakeney et al.):
 
 * Rates are averaged over a population *first* (``mean_k FPR_c^(k)``), then
   ``dFPR_c = s * (FPR_c^cmp - FPR_c^ref) / FPR_c^ref`` (same for FNR), with

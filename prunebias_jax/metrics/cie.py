@@ -3,7 +3,7 @@
 An example is a CIE when the modal (most frequent) predicted label of a
 population of compressed models differs from the modal label of a population
 of reference (dense) models; ties in a mode are broken by the smaller label
-(``METRICS.md``, "Compression Identified Exemplars").
+(docs/metrics.md, "Compression Identified Exemplars").
 
 Predictions are integer label arrays of shape ``(K, n)`` (models x examples).
 Modes come from an ``(n, C)`` table of vote counts built with one scatter-add
@@ -17,24 +17,18 @@ The vote counting itself is jitted.
 
 from __future__ import annotations
 
-import io
-import math
-import os
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from prunebias_jax.files import write_atomic
 
 __all__ = [
   "cie_report",
   "compression_identified_exemplars",
   "modal_predictions",
   "pruning_identified_exemplars_all_disagree",
-  "save_cie_grid",
 ]
 
 ArrayLike = Any
@@ -144,7 +138,8 @@ def pruning_identified_exemplars_all_disagree(
 
 
 def _subset_accuracy(predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float | None:
-  """Population-mean accuracy on ``mask``: ``mean_k mean_{i in mask} [p_ki = y_i]``; None if empty."""
+  """Population-mean accuracy on ``mask``: ``mean_k mean_{i in mask} [p_ki = y_i]``; None if
+  empty."""
   if not mask.any():
     return None
   return float(np.mean(predictions[:, mask] == labels[None, mask]))
@@ -171,7 +166,7 @@ def cie_report(
     the fraction of compressed models whose prediction differs from the
     reference mode;
     ``cie_mask`` ``(n,)`` bool, ``reference_modes`` and ``compressed_modes``
-    ``(n,)`` int64 (inputs for :func:`save_cie_grid`).
+    ``(n,)`` int64 (inputs for `report.write_cie_grid`).
 
   Arrays are NumPy (call ``.tolist()`` for JSON).
   """
@@ -212,83 +207,3 @@ def cie_report(
     "reference_modes": ref_modes,
     "compressed_modes": comp_modes,
   }
-
-
-def _class_name(class_names: Sequence[str] | None, label: int) -> str:
-  if class_names is not None and 0 <= label < len(class_names):
-    return str(class_names[label])
-  return str(label)
-
-
-def save_cie_grid(
-  path: str | os.PathLike,
-  images_uint8: ArrayLike,
-  indices: ArrayLike,
-  reference_modes: ArrayLike,
-  compressed_modes: ArrayLike,
-  labels: ArrayLike,
-  class_names: Sequence[str] | None = None,
-  max_images: int = 64,
-) -> int:
-  """Writes a PNG grid of the examples ``indices`` (e.g. the top CIEs), atomically.
-
-  Args:
-    path: output ``.png``; written with :func:`prunebias_jax.files.write_atomic`.
-    images_uint8: ``(n, H, W, C)`` uint8 images, ``C`` in {1, 3} (``(n, H, W)``
-      is taken as grey); grey images are drawn with the gray colormap.
-    indices: example indices to show, in order; the first ``max_images`` are used.
-    reference_modes, compressed_modes, labels: ``(n,)`` per-example labels,
-      indexed by ``indices``.
-    class_names: optional label -> name list (labels printed otherwise).
-    max_images: cap on the number of tiles.
-
-  Each tile's title gives the true label, the dense (reference) mode and
-  the pruned (compressed) mode on three lines ``T:``, ``D:``, ``P:``.
-  An empty ``indices`` writes a figure saying there are no examples.
-
-  Returns:
-    The number of images drawn.
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  images = np.asarray(images_uint8)
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"images must be (n, H, W, C) with C in (1, 3), got {images.shape}")
-  if images.dtype != np.uint8:
-    raise ValueError(f"images must be uint8, got {images.dtype}")
-  idx = np.asarray(indices, np.int64).reshape(-1)[: max(int(max_images), 0)]
-  ref = np.asarray(reference_modes).reshape(-1)
-  comp = np.asarray(compressed_modes).reshape(-1)
-  y = np.asarray(labels).reshape(-1)
-  if idx.size and (idx.min() < 0 or idx.max() >= images.shape[0]):
-    raise ValueError("indices out of range for the images")
-  m = int(idx.size)
-  cols = max(1, math.ceil(math.sqrt(m)))
-  rows = max(1, math.ceil(m / cols))
-  fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4))
-  FigureCanvasAgg(fig)
-  fig.suptitle("true / dense / pruned  (T: true label, D: dense mode, P: pruned mode)", fontsize=8)
-  if m == 0:
-    ax = fig.add_subplot(1, 1, 1)
-    ax.axis("off")
-    ax.text(0.5, 0.5, "no examples", ha="center", va="center")
-  for t, i in enumerate(idx):
-    ax = fig.add_subplot(rows, cols, t + 1)
-    img = images[i]
-    if img.shape[-1] == 1:
-      ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
-    else:
-      ax.imshow(img)
-    true_name, dense_name, pruned_name = (
-      _class_name(class_names, int(v[i])) for v in (y, ref, comp)
-    )
-    ax.set_title(f"T: {true_name}\nD: {dense_name}\nP: {pruned_name}", fontsize=6)
-    ax.axis("off")
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  write_atomic(path, buf.getvalue())
-  return m

@@ -1,6 +1,6 @@
 """Confusion matrices and one-vs-rest per-class error rates.
 
-Definitions (see ``METRICS.md``), with ``M`` the confusion matrix (rows = true
+Definitions (see docs/metrics.md), with ``M`` the confusion matrix (rows = true
 class, columns = predicted class) of ``n`` examples:
 
 * ``TP_c = M[c, c]``

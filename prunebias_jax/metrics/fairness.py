@@ -1,6 +1,6 @@
 """Group fairness: demographic parity and equalized odds differences.
 
-Definitions (see ``METRICS.md``, "Group fairness"), for a binary prediction
+Definitions (see docs/metrics.md, "Group fairness"), for a binary prediction
 ``Yhat`` and a sensitive attribute ``A`` with integer values ``0 .. G-1``:
 
 * selection rate ``SR_a = P(Yhat=1 | A=a)``,

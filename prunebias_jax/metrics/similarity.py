@@ -8,16 +8,14 @@ of ``X`` (n x d1) and ``Y`` (n x d2) centred,
 computed with d x d matrices only (O(n d^2) time, O(d^2) memory; the n x n Gram
 matrix is never formed).
 
-Also here (see ``METRICS.md``, "Model similarity"):
+Also here (see docs/metrics.md, "Model similarity"):
 
 * :func:`debiased_linear_cka` -- HSIC replaced by the unbiased U-statistic of
   Song et al. (2012), evaluated in feature space;
 * :func:`cka_matrix` -- layer x layer (debiased) linear CKA;
-* :func:`minibatch_cka` and ``minibatch_cka_init/update/result`` -- Nguyen,
-  Raghu & Kornblith (2021): unbiased HSIC accumulated over minibatches;
 * :func:`streaming_linear_cka` and ``streaming_linear_cka_init/update/result``
-  -- exact (not minibatch-approximate) linear CKA from streamed batches, equal
-  to :func:`linear_cka` on the concatenated data;
+  -- exact linear CKA from streamed batches, equal to :func:`linear_cka` on the
+  concatenated data in O(d^2) memory (for evaluation sets that do not fit);
 * :func:`svcca_distance` and :func:`svcca_conv_distance` -- SVCCA as used by the
   Simon Says authors (via the ``anatome`` library).
 """
@@ -32,15 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-  "MinibatchCKAState",
   "StreamingCKAState",
   "cka_matrix",
   "debiased_linear_cka",
   "linear_cka",
-  "minibatch_cka",
-  "minibatch_cka_init",
-  "minibatch_cka_result",
-  "minibatch_cka_update",
   "prediction_agreement",
   "streaming_linear_cka",
   "streaming_linear_cka_init",
@@ -171,7 +164,8 @@ def _flatten_pair(
     raise ValueError("features must have a leading example axis (n, ...)")
   if x.shape[0] != y.shape[0]:
     raise ValueError(
-      f"features_x and features_y must have the same number of examples, got {x.shape[0]} and {y.shape[0]}"
+      "features_x and features_y must have the same number of examples, got "
+      f"{x.shape[0]} and {y.shape[0]}"
     )
   n = x.shape[0]
   # explicit sizes (not -1) so an empty batch (n = 0) reshapes too
@@ -275,7 +269,8 @@ def _debiased_ratio(
   features_ok: jax.Array,
   n_ok: Any,
 ) -> jax.Array:
-  """``h_xy / sqrt(h_xx h_yy)``: 0 for zero centred features, NaN when a self-HSIC is not positive or n < 4."""
+  """``h_xy / sqrt(h_xx h_yy)``: 0 for zero centred features, NaN when a self-HSIC is not
+  positive or n < 4."""
   denom = h_xx * h_yy
   good = self_ok & (denom > 0)
   value = jnp.where(good, h_xy / jnp.sqrt(jnp.where(good, denom, 1.0)), jnp.nan)
@@ -450,108 +445,6 @@ def cka_matrix(
 
 
 # ---------------------------------------------------------------------------
-# Minibatch CKA (Nguyen, Raghu & Kornblith 2021).
-# ---------------------------------------------------------------------------
-
-
-class MinibatchCKAState(NamedTuple):
-  """Running sums of per-minibatch unbiased HSIC estimates.
-
-  ``scale_xx``/``scale_yy`` sum the absolute sizes of the terms of the
-  self-HSIC estimates, to tell a zero denominator from rounding noise.
-  """
-
-  hsic_xy: jax.Array
-  hsic_xx: jax.Array
-  hsic_yy: jax.Array
-  scale_xx: jax.Array
-  scale_yy: jax.Array
-  num_batches: jax.Array
-
-
-def minibatch_cka_init() -> MinibatchCKAState:
-  """Empty :class:`MinibatchCKAState` (float32, float64 under x64)."""
-  zero = jnp.zeros((), _compute_dtype())
-  return MinibatchCKAState(zero, zero, zero, zero, zero, jnp.zeros((), jnp.int32))
-
-
-def minibatch_cka_update(
-  state: MinibatchCKAState,
-  features_x: ArrayLike,
-  features_y: ArrayLike,
-  weights: ArrayLike | None = None,
-) -> MinibatchCKAState:
-  """Adds one minibatch's ``HSIC_1(K,L)``, ``HSIC_1(K,K)``, ``HSIC_1(L,L)`` to ``state``.
-
-  Each term is the full unbiased estimate on the batch, including its
-  ``1/(n_b (n_b - 3))`` factor (so batches of different sizes are averaged on
-  the same scale), computed in feature space on the raw (centred, not
-  rescaled) features.  Jitted; ``weights`` is an optional ``(n_b,)`` 0/1 mask
-  so a short last batch can be padded to a fixed shape.  A batch with fewer
-  than 4 weighted rows is skipped (it adds nothing and is not counted).
-
-  Raises:
-    ValueError: a batch (its static shape) has fewer than 4 rows.
-  """
-  return _minibatch_update_jit(state, features_x, features_y, weights)
-
-
-@jax.jit
-def _minibatch_update_jit(state, features_x, features_y, weights) -> MinibatchCKAState:
-  dtype = state.hsic_xy.dtype
-  x, y = _flatten_pair(features_x, features_y, dtype)
-  n = x.shape[0]
-  if n < 4:
-    raise ValueError(f"minibatch CKA needs batches of at least 4 examples, got {n}")
-  w, sqrt_w = _example_weights(weights, n, dtype)
-  xu, x_norm = _centred_unit(x, sqrt_w, w)
-  yu, y_norm = _centred_unit(y, sqrt_w, w)
-  xc, yc = xu * x_norm, yu * y_norm  # centred (masked) features at their original scale
-  n_eff = jnp.asarray(n, dtype) if w is None else w.sum()
-  ok = n_eff >= 4
-  scale = jnp.where(ok, n_eff * (n_eff - 3.0), 1.0)
-  a = jnp.sum(xc * xc, axis=1)
-  b = jnp.sum(yc * yc, axis=1)
-  h_xy = _unbiased_hsic_times_n_n3(_cross_term(xc, yc), a, b, n_eff) / scale
-  h_xx, m_xx = _unbiased_hsic_parts(_self_term(xc), a, a, n_eff)
-  h_yy, m_yy = _unbiased_hsic_parts(_self_term(yc), b, b, n_eff)
-  return MinibatchCKAState(
-    state.hsic_xy + jnp.where(ok, h_xy, 0.0),
-    state.hsic_xx + jnp.where(ok, h_xx / scale, 0.0),
-    state.hsic_yy + jnp.where(ok, h_yy / scale, 0.0),
-    state.scale_xx + jnp.where(ok, m_xx / scale, 0.0),
-    state.scale_yy + jnp.where(ok, m_yy / scale, 0.0),
-    state.num_batches + ok.astype(jnp.int32),
-  )
-
-
-@jax.jit
-def minibatch_cka_result(state: MinibatchCKAState) -> jax.Array:
-  """``sum_b HSIC_1^b(K,L) / sqrt(sum_b HSIC_1^b(K,K) * sum_b HSIC_1^b(L,L))``.
-
-  NaN when an accumulated self-HSIC is not positive beyond rounding noise
-  (no batches, constant features, degenerate data).  With a single batch
-  this is :func:`debiased_linear_cka` of that batch (which returns 0.0
-  rather than NaN for exactly constant features); over many batches it
-  estimates the same population quantity (it is not equal to the debiased
-  CKA of the concatenated data, which uses all cross-batch pairs).
-  """
-  denom = state.hsic_xx * state.hsic_yy
-  good = (
-    _self_ok(state.hsic_xx, state.scale_xx) & _self_ok(state.hsic_yy, state.scale_yy) & (denom > 0)
-  )
-  return jnp.where(good, state.hsic_xy / jnp.sqrt(jnp.where(good, denom, 1.0)), jnp.nan)
-
-
-def minibatch_cka(batches: Iterable[tuple]) -> jax.Array:
-  """Minibatch CKA over an iterable of ``(features_x, features_y)`` or ``(x, y, weights)`` batches."""
-  state = minibatch_cka_init()
-  for batch in batches:
-    state = minibatch_cka_update(state, *batch)
-  return minibatch_cka_result(state)
-
-
-# ---------------------------------------------------------------------------
 # Exact streaming linear CKA.
 # ---------------------------------------------------------------------------
 
@@ -698,7 +591,8 @@ def _keep_count(
 
 
 def _reduced_basis(x: jax.Array, threshold: float, anatome_compat: bool):
-  """Orthonormal basis of the centred, SVD-reduced ``x`` (columns past ``k`` zeroed), ``k``, ok flag."""
+  """Orthonormal basis of the centred, SVD-reduced ``x`` (columns past ``k`` zeroed), ``k``, and
+  an ok flag."""
   n, d = x.shape
   eps = jnp.finfo(x.dtype).eps
   positions = jnp.arange(min(n, d))

@@ -1,6 +1,6 @@
 """Statistics: bootstrap intervals, correlations and class-wise significance tests.
 
-See ``METRICS.md`` ("Significance of class-wise changes", "Correlation of
+See docs/metrics.md ("Significance of class-wise changes", "Correlation of
 similarity with bias").  Everything is vectorised with ``jax.vmap`` / array
 ops; resamples and permutations are processed in chunks (``jax.lax.map`` over
 chunks of ``batch_size``, ``jax.vmap`` inside a chunk), so memory grows with
@@ -616,7 +616,7 @@ def classwise_significance(
   Per class ``c``: Welch's t-test and a permutation test (difference of means)
   of ``compared_acc[:, c]`` vs ``reference_acc[:, c]``, each followed by
   Benjamini--Hochberg over the ``C`` classes at FDR ``q``
-  (``METRICS.md``, "Significance of class-wise changes").
+  (docs/metrics.md, "Significance of class-wise changes").
 
   Args:
     reference_acc: ``(K_ref, C)`` per-model per-class accuracies of the

@@ -14,15 +14,12 @@ from absl import logging
 from prunebias_jax.checkpoint import StageCheckpoint
 from prunebias_jax.data.dataset import Split
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
+from prunebias_jax.errors import NonFiniteLossError
 from prunebias_jax.faults import crash_point
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.train.state import TrainState
 
 PyTree = Any
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN/Inf loss (and `nonfinite='stop'`)."""
 
 
 NONFINITE_RULES = ("stop", "skip")
@@ -66,30 +63,29 @@ def fit(
   batch_size: int,
   epochs: int,
   seed: int | Sequence[int],
-  masks: PyTree | None = None,
   teacher_variables: PyTree | None = None,
   alpha: float = 0.0,
   temperature: float = 1.0,
   progress_seconds: float = 10.0,
-  epoch_hook: Callable[[int, TrainState, PyTree], tuple[TrainState, PyTree]] | None = None,
+  epoch_hook: Callable[[int, TrainState], TrainState] | None = None,
   parallel: DataParallel | None = None,
   checkpoint: StageCheckpoint | None = None,
   nonfinite: str = "stop",
-) -> tuple[TrainState, dict, PyTree]:
+) -> tuple[TrainState, dict]:
   """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
-  (state, summary, final masks).
+  (state, summary). The masks travel in `state.masks` (final masks: the returned state's).
 
   Step i uses the RNG fold_in(key(seed), i) and epoch e the order permutation(seed, e), so the
   run is a pure function of (state, data, seed). A sequence of seeds trains a population with
   a vmapped `step_fn` (state stacked on a leading member axis): member k sees exactly the
   batches and RNG a single run with seeds[k] would see. Logs `stage step i/N loss acc img/s ETA`
   every `progress_seconds` and at the end. With `parallel`, each process feeds its slice of
-  every global batch and the step runs sharded over the mesh (state, masks and teacher
-  replicated). `epoch_hook(epoch, state, masks) -> (state, masks)` runs before the first step
-  of every epoch (gradual pruning changes the masks there; the masks are a step argument, so
-  new masks do not recompile the step).
+  every global batch and the step runs sharded over the mesh (state and teacher replicated).
+  `epoch_hook(epoch, state) -> state` runs before the first step of every epoch (gradual
+  pruning replaces `state.masks` there; masks are traced values, so new masks do not
+  recompile the step).
 
-  `checkpoint`: the state and masks are saved every `checkpoint.every_steps` steps, and a
+  `checkpoint`: the state (masks included) is saved every `checkpoint.every_steps` steps, and a
   stage that finds a saved step continues from it; since the data order and RNG depend only on
   (seed, step), the resumed run computes exactly what the uninterrupted one would have.
 
@@ -108,8 +104,8 @@ def fit(
   seeds = list(seed) if population else [seed]
   start_step = 0
   if checkpoint is not None and checkpoint.latest_step() is not None:
-    saved, start_step = checkpoint.restore(_checkpoint_tree(state, masks))
-    state, masks = saved["state"], saved.get("masks")
+    saved, start_step = checkpoint.restore({"state": state})
+    state = saved["state"]
     logging.info(
       "%s: resumed from the mid-stage checkpoint at step %d/%d (%s)",
       stage,
@@ -117,7 +113,7 @@ def fit(
       total,
       checkpoint.directory,
     )
-  state, masks, teacher_variables = parallel.replicate((state, masks, teacher_variables))
+  state, teacher_variables = parallel.replicate((state, teacher_variables))
   base_rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))  # key(s) per member
   fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   alpha = jnp.float32(alpha)
@@ -149,8 +145,7 @@ def fit(
     if epoch != current_epoch:
       current_epoch = epoch
       if epoch_hook is not None:
-        state, masks = epoch_hook(epoch, state, masks)
-        state, masks = parallel.replicate((state, masks))
+        state = parallel.replicate(epoch_hook(epoch, state))
     rngs = fold(base_rngs, i)
     if population:  # (members, batch, ...): the batch axis (1) is the sharded one
       images = parallel.put_batch(
@@ -165,9 +160,7 @@ def fit(
         parallel.put_batch(batches[0][2][local]),
         rngs[0],
       )
-    state, metrics = step_fn(
-      state, images, labels, rngs, masks, teacher_variables, alpha, temperature
-    )
+    state, metrics = step_fn(state, images, labels, rngs, teacher_variables, alpha, temperature)
     window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
     window += 1
     done = i + 1
@@ -185,7 +178,8 @@ def fit(
           else "no finite loss before it"
         )
         raise NonFiniteLossError(
-          f"{stage}: non-finite loss at step {first_bad + 1}/{total} (epoch {first_bad // per_epoch + 1}); "
+          f"{stage}: non-finite loss at step {first_bad + 1}/{total} "
+          f"(epoch {first_bad // per_epoch + 1}); "
           f"{last_text}. Lower the learning rate, check the data, or set --config.nonfinite=skip"
         )
       skipped = int(np.max(bad["nonfinite"]))
@@ -220,7 +214,7 @@ def fit(
       window_sums = fresh_window()
       window, window_start, last_log = 0, now, now
       if save:
-        checkpoint.save(done, _checkpoint_tree(state, masks))
+        checkpoint.save(done, {"state": state})
         window_start = time.perf_counter()  # the save is not training throughput
     crash_point(f"{stage}:step{done}")
   jax.block_until_ready(state)
@@ -234,12 +228,7 @@ def fit(
     resumed_at_step=start_step,
     nonfinite_steps=reported_bad,
   )
-  return state, summary, masks
-
-
-def _checkpoint_tree(state: TrainState, masks: PyTree | None) -> dict:
-  """What a mid-stage checkpoint holds: the full train state, and the masks when there are any."""
-  return {"state": state} if masks is None else {"state": state, "masks": masks}
+  return state, summary
 
 
 def evaluate(

@@ -16,12 +16,19 @@ SCHEDULES = ("cosine", "step", "constant")
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a train step updates. `params` are stored already masked for pruned models."""
+  """Everything a train step reads and updates.
+
+  `masks` (a pytree shaped like `params`, or None for a dense model) travel with the weights,
+  as jaxpruner keeps them in its optimizer state: the step applies them, a gradual schedule
+  replaces them between epochs, and a mid-stage checkpoint saves them with the rest. `params`
+  are stored already masked.
+  """
 
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
+  masks: PyTree = None
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -59,17 +66,21 @@ def make_optimizer(
 
 
 def create_state(
-  params: PyTree, batch_stats: PyTree, optimizer: optax.GradientTransformation
+  params: PyTree,
+  batch_stats: PyTree,
+  optimizer: optax.GradientTransformation,
+  masks: PyTree = None,
 ) -> TrainState:
   """A fresh state (step 0, new optimizer state) around copies of the given weights.
 
   The train step donates its state, so the state must own its buffers: without the copy a
-  fine-tune would free the teacher's arrays it was started from.
+  fine-tune would free the teacher's arrays (or the caller's masks) it was started from.
   """
-  params, batch_stats = jax.tree.map(jnp.array, (params, batch_stats))
+  params, batch_stats, masks = jax.tree.map(jnp.array, (params, batch_stats, masks))
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=batch_stats,
     opt_state=optimizer.init(params),
+    masks=masks,
   )

@@ -31,15 +31,15 @@ def make_train_step(
   shared_masks: bool = True,
   skip_nonfinite: bool = False,
 ) -> Callable:
-  """Returns jitted `step(state, images_u8, labels, rng, masks, teacher_variables, alpha, T)`.
+  """Returns jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T)`.
 
-  The forward pass uses params ⊙ masks (so pruned weights get zero gradient); after the
+  The forward pass uses params ⊙ state.masks (so pruned weights get zero gradient); after the
   optimizer update the params are re-masked, so momentum and weight decay cannot revive a
   pruned weight. With kd=True the teacher sees the same augmented batch in inference mode.
   `state` is donated. `alpha` and `T` are traced, so a temperature sweep compiles once.
 
   population > 1: the same step `jax.vmap`-ed over a leading member axis of state, images,
-  labels and rng (and masks unless `shared_masks`); the teacher is shared. N students of a
+  labels and rng (and `state.masks` unless `shared_masks`); the teacher is shared. N students of a
   cell then train in one compiled step.
 
   skip_nonfinite: a step whose loss is NaN/Inf leaves params, batch stats and optimizer state
@@ -50,7 +50,8 @@ def make_train_step(
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
-  def step(state: TrainState, images, labels, rng, masks, teacher_variables, alpha, temperature):
+  def step(state: TrainState, images, labels, rng, teacher_variables, alpha, temperature):
+    masks = state.masks
     x = normalize(augment(rng, images, crop_padding, flip), mean, std)
 
     def loss_fn(params):
@@ -87,7 +88,11 @@ def make_train_step(
     return new_state, metrics
 
   if population > 1:
-    step = jax.vmap(step, in_axes=(0, 0, 0, 0, None if shared_masks else 0, None, None, None))
+    # Shared masks are one unbatched pytree inside the otherwise stacked state.
+    state_axes = TrainState(
+      step=0, params=0, batch_stats=0, opt_state=0, masks=None if shared_masks else 0
+    )
+    step = jax.vmap(step, in_axes=(state_axes, 0, 0, 0, None, None, None), out_axes=(state_axes, 0))
   return jax.jit(step, donate_argnums=(0,))
 
 

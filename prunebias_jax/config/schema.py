@@ -112,10 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.kd = ml_collections.ConfigDict()
   config.kd.alpha = 0.9  # loss = (1-α)·CE + α·T²·KL(teacher_T ‖ student_T)
   config.kd.temperature = 4.0
-  config.kd.temperatures = ()  # a KD temperature sweep: one KD student per value (empty: kd.temperature)
+  # A KD temperature sweep: one KD student per value (empty: kd.temperature only).
+  config.kd.temperatures = ()
 
   config.metrics = ml_collections.ConfigDict()
-  config.metrics.zero_rate = "floor"  # or "exclude" (METRICS.md; floor applies to the denominator)
+  # Zero reference rates: "floor" (in the denominator only) or "exclude" (docs/metrics.md).
+  config.metrics.zero_rate = "floor"
   config.metrics.convention = "simon_says"  # or "nas2022"
 
   config.analysis = ml_collections.ConfigDict()

@@ -12,16 +12,14 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from prunebias_jax.config.schema import base_config
 from prunebias_jax.data import SOURCES
+from prunebias_jax.errors import ConfigError
 from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
 from prunebias_jax.models import COMPUTE_DTYPES, available_models
 from prunebias_jax.pruning import METHODS
 from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
-
-
-class ConfigError(ValueError):
-  """A config value that cannot run; the message is one line for the user."""
 
 
 def _is_int(v) -> bool:
@@ -108,21 +106,19 @@ def check_schema(
   ml_collections would otherwise accept silently.
   """
   if schema is None:
-    from prunebias_jax.config_defaults import base_config
-
     schema = base_config()
   for key in cfg.keys():
     if key not in schema:
       known = ", ".join(sorted(schema.keys()))
+      group = f" of config.{prefix[:-1]}" if prefix else ""
       raise ConfigError(
-        f"config.{prefix}{key} is not a known field; the fields{' of config.' + prefix[:-1] if prefix else ''} "
-        f"are: {known}"
+        f"config.{prefix}{key} is not a known field; the fields{group} are: {known}"
       )
   for key in schema.keys():
     dotted = f"{prefix}{key}"
     if key not in cfg:
       raise ConfigError(
-        f"config.{dotted} is missing; start config files from prunebias_jax.config_defaults.base_config()"
+        f"config.{dotted} is missing; start config files from prunebias_jax.config.base_config()"
       )
     default, value = schema[key], cfg[key]
     if isinstance(default, ml_collections.ConfigDict):
@@ -149,8 +145,6 @@ def check_schema(
 
 def check_runlocal_overrides(cfg: ml_collections.ConfigDict) -> None:
   """`runlocal_overrides` is a tuple of (dotted field, value) pairs naming known fields."""
-  from prunebias_jax.config_defaults import base_config
-
   schema = base_config()
   overrides = cfg.get("runlocal_overrides", ())
   _require(
@@ -262,7 +256,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     len(seeds) == 1 or len(seeds) % pop == 0,
     "population",
     pop,
-    f"a divisor of the number of seeds ({len(seeds)}), or pass a single seed to train seeds s..s+{pop}-1",
+    f"a divisor of the number of seeds ({len(seeds)}), or pass a single seed to train seeds "
+    f"s..s+{pop}-1",
   )
   _choice(cfg, "population_masks", ("per_seed", "shared"))
 

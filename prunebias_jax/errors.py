@@ -1,0 +1,51 @@
+"""The errors a user can act on: each carries its exit code and a one-line message.
+
+`main` catches `UserError` alone and prints `error: <message>`, so every module raises its
+own subclass and no module formats messages for the terminal. Anything else is a bug and
+keeps its traceback.
+
+| class | raised for | exit code |
+|---|---|---|
+| `ConfigError` | a config value, flag or workdir that cannot run | 2 |
+| `DataError` | a data source, folder or file that cannot be read | 2 |
+| `CheckpointError` | a checkpoint of another model, or a damaged one | 2 |
+| `NonFiniteLossError` | a NaN/Inf training loss with `nonfinite='stop'` | 3 |
+"""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def one_line(text: object, limit: int = 600) -> str:
+  """`text` as a single line (whitespace runs collapsed), cut to `limit` characters."""
+  s = " ".join(str(text).split())
+  return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+class UserError(Exception):
+  """Bad input or a condition the user fixes; `str(e)` is one line, `exit_code` the CLI's."""
+
+  exit_code = EXIT_BAD_INPUT
+
+  def __init__(self, message: object):
+    super().__init__(one_line(message))
+
+
+class ConfigError(UserError, ValueError):
+  """A config value (or flag, or workdir) that cannot run."""
+
+
+class DataError(UserError, ValueError):
+  """A bad data configuration or input file; the message names the value and the fix."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint exists but cannot be used by this run; it is left untouched."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """Training produced a NaN/Inf loss (with `nonfinite='stop'`); finished stages are kept."""
+
+  exit_code = EXIT_NONFINITE

@@ -1,0 +1,516 @@
+"""The stages of a run as free functions over one frozen context.
+
+    prepare(config, workdir)          -> RunContext   every check that bad input can fail, first
+    train_dense(ctx, seed)            -> variables    the teacher (seed = config.seed) or a member
+                                                      of the dense population; restored if saved
+    pruning_groups(config)            -> (seeds, method, sparsity) in sweep order
+    initial_masks(ctx, teacher, ...)  -> masks per seed, pruned once per group (lazily)
+    finetune(ctx, teacher, cell, seeds, masks) -> [Model]   CE or KD students; restored if saved
+    evaluate_members(ctx, models)     -> [Outputs]    one population in one compiled pass
+
+Every trained model is an Orbax checkpoint in the workdir (`workdir.py` says where), and a
+stage in progress saves mid-stage checkpoints, so a rerun restores finished models and
+continues an interrupted stage from its last saved step. Data order and step RNG depend only
+on (seed, step), so the resumed run computes what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from prunebias_jax import workdir as wd
+from prunebias_jax.config import (
+  ConfigError,
+  resolve_config,
+  validate_against_dataset,
+  validate_config,
+)
+from prunebias_jax.data import Dataset, load_dataset
+from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
+from prunebias_jax.faults import crash_point
+from prunebias_jax.models import get_model
+from prunebias_jax.parallel import DataParallel
+from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
+from prunebias_jax.pruning.schedule import pruning_steps
+from prunebias_jax.records import Outputs
+from prunebias_jax.train import (
+  create_state,
+  evaluate,
+  fit,
+  make_eval_fn,
+  make_optimizer,
+  make_train_step,
+)
+
+PyTree = Any
+BATCH_FIELDS = (
+  "data.batch_size",
+  "data.eval_batch_size",
+  "dense.batch_size",
+  "finetune.batch_size",
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunContext:
+  """What every stage reads: set once by `prepare`, never changed (the compiled-function
+  cache only grows)."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  data: Dataset
+  model: nn.Module
+  parallel: DataParallel
+  expect: dict[str, Any]  # what every checkpoint in the workdir must have been written for
+  eval_images: np.ndarray  # the test images, padded to (batches, eval batch, H, W, C)
+  load_seconds: float
+  writer: bool  # process 0: writes the files of record
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+class Cell(NamedTuple):
+  """One fine-tuning variant of a (method, sparsity) pruning: CE, or KD at one temperature."""
+
+  method: str
+  sparsity: float
+  kd: bool
+  temperature: float | None  # None for CE
+  swept: bool = False  # a KD temperature other than kd.temperature: names carry _T<t>
+
+  @property
+  def key(self) -> tuple[str, float, bool, float | None]:
+    return (self.method, self.sparsity, self.kd, self.temperature)
+
+  @property
+  def identity(self) -> dict[str, Any]:
+    """The fields that name the cell in every record."""
+    return dict(zip(("method", "sparsity", "kd", "temperature"), self.key))
+
+  @property
+  def label(self) -> str:
+    return f"KD T={self.temperature:g}" if self.kd else "CE"
+
+  def checkpoint_name(self, seed: int) -> str:
+    suffix = f"_T{self.temperature:g}" if self.swept else ""
+    return f"{self.method}_s{self.sparsity:g}_{'kd' if self.kd else 'ce'}{suffix}_seed{seed}"
+
+
+class Model(NamedTuple):
+  """A trained model: its variables and masks (None for a dense model)."""
+
+  variables: PyTree  # {'params', 'batch_stats'}
+  masks: PyTree | None
+
+
+# ------------------------------------------------------------------------------------ set-up
+def prepare(
+  config: ml_collections.ConfigDict, workdir: str | Path, explicit_keys: Collection[str] = ()
+) -> RunContext:
+  """Resolves and checks the config, the workdir, the data, the model and the checkpoints
+  already there: everything that can fail on bad input, before any training."""
+  cfg = resolve_config(config, explicit_keys)
+  workdir = Path(workdir)
+  validate_config(cfg)
+  wd.ensure_writable(workdir)
+  parallel = DataParallel()
+  for field in BATCH_FIELDS:
+    group, name = field.split(".")
+    value = cfg[group][name]
+    problem = value and parallel.check_batch_size(value, field)
+    if problem:
+      raise ConfigError(problem)
+  wd.guard(workdir, cfg)
+  t = time.perf_counter()
+  data = load_dataset(cfg.data)
+  validate_against_dataset(cfg, data.num_classes, len(data.teacher_train), len(data.train))
+  load_seconds = time.perf_counter() - t
+  model = get_model(cfg.model, data.num_classes, dtype=cfg.compute_dtype)
+  _check_model_fits(model, cfg.model, data.image_shape)
+  expect = {"model": cfg.model, "num_classes": data.num_classes}
+  wd.check_checkpoints(workdir, expect)
+  logging.info(
+    "data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
+    "fine-tune class counts %s",
+    data.name,
+    len(data.teacher_train),
+    len(data.train),
+    len(data.test),
+    data.image_shape,
+    data.num_classes,
+    data.train.class_counts(data.num_classes).tolist(),
+  )
+  # Logged only once the input is known good: bad input ends the run with one line.
+  logging.info(
+    "devices: %d × %s over %d process(es); global batch %d sharded on the 'data' axis",
+    parallel.num_devices,
+    jax.devices()[0].platform,
+    jax.process_count(),
+    cfg.data.batch_size,
+  )
+  eval_images, _, _ = padded_eval_arrays(data.test, cfg.data.eval_batch_size)
+  return RunContext(
+    config=cfg,
+    workdir=workdir,
+    data=data,
+    model=model,
+    parallel=parallel,
+    expect=expect,
+    eval_images=eval_images,
+    load_seconds=load_seconds,
+    writer=wd.is_writer(),
+  )
+
+
+def _check_model_fits(model: nn.Module, name: str, image_shape: tuple[int, ...]) -> None:
+  """Traces init (no compute): a model that cannot take these images fails here, not mid-run."""
+  try:
+    jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape), train=False)
+    )
+  except Exception as e:  # Flax/XLA shape errors come as many types
+    raise ConfigError(
+      f"config.model={name!r} cannot take {'×'.join(map(str, image_shape))} images "
+      f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); choose another model or set "
+      "data.image_size"
+    ) from None
+
+
+def _batch_size(ctx: RunContext, stage: str) -> int:
+  """The stage's own batch size, else data.batch_size."""
+  return ctx.config[stage].batch_size or ctx.config.data.batch_size
+
+
+def _split(ctx: RunContext, stage: str):
+  return ctx.data.teacher_train if stage == "dense" else ctx.data.train
+
+
+def train_step(
+  ctx: RunContext, stage: str, kd: bool, population: int = 1, shared_masks: bool = True
+):
+  """(optimizer, jitted step) of `stage` ('dense' or 'finetune'), built once per run for each
+  (stage, kd, population, shared masks) and reused by every cell."""
+  key = ("train", stage, kd, population, shared_masks)
+  if key not in ctx._compiled:
+    cfg = ctx.config
+    per_epoch = steps_per_epoch(len(_split(ctx, stage)), _batch_size(ctx, stage))
+    optimizer = make_optimizer(cfg[stage].optim, per_epoch, cfg[stage].epochs)
+    step = make_train_step(
+      ctx.model,
+      optimizer,
+      mean=ctx.data.mean,
+      std=ctx.data.std,
+      crop_padding=cfg.data.crop_padding,
+      flip=cfg.data.flip,
+      kd=kd,
+      population=population,
+      shared_masks=shared_masks,
+      skip_nonfinite=cfg.nonfinite == "skip",
+    )
+    ctx._compiled[key] = (optimizer, step)
+  return ctx._compiled[key]
+
+
+def _fit(ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, **kwargs):
+  """`train.fit` of `stage` with the run's data, batch size, parallelism and checkpoint
+  settings; the stage's mid-stage checkpoints are deleted once its models are saved (by
+  `_finish`)."""
+  cfg = ctx.config
+  partial = wd.stage_checkpoint(ctx.workdir, stage, cfg.checkpoint, ctx.expect)
+  state, summary = fit(
+    state,
+    step,
+    _split(ctx, stage_cfg),
+    stage=stage,
+    batch_size=_batch_size(ctx, stage_cfg),
+    epochs=cfg[stage_cfg].epochs,
+    seed=seed,
+    parallel=ctx.parallel,
+    progress_seconds=cfg.progress_seconds,
+    checkpoint=partial,
+    nonfinite=cfg.nonfinite,
+    **kwargs,
+  )
+  return state, summary, partial
+
+
+def _finish(stage: str, partial) -> None:
+  """The stage's models are saved; its mid-stage checkpoints go."""
+  crash_point(f"saved:{stage}")  # tests: killed before the mid-stage checkpoints are deleted
+  wd.finish_stage(partial)
+
+
+# ------------------------------------------------------------------------------------ dense
+def dense_seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """The teacher's seed, then the extra dense models of the CIE/significance analyses."""
+  return [config.seed] + [s for s in config.analysis.dense_seeds if s != config.seed]
+
+
+def train_dense(ctx: RunContext, seed: int) -> PyTree:
+  """Trains a dense model from scratch, or restores it; returns {'params', 'batch_stats'}.
+
+  The teacher (seed = config.seed) is the KD teacher and the reference of every comparison;
+  the other seeds make up the dense population of the CIE and significance analyses.
+  """
+  cfg = ctx.config
+  name = "dense" if seed == cfg.seed else f"dense_seed{seed}"
+  dummy = jnp.zeros((1,) + ctx.data.image_shape, jnp.float32)
+  variables = ctx.model.init(jax.random.key(seed), dummy, train=False)
+  tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  ckpt = wd.model_checkpoint(ctx.workdir, name, ctx.expect)
+  if ckpt.latest_step() is not None:
+    tree, meta = ckpt.restore(tree)
+    logging.info(
+      "stage %s: restored from %s (trained %d steps)", name, ckpt.directory, meta["steps"]
+    )
+    wd.drop_stale_partial(ctx.workdir, name)
+  else:
+    logging.info(
+      "stage %s: training %s from scratch for %d epochs on %d images",
+      name,
+      cfg.model,
+      cfg.dense.epochs,
+      len(ctx.data.teacher_train),
+    )
+    optimizer, step = train_step(ctx, "dense", kd=False)
+    state = create_state(tree["params"], tree["batch_stats"], optimizer)
+    state, summary, partial = _fit(ctx, state, step, "dense", name, seed)
+    tree = {"params": state.params, "batch_stats": state.batch_stats}
+    ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
+    _finish(name, partial)
+  ckpt.close()
+  return tree
+
+
+# ------------------------------------------------------------------------------------ cells
+def seed_groups(config: ml_collections.ConfigDict) -> list[tuple[int, ...]]:
+  """The students' seeds, grouped into populations trained together (seed-major order: an
+  interrupted sweep has whole groups done, which a rerun with fewer seeds already reports)."""
+  seeds = tuple(config.seeds)
+  n = config.population
+  if n > 1 and len(seeds) == 1:
+    seeds = tuple(range(seeds[0], seeds[0] + n))
+  return [seeds[i : i + n] for i in range(0, len(seeds), n)]
+
+
+def pruning_groups(config: ml_collections.ConfigDict) -> list[tuple[tuple[int, ...], str, float]]:
+  """(seeds, method, sparsity) in the order the sweep trains them: one pruning each."""
+  return [
+    (seeds, method, sparsity)
+    for seeds in seed_groups(config)
+    for method in config.pruning.methods
+    for sparsity in config.pruning.sparsities
+  ]
+
+
+def variants(config: ml_collections.ConfigDict, method: str, sparsity: float) -> list[Cell]:
+  """CE, then KD at every temperature (`kd.temperatures`, else `kd.temperature`)."""
+  temperatures = tuple(config.kd.temperatures) or (config.kd.temperature,)
+  kd_cells = [
+    Cell(method, sparsity, True, t, swept=t != config.kd.temperature) for t in temperatures
+  ]
+  return [Cell(method, sparsity, False, None)] + kd_cells
+
+
+def _schedule(config: ml_collections.ConfigDict, sparsity: float) -> dict[int, float]:
+  """{epoch: sparsity}: one-shot (epoch 0 only) or the gradual AGP schedule."""
+  p = config.pruning
+  return pruning_steps(
+    config.finetune.epochs,
+    sparsity,
+    schedule=p.schedule,
+    initial=p.initial_sparsity,
+    frequency=p.frequency_epochs,
+    end_fraction=p.end_fraction,
+  )
+
+
+def _shared(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> bool:
+  """Whether the members of a population share one set of masks."""
+  return len(seeds) > 1 and config.population_masks == "shared"
+
+
+def initial_masks(
+  ctx: RunContext, teacher: PyTree, method: str, sparsity: float, seeds: Sequence[int]
+) -> Callable[[], list[PyTree]]:
+  """The masks each student starts from (the first step of the schedule), pruned from the
+  teacher on first use and then reused by every variant: a cell whose models are all restored
+  never prunes."""
+  shared = _shared(ctx.config, seeds)
+  start = _schedule(ctx.config, sparsity)[0]
+
+  @functools.cache
+  def masks() -> list[PyTree]:
+    return [prune(teacher["params"], method, start, seed=seeds[0] if shared else s) for s in seeds]
+
+  return masks
+
+
+def finetune(
+  ctx: RunContext,
+  teacher: PyTree,
+  cell: Cell,
+  seeds: Sequence[int],
+  masks: Callable[[], list[PyTree]],
+) -> list[Model]:
+  """Fine-tunes the pruned teacher once per seed with the cell's loss, or restores the
+  students; returns one Model per seed (each has its own checkpoint).
+
+  One-shot: masks at the target from the start. Gradual: re-pruned from the current weights
+  at the scheduled epochs (pruned units stay pruned). Several seeds train together as a
+  population: one vmapped step for all of them.
+  """
+  cfg = ctx.config
+  k = len(seeds)
+  shared = _shared(cfg, seeds)
+  names = [cell.checkpoint_name(seed) for seed in seeds]
+  stage = names[0] if k == 1 else f"{names[0]}+{k - 1}"  # one training stage per population
+  ckpts = [wd.model_checkpoint(ctx.workdir, name, ctx.expect) for name in names]
+  if all(c.latest_step() is not None for c in ckpts):
+    template = {
+      "params": teacher["params"],
+      "batch_stats": teacher["batch_stats"],
+      "masks": masks_to_flat(dense_masks(teacher["params"])),
+    }
+    trees = [c.restore(template)[0] for c in ckpts]
+    logging.info("  %s: restored", ", ".join(names))
+    wd.drop_stale_partial(ctx.workdir, stage)
+  else:
+    trees = _train_students(ctx, teacher, cell, seeds, masks(), stage, ckpts, shared)
+  for c in ckpts:
+    c.close()
+  return [
+    Model(
+      {"params": t["params"], "batch_stats": t["batch_stats"]},
+      masks_from_flat(t["params"], t["masks"]),
+    )
+    for t in trees
+  ]
+
+
+def _train_students(
+  ctx: RunContext,
+  teacher: PyTree,
+  cell: Cell,
+  seeds: Sequence[int],
+  start_masks: list[PyTree],
+  stage: str,
+  ckpts: list,
+  shared: bool,
+) -> list[dict]:
+  """Trains the students of one cell (a population when several seeds) and saves each."""
+  cfg = ctx.config
+  k = len(seeds)
+  plan = _schedule(cfg, cell.sparsity)
+
+  def reprune(epoch: int, state):
+    if epoch == 0 or epoch not in plan:  # epoch 0's masks are already applied
+      return state
+    params = _unstack(state.params, k)
+    old = _unstack(state.masks, 1 if shared else k) * (k if shared else 1)
+    new = [
+      prune(
+        params[j],
+        cell.method,
+        plan[epoch],
+        seed=seeds[j] + 1000 * epoch,
+        previous_masks=old[j],
+      )
+      for j in range(1 if shared else k)
+    ]
+    logging.info("  %s: epoch %d re-pruned to sparsity %.4f", stage, epoch + 1, plan[epoch])
+    new_masks = _members_masks(new, shared)
+    return state.replace(params=apply_masks(state.params, new_masks), masks=new_masks)
+
+  optimizer, step = train_step(ctx, "finetune", cell.kd, population=k, shared_masks=shared)
+  states = [
+    create_state(apply_masks(teacher["params"], m), teacher["batch_stats"], optimizer)
+    for m in start_masks
+  ]
+  state = _stack(states).replace(masks=_members_masks(start_masks, shared))
+  state, summary, partial = _fit(
+    ctx,
+    state,
+    step,
+    "finetune",
+    stage,
+    seeds[0] if k == 1 else list(seeds),
+    teacher_variables=teacher if cell.kd else None,
+    alpha=cfg.kd.alpha,
+    temperature=cfg.kd.temperature if cell.temperature is None else cell.temperature,
+    epoch_hook=reprune if len(plan) > 1 else None,
+  )
+  params, stats = _unstack(state.params, k), _unstack(state.batch_stats, k)
+  final = _unstack(state.masks, 1 if shared else k) * (k if shared else 1)
+  steps = np.asarray(state.step).reshape(-1).tolist()
+  trees = []
+  for j, ckpt in enumerate(ckpts):
+    tree = {"params": params[j], "batch_stats": stats[j], "masks": masks_to_flat(final[j])}
+    ckpt.save(int(steps[j]), tree, {"steps": int(steps[j]), **summary})
+    trees.append(tree)
+  _finish(stage, partial)
+  return trees
+
+
+def _stack(trees: Sequence[PyTree]) -> PyTree:
+  """Trees of one structure → one tree with a leading member axis; one tree stays as it is."""
+  if len(trees) == 1:
+    return trees[0]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: PyTree, k: int) -> list[PyTree]:
+  """Inverse of `_stack`."""
+  if k == 1:
+    return [tree]
+  return [jax.tree.map(lambda x: x[j], tree) for j in range(k)]
+
+
+def _members_masks(masks: Sequence[PyTree], shared: bool) -> PyTree:
+  """The masks a population's state carries: one set (one member, or shared) or stacked.
+  Always fresh arrays: the step donates its state, and the caller's masks are reused."""
+  if len(masks) == 1 or shared:
+    return jax.tree.map(jnp.array, masks[0])
+  return _stack(masks)
+
+
+# ------------------------------------------------------------------------------------ evaluate
+def evaluate_members(ctx: RunContext, members: Sequence[Model]) -> list[Outputs]:
+  """Outputs (predictions, logits, per-layer features) of each model on the full test set;
+  the members of a population go through one vmapped, compiled pass."""
+  k = len(members)
+  key = ("eval", k)
+  if key not in ctx._compiled:
+    ctx._compiled[key] = make_eval_fn(
+      ctx.model,
+      mean=ctx.data.mean,
+      std=ctx.data.std,
+      out_shardings=ctx.parallel.replicated,
+      population=k,
+      shared_masks=False,
+    )
+  variables = _stack([m.variables for m in members])
+  masks = None if members[0].masks is None else _stack([m.masks for m in members])
+  n = len(ctx.data.test)
+  logits, layers = evaluate(
+    ctx._compiled[key], variables, masks, ctx.eval_images, n, parallel=ctx.parallel
+  )
+  if k == 1:
+    logits, layers = logits[None], {name: v[None] for name, v in layers.items()}
+  return [
+    Outputs(
+      np.argmax(logits[j], -1).astype(np.int32), logits[j], {n: v[j] for n, v in layers.items()}
+    )
+    for j in range(k)
+  ]
