@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. Both build $(VENV) first.
+# The two commands of the README: `make demo` and `make test` (format + lint check, then the
+# tests). Both build $(VENV) first.
 # `make bench`: the speed benchmark (installs the `bench` extra, PyTorch) → docs/benchmarks.md + .json.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ WORKDIR ?= runs/default
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint format bench venv clean
 
 venv: $(STAMP)
 
@@ -21,8 +22,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m prunebias_jax.main --config configs/default.py --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
+
+# The format and lint check of `make test` (ruff, configured in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check --diff .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 BENCH_ARGS ?=
 bench: $(STAMP)
