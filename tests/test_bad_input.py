@@ -143,6 +143,9 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
     ("checkpoint.every_steps", "-1", "checkpoint.every_steps=-1"),
     ("checkpoint.keep", "0", "checkpoint.keep=0"),
     ("data.label_attribute", "", "data.label_attribute"),
+    # Once accepted: every digit resized to 10 GB before the first step (the fuzz found it by
+    # running the machine out of memory).
+    ("data.image_size", "100000", "data.image_size=100000"),
   ],
 )
 def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):

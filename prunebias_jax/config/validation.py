@@ -21,6 +21,8 @@ from prunebias_jax.pruning import METHODS
 from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 
+MAX_IMAGE_SIZE = 1024
+
 
 def _is_int(v) -> bool:
   return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -196,11 +198,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     v = cfg.data[field]
     _require(_is_int(v) and v >= 0, f"data.{field}", v, "an integer >= 0 (0 = all)")
   size = cfg.data.image_size
+  # The upper bound keeps a typo from resizing every image to gigabytes before the first
+  # step (a 10^5-pixel side is 10 GB per grey image): past 1024 px, resize the data offline.
   _require(
-    size is None or (_is_int(size) and size >= 8),
+    size is None or (_is_int(size) and 8 <= size <= MAX_IMAGE_SIZE),
     "data.image_size",
     size,
-    "None or an integer >= 8",
+    f"None or an integer in [8, {MAX_IMAGE_SIZE}]",
   )
   tf = cfg.data.test_fraction
   _require(_is_real(tf) and 0 < tf < 1, "data.test_fraction", tf, "a number in (0, 1)")
