@@ -61,5 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
     ("finetune.optim.learning_rate", 0.02),
     ("pruning.sparsities", (0.5, 0.9)),
     ("pruning.frequency_epochs", 1),
+    ("pruning.end_fraction", 1.0),  # keep a ramp over the few epochs (10%, then the target)
   )
   return config

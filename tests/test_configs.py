@@ -72,6 +72,7 @@ def test_cifar10_config_end_to_end_on_the_real_image_folder(tmp_path):
   config.finetune.epochs = 2
   config.pruning.sparsities = (0.5,)
   config.pruning.frequency_epochs = 1  # gradual: 10% at epoch 1, 50% at epoch 2
+  config.pruning.end_fraction = 1.0  # (the ramp spans both epochs)
   config.seeds = (0,)
   records = experiment.run(config, tmp_path / "run")
   assert [r["method"] for r in records] == ["dense", "l1_filter", "l1_filter"]

@@ -140,7 +140,7 @@ def gradual_two_seed_run(tmp_path_factory):
   cfg.pruning.sparsities = (0.8,)
   cfg.pruning.schedule = "gradual"
   cfg.pruning.frequency_epochs = 1
-  cfg.pruning.end_fraction = 0.7  # span 2: prune at epochs 0 (10%), 1 (AGP), 2 (target)
+  cfg.pruning.end_fraction = 1.0  # span 2: prune at epochs 0 (10%), 1 (AGP), 2 (target)
   cfg.seeds = (0, 1)
   workdir = tmp_path_factory.mktemp("gradual")
   records = experiment.run(cfg, workdir)

@@ -21,6 +21,7 @@ def tiny(workdir_config_changes: dict):
   cfg.pruning.sparsities = (0.6,)
   cfg.pruning.schedule = "gradual"
   cfg.pruning.frequency_epochs = 1
+  cfg.pruning.end_fraction = 1.0  # the ramp spans both epochs (span 1)
   for k, v in workdir_config_changes.items():
     node = cfg
     *parents, leaf = k.split(".")

@@ -67,5 +67,6 @@ def paper_config(*, imbalanced: bool, sparsities: tuple[float, ...]) -> ml_colle
     ("finetune.optim.schedule", "cosine"),
     ("pruning.sparsities", sparsities[:1]),
     ("pruning.frequency_epochs", 1),
+    ("pruning.end_fraction", 1.0),  # keep a ramp over the few epochs (10%, then the target)
   )
   return config

@@ -5,9 +5,15 @@ in Simon Says): the sparsity rises from `initial` to the target s along the cubi
 
     s_i = s + (initial − s) · (1 − min(i / span, 1))³          (i = 0-based epoch)
 
-re-pruning every `frequency` epochs while i < span, and once more at i = span, where s is
-reached; span = ⌊end_fraction · epochs⌋ (the paper: every 5 epochs over the first half of
-240). Units pruned earlier stay pruned (`prune(..., previous_masks=...)`).
+re-pruning every `frequency` epochs from the first epoch up to the last re-pruning epoch that
+still falls inside the first `end_fraction` of fine-tuning, where s is reached:
+
+    E = ⌊end_fraction · epochs⌋,   span = frequency · ⌊(E − 1) / frequency⌋   (≤ epochs − 1)
+
+This is the authors' schedule (`AgpPruningRate(0.1, s, 1, 120, 5)` for 240 epochs): 1-based
+epochs 1, 6, …, 116, i.e. span = 115 and 24 re-prunings, the target reached at epoch 116
+(not 121). With span = 0 there is no room for a ramp and the target applies from the start.
+Units pruned earlier stay pruned (`prune(..., previous_masks=...)`).
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ def pruning_steps(
   """{0-based epoch at whose start to prune: sparsity}; the last entry is always `target`."""
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown pruning schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-  span = min(int(end_fraction * epochs), epochs - 1)
+  frequency = max(1, frequency)
+  last = int(end_fraction * epochs)  # the 1-based epoch that ends the ramp
+  span = min(frequency * ((last - 1) // frequency), epochs - 1)
   if schedule == "one_shot" or span <= 0 or target <= initial:
     return {0: target}
-  steps = {e: agp_sparsity(e, target, initial, span) for e in range(0, span, max(1, frequency))}
-  steps[span] = target
+  steps = {e: agp_sparsity(e, target, initial, span) for e in range(0, span + 1, frequency)}
+  steps[span] = target  # exactly, whatever the rounding of the cubic
   return steps
