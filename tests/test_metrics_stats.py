@@ -1,13 +1,17 @@
 """Tests for prunebias_jax.metrics.stats.
 
-References: scipy.stats (pearsonr, spearmanr, ttest_ind, permutation_test,
-false_discovery_control), plain NumPy, and analytic facts about the bootstrap.
+References: scipy.stats called directly (pearsonr, spearmanr, rankdata, ttest_ind,
+ttest_rel, permutation_test, false_discovery_control, binomtest, wilcoxon, t, bootstrap),
+float64 NumPy re-implementations (BCa formulas, cluster resampling by concatenation,
+least-squares residuals), hand-enumerated exact p-values, and analytic facts about the
+bootstrap.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +28,18 @@ from prunebias_jax.metrics.stats import (
   bootstrap_indices,
   classwise_significance,
   correlation_ci,
+  min_attainable_permutation_p,
+  partial_correlation,
+  partial_correlation_ci,
   pearson,
   per_class_accuracy,
+  per_class_normalized_recall,
   permutation_test,
+  seed_interval,
+  sign_test,
   spearman,
   welch_t_test,
+  wilcoxon_signed_rank,
 )
 
 KEY = jax.random.PRNGKey(0)
@@ -72,11 +83,12 @@ def test_bootstrap_ci_matches_numpy_on_same_indices_and_batch_invariance():
   out2 = bootstrap_ci(jnp.median, x, key=KEY, num_resamples=B, batch_size=1000, confidence=0.9)
   np.testing.assert_allclose(out2, (est, lo, hi), rtol=1e-6)
   _, blo, bhi = bootstrap_ci(
-    jnp.median, x, key=KEY, num_resamples=B, batch_size=7, confidence=0.9, interval="basic"
+    jnp.median, x, key=KEY, num_resamples=B, batch_size=7, confidence=0.9, method="basic"
   )
   np.testing.assert_allclose([blo, bhi], [2 * est - hi, 2 * est - lo], rtol=1e-6)
-  with pytest.raises(ValueError, match="'bca'"):
-    bootstrap_ci(jnp.median, x, key=KEY, interval="bca")
+  # 'bca' is a method now (tests below); an unknown name is still refused
+  with pytest.raises(ValueError, match="'studentized'"):
+    bootstrap_ci(jnp.median, x, key=KEY, method="studentized")
 
 
 def _cls_data(seed, n=400, C=5):
@@ -264,8 +276,8 @@ def test_permutation_test_matches_scipy_exact():
     alternative="two-sided",
     axis=-1,
   ).pvalue
-  se = np.sqrt(ref * (1 - ref) / P)
-  assert np.all(np.abs(ours - ref) <= 4 * se + 2e-3), (ours, ref)
+  # C(14, 7) = 3432 <= P splits: the test is now exact (it was Monte Carlo), so it equals SciPy
+  np.testing.assert_allclose(ours, ref, rtol=1e-12)
   assert ours.shape == (C,) and (ours > 0).all()
   # the same permutations whatever the chunking
   again = permutation_test(a, b, key=KEY, num_permutations=P, batch_size=10000)
@@ -336,3 +348,393 @@ def test_classwise_significance_detects_shifted_classes():
     res.welch_p_adjusted, st.false_discovery_control(ref_t.pvalue), rtol=1e-4, atol=1e-6
   )
   np.testing.assert_allclose(res.mean_difference, cmp.mean(0) - ref.mean(0), atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# BCa bootstrap
+# --------------------------------------------------------------------------
+
+
+def _bca_reference(theta_hat, theta_b, theta_jack, confidence):
+  """BCa bounds by the textbook formulas in float64 NumPy (Efron & Tibshirani 14.3, 14.15)."""
+  from scipy.special import ndtr, ndtri
+
+  frac = (np.sum(theta_b < theta_hat) + np.sum(theta_b <= theta_hat)) / (2 * theta_b.size)
+  z0 = ndtri(frac)
+  d = theta_jack.mean() - theta_jack
+  a = np.sum(d**3) / (6 * np.sum(d**2) ** 1.5)
+  z = ndtri((1 - confidence) / 2)
+  a1 = ndtr(z0 + (z0 + z) / (1 - a * (z0 + z)))
+  a2 = ndtr(z0 + (z0 - z) / (1 - a * (z0 - z)))
+  return np.percentile(theta_b, [100 * a1, 100 * a2])
+
+
+def _var_and_mean(x):
+  return jnp.stack([jnp.var(x), jnp.mean(x)])
+
+
+def test_bootstrap_bca_matches_textbook_formula_on_same_resamples():
+  x = np.random.default_rng(11).exponential(size=300).astype(np.float32)
+  B = 2000
+  est, lo, hi = bootstrap_ci(
+    _var_and_mean, x, key=KEY, num_resamples=B, batch_size=250, method="bca", confidence=0.9
+  )
+  idx = np.asarray(bootstrap_indices(KEY, x.size, B))
+  x64 = x.astype(np.float64)
+  for j, fn in enumerate((np.var, np.mean)):
+    theta_b = fn(x64[idx], axis=1)
+    jack = np.array([fn(np.delete(x64, i)) for i in range(x.size)])  # leave-one-out
+    ref = _bca_reference(fn(x64), theta_b, jack, 0.9)
+    np.testing.assert_allclose([lo[j], hi[j]], ref, rtol=2e-4)
+    assert float(est[j]) == pytest.approx(fn(x64), rel=1e-5)
+  # skewed statistic: BCa moves the interval away from the percentile one
+  _, plo, phi = bootstrap_ci(_var_and_mean, x, key=KEY, num_resamples=B, confidence=0.9)
+  assert float(hi[0]) > float(phi[0]) and float(lo[0]) > float(plo[0])
+
+
+def test_bootstrap_bca_agrees_with_scipy_on_skewed_statistic():
+  """The variance of lognormal data: strongly skewed, BCa far from percentile.
+
+  SciPy uses its own random resamples, so the intervals agree up to Monte Carlo error.
+  Tolerance: 2% of the interval width for the lower bound and 4% for the upper (the upper
+  percentile sits in the long tail; its Monte Carlo sd at B = 5e4 is about 1% of the width).
+  """
+  x = np.random.default_rng(7).lognormal(0.0, 1.0, 150).astype(np.float32)
+  _, lo, hi = bootstrap_ci(jnp.var, x, key=KEY, num_resamples=50000, batch_size=5000, method="bca")
+  ref = st.bootstrap(
+    (x.astype(np.float64),),
+    np.var,
+    n_resamples=200000,
+    method="BCa",
+    rng=np.random.default_rng(0),
+  ).confidence_interval
+  width = ref.high - ref.low
+  assert abs(float(lo) - ref.low) <= 0.02 * width
+  assert abs(float(hi) - ref.high) <= 0.04 * width
+  # the tolerance is tight enough to tell BCa from the percentile interval
+  _, plo, phi = bootstrap_ci(jnp.var, x, key=KEY, num_resamples=50000, batch_size=5000)
+  assert abs(float(plo) - ref.low) > 0.02 * width
+  assert abs(float(phi) - ref.high) > 0.04 * width
+
+
+def test_bootstrap_bca_grouped_jackknife():
+  from prunebias_jax.metrics.stats import _jackknife_jit
+
+  # strided groups {i : i mod G = g}, unequal sizes (103 = 10 * 10 + 3): exact values
+  x = np.random.default_rng(2).standard_normal(103).astype(np.float32)
+  jack = np.asarray(_jackknife_jit(jnp.sum, (jnp.asarray(x),), 4, (0,), 103, 10))
+  ref = [x[np.arange(103) % 10 != g].sum() for g in range(10)]
+  np.testing.assert_allclose(jack, ref, rtol=1e-5, atol=1e-5)
+  # the grouped jackknife estimates the same acceleration: with G = 200 groups of 3 the
+  # interval stays within 1% of its width of leave-one-out (percentile: 5% away)
+  y = np.random.default_rng(3).exponential(size=600).astype(np.float32)
+  kw = dict(key=KEY, num_resamples=4000, batch_size=500)
+  _, lo1, hi1 = bootstrap_ci(jnp.var, y, method="bca", **kw)  # n = 600 <= 2000: leave-one-out
+  _, lo2, hi2 = bootstrap_ci(jnp.var, y, method="bca", jackknife_groups=200, **kw)
+  _, plo, phi = bootstrap_ci(jnp.var, y, **kw)
+  width = float(hi1 - lo1)
+  assert abs(float(lo2 - lo1)) < 0.01 * width and abs(float(hi2 - hi1)) < 0.01 * width
+  assert abs(float(plo - lo1)) > 0.03 * width and abs(float(phi - hi1)) > 0.03 * width
+  with pytest.raises(ValueError, match="n >= 2"):
+    bootstrap_ci(jnp.var, y[:1], key=KEY, method="bca")
+
+
+# --------------------------------------------------------------------------
+# Partial correlation and the cluster bootstrap
+# --------------------------------------------------------------------------
+
+
+def _closed_form_partial(x, y, z):
+  rxy, rxz, ryz = st.pearsonr(x, y)[0], st.pearsonr(x, z)[0], st.pearsonr(y, z)[0]
+  return (rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2))
+
+
+def _residual_partial(x, y, z):
+  """Partial Pearson by explicit least squares on [1, z] in float64 (several covariates)."""
+  a = np.column_stack([np.ones(len(x)), z])
+  rx = x - a @ np.linalg.lstsq(a, x, rcond=None)[0]
+  ry = y - a @ np.linalg.lstsq(a, y, rcond=None)[0]
+  return st.pearsonr(rx, ry)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_partial_correlation_matches_closed_form(seed):
+  rng = np.random.default_rng(seed)
+  z = rng.standard_normal(60)
+  x = 0.8 * z + rng.standard_normal(60)
+  y = 0.6 * z + 0.3 * x + rng.standard_normal(60)
+  ref = _closed_form_partial(x, y, z)
+  assert float(partial_correlation(x, y, z)) == pytest.approx(ref, abs=1e-5)
+  # Spearman: the same closed form on ranks (with ties)
+  xt, yt, zt = np.round(x), np.round(y), np.round(2 * z)
+  ranks = [st.rankdata(v) for v in (xt, yt, zt)]
+  assert float(partial_correlation(xt, yt, zt, method="spearman")) == pytest.approx(
+    _closed_form_partial(*ranks), abs=1e-5
+  )
+  # two covariates against explicit least squares
+  z2 = np.column_stack([z, rng.standard_normal(60)])
+  assert float(partial_correlation(x, y, z2)) == pytest.approx(
+    _residual_partial(x, y, z2), abs=1e-5
+  )
+
+
+def test_partial_correlation_degenerate():
+  z = np.arange(10.0)
+  y = np.random.default_rng(0).standard_normal(10)
+  assert np.isnan(float(partial_correlation(2 * z + 1, y, z)))  # x explained by z
+  assert np.isnan(float(partial_correlation(np.ones(10), y, z)))  # constant x
+  # a constant covariate explains nothing: the plain correlation
+  x = y + np.random.default_rng(1).standard_normal(10)
+  assert float(partial_correlation(x, y, np.ones(10))) == pytest.approx(
+    st.pearsonr(x, y)[0], abs=1e-5
+  )
+
+
+def _cluster_resample_reference(fn, arrays, clusters, B, confidence=0.95):
+  """Hand cluster bootstrap: concatenate the points of the drawn clusters, scipy statistic."""
+  uniq = np.unique(clusters)
+  members = [np.nonzero(clusters == c)[0] for c in uniq]
+  draws = np.asarray(bootstrap_indices(KEY, len(uniq), B))  # the cluster draws of resample b
+  vals = []
+  for row in draws:
+    idx = np.concatenate([members[g] for g in row])
+    vals.append(fn(*(a[idx] for a in arrays)))
+  vals = np.array(vals, dtype=float)
+  alpha = 100 * (1 - confidence) / 2
+  return np.nanpercentile(vals, [alpha, 100 - alpha])
+
+
+def test_correlation_ci_cluster_bootstrap_matches_hand_resampling():
+  rng = np.random.default_rng(8)
+  sizes = [3, 5, 2, 6, 4, 4, 3, 5, 2, 6]
+  clusters = np.repeat(np.array([7, 2, 9, 4, 0, 5, 1, 8, 3, 6]) * 10, sizes)  # arbitrary ids
+  centre = rng.standard_normal(len(sizes))
+  x = np.repeat(centre, sizes) + 0.3 * rng.standard_normal(clusters.size)
+  y = 0.7 * x + 0.5 * rng.standard_normal(clusters.size)
+  B = 200
+  for method, ref_fn in (
+    ("pearson", lambda a, b: st.pearsonr(a, b)[0]),
+    ("spearman", lambda a, b: st.spearmanr(a, b)[0]),
+  ):
+    r, lo, hi = correlation_ci(x, y, method=method, key=KEY, num_resamples=B, clusters=clusters)
+    assert float(r) == pytest.approx(ref_fn(x, y), abs=1e-5)
+    ref = _cluster_resample_reference(ref_fn, (x, y), clusters, B)
+    np.testing.assert_allclose([lo, hi], ref, atol=1e-5)
+  # partial correlation, clusters resampled the same way
+  z = np.repeat(rng.standard_normal(len(sizes)), sizes) + rng.standard_normal(clusters.size)
+  r, lo, hi = partial_correlation_ci(x, y, z, key=KEY, num_resamples=B, clusters=clusters)
+  assert float(r) == pytest.approx(_closed_form_partial(x, y, z), abs=1e-5)
+  ref = _cluster_resample_reference(_closed_form_partial, (x, y, z), clusters, B)
+  np.testing.assert_allclose([lo, hi], ref, atol=1e-4)
+  with pytest.raises(ValueError, match="clusters"):
+    correlation_ci(x, y, key=KEY, clusters=clusters[:-1])
+
+
+def test_cluster_bootstrap_on_duplicated_points():
+  """Clusters of identical points carry the information of one point each."""
+  rng = np.random.default_rng(9)
+  x15 = rng.standard_normal(15)
+  y15 = 0.5 * x15 + rng.standard_normal(15)
+  x, y = np.repeat(x15, 8), np.repeat(y15, 8)
+  ids = np.repeat(np.arange(15), 8)
+  kw = dict(key=KEY, num_resamples=1000)
+  for method in ("pearson", "spearman"):
+    _, plo, phi = correlation_ci(x, y, method=method, **kw)
+    _, clo, chi = correlation_ci(x, y, method=method, clusters=ids, **kw)
+    assert float(phi - plo) < 0.6 * float(chi - clo)  # points: ~1/sqrt(8) of the width
+    # resampling the 15 clusters = resampling the 15 distinct points (same draws)
+    _, lo15, hi15 = correlation_ci(x15, y15, method=method, **kw)
+    np.testing.assert_allclose([clo, chi], [lo15, hi15], atol=1e-5)
+  z = rng.standard_normal(15)
+  _, plo, phi = partial_correlation_ci(x, y, np.repeat(z, 8), **kw)
+  _, clo, chi = partial_correlation_ci(x, y, np.repeat(z, 8), clusters=ids, **kw)
+  assert float(phi - plo) < 0.6 * float(chi - clo)
+
+
+# --------------------------------------------------------------------------
+# Normalised recall, exactness of the permutation test, paired tests
+# --------------------------------------------------------------------------
+
+
+def test_per_class_normalized_recall():
+  rng = np.random.default_rng(4)
+  C, K, n = 5, 3, 300
+  labels = rng.integers(0, C - 1, n)  # class C-1 absent
+  preds = np.where(rng.random((K, n)) < 0.6, labels, rng.integers(0, C, (K, n)))
+  out = np.asarray(per_class_normalized_recall(labels, preds, C))
+  assert out.shape == (K, C)
+  for k in range(K):
+    overall = np.mean(preds[k] == labels)
+    for c in range(C - 1):
+      assert out[k, c] == pytest.approx(np.mean(preds[k][labels == c] == c) - overall, abs=1e-6)
+  np.testing.assert_array_equal(out[:, C - 1], 0.0)
+  assert per_class_normalized_recall(labels, preds[0], C).shape == (C,)
+
+
+@pytest.mark.parametrize(
+  "k, k_ref, paired, expected",
+  [
+    (2, 2, False, 1 / 3),  # 2 / C(4, 2)
+    (3, 3, False, 1 / 10),  # 2 / C(6, 3)
+    (4, 4, False, 1 / 35),  # 2 / C(8, 4)
+    (2, 3, False, 1 / 5),  # 2 / C(5, 2)
+    (3, 3, True, 1 / 4),  # 2 / 2^3
+    (4, 4, True, 1 / 8),  # 2 / 2^4
+  ],
+)
+def test_min_attainable_p_is_attained_exactly(k, k_ref, paired, expected):
+  min_p, exact = min_attainable_permutation_p(k, k_ref, num_permutations=1000, paired=paired)
+  assert exact and min_p == pytest.approx(expected, rel=1e-12)
+  # perfectly separated samples reach it (and the lower side too)
+  a = 1.0 + np.arange(k) / 10
+  b = np.arange(k_ref) / 10
+  for sign in (1, -1):
+    p = permutation_test(sign * a, sign * b, key=KEY, num_permutations=1000, paired=paired)
+    assert float(p) == pytest.approx(expected, rel=1e-12)
+
+
+def test_min_attainable_p_random_case():
+  # C(16, 8) = 12870 > 1000 splits: random, floor 2 / (P + 1)
+  min_p, exact = min_attainable_permutation_p(8, 8, num_permutations=1000)
+  assert not exact and min_p == pytest.approx(2 / 1001)
+  a = 1.0 + np.arange(8.0)
+  p = permutation_test(a, -a, key=KEY, num_permutations=1000)
+  assert float(p) == pytest.approx(2 / 1001)
+  assert min_attainable_permutation_p(1, 1, num_permutations=10)[0] == 1.0
+  with pytest.raises(ValueError, match="paired"):
+    min_attainable_permutation_p(3, 4, num_permutations=10, paired=True)
+
+
+def test_permutation_test_hand_enumerated():
+  # a = (3, 5), b = (1, 2, 4): T = sum_a / 2 - (15 - sum_a) / 3.  Of the 10 splits, sum_a >= 8
+  # for {3,5}, {4,5} (P_greater = 2/10) and <= 8 for 9 of them: p = 2 * 2/10 = 0.4.
+  p = permutation_test([3.0, 5.0], [1.0, 2.0, 4.0], key=KEY, num_permutations=100)
+  assert float(p) == pytest.approx(0.4, rel=1e-12)
+  # paired, differences d = (1, -2, 4): sign-flip sums are +-1 +-2 +-4 = 7, 5, 3, 1, -1, -3, -5,
+  # -7; observed 3: P_greater = 3/8, P_less = 6/8, p = 0.75.
+  p = permutation_test([1.0, 0.0, 4.0], [0.0, 2.0, 0.0], key=KEY, num_permutations=100, paired=True)
+  assert float(p) == pytest.approx(0.75, rel=1e-12)
+  # ties are not broken by rounding: 0.1 + 0.2 vs 0.3 + 0.0 is a zero difference
+  p = permutation_test([0.1, 0.2], [0.3, 0.0], key=KEY, num_permutations=100)
+  assert float(p) == 1.0
+
+
+def test_permutation_test_random_is_deterministic_and_close_to_exact():
+  rng = np.random.default_rng(5)
+  a = rng.normal(0.62, 0.05, (3, 8))
+  b = rng.normal(0.6, 0.05, (3, 8))
+  P = 4000  # < C(16, 8): random splits
+  p1 = permutation_test(a, b, key=KEY, num_permutations=P)
+  np.testing.assert_array_equal(p1, permutation_test(a, b, key=KEY, num_permutations=P))
+  np.testing.assert_array_equal(
+    p1,
+    permutation_test(a, b, key=jax.random.key(0), num_permutations=P),  # typed key
+  )
+  assert not np.array_equal(
+    p1, permutation_test(a, b, key=jax.random.PRNGKey(1), num_permutations=P)
+  )
+  exact = st.permutation_test(
+    (a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), n_resamples=np.inf, axis=-1
+  ).pvalue
+  assert np.all(np.abs(p1 - exact) <= 4 * np.sqrt(exact * (1 - exact) / P) + 2 / P)
+
+
+def test_classwise_significance_paired_matches_scipy():
+  rng = np.random.default_rng(6)
+  C, K = 6, 5
+  seed_effect = rng.normal(0, 0.05, (K, 1))  # shared by the pair of seed k
+  ref = 0.8 + seed_effect + rng.normal(0, 0.01, (K, C))
+  cmp = ref + rng.normal(0, 0.01, (K, C))
+  cmp[:, 2] -= 0.05
+  res = classwise_significance(ref, cmp, key=KEY, num_permutations=1000, paired=True)
+  tr = st.ttest_rel(cmp, ref, axis=0)
+  np.testing.assert_allclose(res.welch_t, tr.statistic, rtol=1e-10)
+  np.testing.assert_allclose(res.welch_p, tr.pvalue, rtol=1e-10)
+  perm = st.permutation_test(
+    (cmp.T, ref.T),
+    lambda x, y, axis: np.mean(x - y, axis=axis),
+    permutation_type="samples",
+    n_resamples=np.inf,
+    axis=-1,
+  ).pvalue
+  np.testing.assert_allclose(res.permutation_p, perm, rtol=1e-12)
+  np.testing.assert_allclose(res.permutation_p_adjusted, st.false_discovery_control(perm))
+  assert res.exact and res.min_attainable_p == pytest.approx(2 / 32)
+  assert res.can_reject == (2 / 32 <= 0.05)  # False: 1/16 > 0.05
+  assert not res.permutation_rejected.any()
+  assert bool(res.welch_rejected[2])  # the paired t-test sees the shift
+  with pytest.raises(ValueError, match="paired"):
+    classwise_significance(ref, cmp[:4], key=KEY, paired=True)
+
+
+def test_classwise_significance_small_populations_cannot_reject():
+  rng = np.random.default_rng(7)
+  ref = rng.normal(0.8, 0.01, (2, 4))
+  cmp = ref - 0.3  # every class far lower
+  res = classwise_significance(ref, cmp, key=KEY)
+  assert res.exact and res.min_attainable_p == pytest.approx(1 / 3) and not res.can_reject
+  np.testing.assert_allclose(res.permutation_p, 1 / 3)
+  assert not res.permutation_rejected.any()
+  ref4 = rng.normal(0.8, 0.01, (4, 4))
+  res = classwise_significance(ref4, ref4[:, ::-1] - 0.3, key=KEY)
+  assert res.can_reject and res.min_attainable_p == pytest.approx(1 / 35)
+  # all 4 classes at the minimum: adjusted p = 4 (1/35) / 4 = 1/35 <= 0.05
+  np.testing.assert_allclose(res.permutation_p_adjusted, 1 / 35)
+  assert res.permutation_rejected.all() and res.fraction_significant_permutation == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss")  # the scipy reference call only
+def test_classwise_significance_constant_samples_without_warnings():
+  ref = np.array([[0.5, 0.9, 0.7], [0.5, 0.9, 0.6], [0.5, 0.9, 0.8]])
+  cmp = np.array([[0.5, 0.7, 0.7], [0.5, 0.7, 0.7], [0.5, 0.7, 0.7]])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    res = classwise_significance(ref, cmp, key=KEY)
+  # class 0: equal constants; class 1: different constants; class 2: one constant sample
+  assert res.welch_t[0] == 0.0 and res.welch_p[0] == 1.0 and res.permutation_p[0] == 1.0
+  assert res.welch_t[1] == -np.inf and res.welch_p[1] == 0.0
+  assert res.permutation_p[1] == pytest.approx(res.min_attainable_p) == pytest.approx(0.1)
+  ref_t = st.ttest_ind(cmp[:, 2], ref[:, 2], equal_var=False)
+  assert res.welch_p[2] == pytest.approx(ref_t.pvalue, rel=1e-10)
+  assert np.isfinite(res.welch_p_adjusted).all() and np.isfinite(res.permutation_p).all()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    t, p = welch_t_test(np.full((1, 3), 0.7), np.full((1, 4), 0.7))
+  assert float(t[0]) == 0.0 and float(p[0]) == 1.0
+
+
+def test_sign_test_against_binomtest_and_by_hand():
+  d = np.array([1.0, 2.0, 3.0, 0.0, -1.0])  # zero dropped: 3 of 4 positive
+  res = sign_test(d)
+  assert res.num_nonzero == 4 and res.statistic == 3
+  assert res.pvalue == pytest.approx(0.625)  # 2 * (C(4,3) + C(4,4)) / 16
+  rng = np.random.default_rng(0)
+  d = rng.normal(0.3, 1.0, 15)
+  k = int((d > 0).sum())
+  assert sign_test(d).pvalue == pytest.approx(st.binomtest(k, 15).pvalue, rel=1e-12)
+  assert np.isnan(sign_test(np.zeros(4)).pvalue) and sign_test(np.zeros(4)).num_nonzero == 0
+  with pytest.raises(ValueError, match="finite"):
+    sign_test([1.0, np.nan])
+
+
+def test_wilcoxon_signed_rank_against_scipy_and_by_hand():
+  # all 5 differences positive: W- = 0, exact p = 2 / 2^5
+  res = wilcoxon_signed_rank([1.0, 2.0, 3.0, 4.0, 5.0])
+  assert res.statistic == 0.0 and res.pvalue == pytest.approx(0.0625)
+  assert wilcoxon_signed_rank([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).pvalue == pytest.approx(0.0625)
+  d = np.random.default_rng(1).normal(0.4, 1.0, 12)
+  ref = st.wilcoxon(d)
+  res = wilcoxon_signed_rank(d)
+  assert res.statistic == ref.statistic and res.pvalue == pytest.approx(ref.pvalue, rel=1e-12)
+  assert wilcoxon_signed_rank([0.0, 0.7]).pvalue == 1.0
+  assert np.isnan(wilcoxon_signed_rank([0.0, 0.0]).pvalue)
+
+
+def test_seed_interval_against_scipy_t():
+  v = np.array([0.71, 0.69, 0.74, 0.70, 0.72])
+  mean, lo, hi = seed_interval(v, 0.9)
+  ref = st.t.interval(0.9, 4, loc=v.mean(), scale=st.sem(v))
+  assert mean == pytest.approx(v.mean()) and (lo, hi) == pytest.approx(ref, rel=1e-12)
+  m1, lo1, hi1 = seed_interval([0.5])
+  assert m1 == 0.5 and np.isnan(lo1) and np.isnan(hi1)
+  assert all(np.isnan(seed_interval([])))

@@ -1,18 +1,35 @@
-"""Compression Identified Exemplars (Hooker et al. 2020).
+"""Compression Identified Exemplars (after Hooker et al. 2020).
 
-An example is a CIE when the modal (most frequent) predicted label of a
-population of compressed models differs from the modal label of a population
-of reference (dense) models; ties in a mode are broken by the smaller label
-(docs/metrics.md, "Compression Identified Exemplars").
+Hooker et al. call an example a CIE when the modal (most frequent) predicted label of a
+population of compressed models differs from the modal label of a population of reference
+(dense) models.  With an odd population and two classes a mode is unique, but the populations
+used here are small (2 to 4 models is common) and with ``C`` classes several labels often share
+the top vote count.  Picking one of them -- say by ``argmax``, which returns the smallest tied
+label -- makes the result depend on how classes happen to be numbered: a tie is always resolved
+towards the low end of the label range, so per-class CIE counts skew towards one end of it.
 
-Predictions are integer label arrays of shape ``(K, n)`` (models x examples).
-Modes come from an ``(n, C)`` table of vote counts built with one scatter-add
-(no ``K x n x C`` one-hot tensor) and ``argmax``, which returns the *first*
-maximum, i.e. the smallest tied label.
+This module therefore never picks a single mode.  Per example, each population has a *modal
+set*: every label whose vote count equals the maximum.  An example is a CIE when the two modal
+sets are disjoint, i.e. no label is modal in both populations.  Consequences:
 
-These functions are meant to be called on the host with concrete arrays: they
-validate label ranges and, without ``num_classes``, infer ``C`` from the data.
-The vote counting itself is jitted.
+* with unique modes (e.g. odd populations without ties) this is exactly "the modes differ";
+* a tie in one population that includes a modal label of the other is *not* a CIE (two
+  compressed models voting ``{1, 3}`` against a reference mode of 3 did not move away from 3);
+* permuting the label values permutes the modal sets and leaves the CIE mask unchanged.
+
+The CIE *strength* of an example follows the same rule: the fraction of compressed models whose
+prediction is not in the reference population's modal set (with a unique reference mode, the
+fraction disagreeing with it).  It is label-value free too.
+
+`modal_predictions` still returns one label per example (the smallest label of the modal set,
+via ``argmax``), for display only -- image grids and reports.  No CIE decision uses it.  On a
+CIE the two displayed labels always differ, since they come from disjoint sets.
+
+Predictions are integer label arrays of shape ``(K, n)`` (models x examples).  Vote counts come
+from an ``(n, C)`` table built with one scatter-add (no ``K x n x C`` one-hot tensor); the modal
+sets are ``counts == max(counts)`` per row.  These functions are meant to be called on the host
+with concrete arrays: they validate label ranges and, without ``num_classes``, infer ``C`` from
+the data.  The vote counting itself is jitted.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import numpy as np
 __all__ = [
   "cie_report",
   "compression_identified_exemplars",
+  "modal_label_sets",
   "modal_predictions",
   "pruning_identified_exemplars_all_disagree",
 ]
@@ -73,15 +91,44 @@ def _vote_counts(predictions: jax.Array, num_classes: int) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("num_classes",))
+def _modal_sets(predictions: jax.Array, num_classes: int) -> jax.Array:
+  """``(n, C)`` bool: ``sets[i, c]`` iff label ``c`` has the maximal vote count on example ``i``.
+
+  ``K >= 1``, so the maximum is at least 1 and a label nobody predicted is never modal.
+  """
+  counts = _vote_counts(predictions, num_classes)
+  return counts == jnp.max(counts, axis=1, keepdims=True)
+
+
+@partial(jax.jit, static_argnames=("num_classes",))
 def _modes(predictions: jax.Array, num_classes: int) -> jax.Array:
-  # argmax returns the first maximal index: ties go to the smaller label.
+  # Display only. argmax returns the first maximal index: the smallest label of the modal set.
   return jnp.argmax(_vote_counts(predictions, num_classes), axis=1).astype(jnp.int32)
 
 
-def modal_predictions(predictions: ArrayLike, num_classes: int | None = None) -> jax.Array:
-  """Modal label per example of a ``(K, n)`` population (``(n,)`` = one model).
+@jax.jit
+def _disjoint(reference_sets: jax.Array, compressed_sets: jax.Array) -> jax.Array:
+  """``(n,)`` bool CIE mask: no label is modal in both populations."""
+  return ~jnp.any(reference_sets & compressed_sets, axis=1)
 
-  ``mode_i = argmax_c #{k : p[k, i] = c}``; ties go to the smaller label.
+
+def modal_label_sets(predictions: ArrayLike, num_classes: int | None = None) -> jax.Array:
+  """Modal set per example of a ``(K, n)`` population (``(n,)`` = one model).
+
+  ``sets[i, c] = #{k : p[k, i] = c} == max_c' #{k : p[k, i] = c'}``: every label with the
+  maximal vote count, so a tie yields several True entries per row and no label value is
+  preferred.  ``num_classes`` defaults to ``max label + 1``.  Returns ``(n, C)`` bool.
+  """
+  pop = _as_population(predictions, "predictions")
+  c = _resolve_num_classes(num_classes, pop)
+  return _modal_sets(jnp.asarray(pop, jnp.int32), c)
+
+
+def modal_predictions(predictions: ArrayLike, num_classes: int | None = None) -> jax.Array:
+  """One modal label per example of a ``(K, n)`` population (``(n,)`` = one model), for display.
+
+  ``mode_i = argmax_c #{k : p[k, i] = c}``: on a tie this shows the *smallest* tied label,
+  an arbitrary choice.  CIE decisions never use it; they compare `modal_label_sets`.
   ``num_classes`` defaults to ``max label + 1``.  Returns ``(n,)`` int32.
   """
   pop = _as_population(predictions, "predictions")
@@ -94,7 +141,11 @@ def compression_identified_exemplars(
   compressed_predictions: ArrayLike,
   num_classes: int | None = None,
 ) -> jax.Array:
-  """CIE mask: ``mode(compressed)_i != mode(reference)_i`` per example.
+  """CIE mask: the modal sets of the two populations are disjoint, per example.
+
+  Example ``i`` is a CIE when no label is modal (has the maximal vote count) in both
+  populations.  With unique modes this is ``mode(compressed)_i != mode(reference)_i``; a tie
+  that includes a modal label of the other population is not a CIE.
 
   Args:
     reference_predictions: ``(K_ref, n)`` labels of the dense population
@@ -112,7 +163,9 @@ def compression_identified_exemplars(
       f"populations cover different numbers of examples: {ref.shape[1]} and {comp.shape[1]}"
     )
   c = _resolve_num_classes(num_classes, ref, comp)
-  return _modes(jnp.asarray(ref, jnp.int32), c) != _modes(jnp.asarray(comp, jnp.int32), c)
+  return _disjoint(
+    _modal_sets(jnp.asarray(ref, jnp.int32), c), _modal_sets(jnp.asarray(comp, jnp.int32), c)
+  )
 
 
 def pruning_identified_exemplars_all_disagree(
@@ -124,7 +177,7 @@ def pruning_identified_exemplars_all_disagree(
   ``(n,)`` bool, True where *every* one of the ``K`` compressed models
   predicts a label different from the single teacher's:
   ``all_k p[k, i] != teacher_i``.  (A CIE only needs the compressed *mode*
-  to differ from the reference mode.)
+  to be disjoint from the reference modal set.)
   """
   teacher = np.asarray(teacher_predictions)
   if teacher.ndim != 1:
@@ -163,10 +216,15 @@ def cie_report(
     ``per_class_cie_counts``: ``(C,)`` int64 counts of CIEs by *true* label;
     ``cie_indices``: int64 indices of the CIEs sorted by strength descending
     (ties by index), and ``cie_strength`` aligned with it, where strength is
-    the fraction of compressed models whose prediction differs from the
-    reference mode;
-    ``cie_mask`` ``(n,)`` bool, ``reference_modes`` and ``compressed_modes``
-    ``(n,)`` int64 (inputs for `report.write_cie_grid`).
+    the fraction of compressed models whose prediction is not in the
+    reference population's modal set (label-value free; with a unique
+    reference mode, the fraction disagreeing with it);
+    ``cie_mask`` ``(n,)`` bool (modal sets disjoint, see the module docstring);
+    ``num_ties_reference``, ``num_ties_compressed``: numbers of examples whose
+    modal set in that population has more than one label;
+    ``reference_modes`` and ``compressed_modes`` ``(n,)`` int64, display only
+    (`modal_predictions`: smallest tied label; inputs for
+    `report.write_cie_grid`; on a CIE the two always differ).
 
   Arrays are NumPy (call ``.tolist()`` for JSON).
   """
@@ -182,10 +240,15 @@ def cie_report(
   c = _resolve_num_classes(num_classes, ref, comp, y)
   if n and y.min() < 0:
     raise ValueError("labels has negative entries")
-  ref_modes = np.asarray(_modes(jnp.asarray(ref, jnp.int32), c)).astype(np.int64)
-  comp_modes = np.asarray(_modes(jnp.asarray(comp, jnp.int32), c)).astype(np.int64)
-  mask = ref_modes != comp_modes
-  strength_all = np.mean(comp != ref_modes[None, :], axis=0) if n else np.zeros(0)
+  ref_j, comp_j = jnp.asarray(ref, jnp.int32), jnp.asarray(comp, jnp.int32)
+  ref_sets_j, comp_sets_j = _modal_sets(ref_j, c), _modal_sets(comp_j, c)
+  mask = np.asarray(_disjoint(ref_sets_j, comp_sets_j))
+  ref_sets, comp_sets = np.asarray(ref_sets_j), np.asarray(comp_sets_j)
+  ref_modes = np.asarray(_modes(ref_j, c)).astype(np.int64)
+  comp_modes = np.asarray(_modes(comp_j, c)).astype(np.int64)
+  # in_ref[k, i]: compressed model k predicts a label of the reference modal set on example i
+  in_ref = ref_sets[np.arange(n)[None, :], comp]
+  strength_all = np.mean(~in_ref, axis=0) if n else np.zeros(0)
   cie_idx = np.flatnonzero(mask)
   order = np.argsort(-strength_all[cie_idx], kind="stable")
   cie_idx = cie_idx[order].astype(np.int64)
@@ -204,6 +267,8 @@ def cie_report(
     "cie_indices": cie_idx,
     "cie_strength": strength_all[cie_idx],
     "cie_mask": mask,
+    "num_ties_reference": int(np.count_nonzero(ref_sets.sum(axis=1) > 1)),
+    "num_ties_compressed": int(np.count_nonzero(comp_sets.sum(axis=1) > 1)),
     "reference_modes": ref_modes,
     "compressed_modes": comp_modes,
   }
