@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.schedule = "gradual"
   config.pruning.frequency_epochs = 5
   config.pruning.end_fraction = 0.5
+  config.pruning.control = True  # the sparsity-0 control cell (CE and KD, unpruned)
 
   config.runlocal_overrides = (
     ("seeds", (0,)),

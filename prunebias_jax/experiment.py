@@ -52,7 +52,14 @@ def run(
     timings["dense" if seed == cfg.seed else f"dense_seed{seed}"] = time.perf_counter() - t
   teacher = dense[0][1]
   dense_outputs = [stages.evaluate_members(ctx, [stages.Model(v, None)])[0] for _, v in dense]
-  ref = rec.reference(data.test.labels, data.test.groups, data.num_classes, dense_outputs[0])
+  ref = rec.reference(
+    data.test.labels,
+    data.test.groups,
+    data.num_classes,
+    dense_outputs[0],
+    cfg.analysis.svcca_examples,
+    cfg.seed,
+  )
   base = {"model": cfg.model, "dataset": data.name, "num_test_examples": len(data.test)}
   records = []
   for (seed, variables), out in zip(dense, dense_outputs):
@@ -78,7 +85,7 @@ def run(
 
   t = time.perf_counter()
   cells, cie_indices = rec.cell_records(ref, dense_outputs, records, outputs, cfg)
-  correlations = rec.correlations(records, cfg.analysis, cfg.seed)
+  correlations = rec.correlations(records, cells, cfg.analysis, cfg.seed)
   timings["analysis"] = time.perf_counter() - t
   t = time.perf_counter()
   if ctx.writer:

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from prunebias_jax import metrics as pm
+from prunebias_jax.data import stratified_subset
 from prunebias_jax.faults import crash_point
 from prunebias_jax.pruning import mask_sparsity, sparsity_report
 
@@ -73,36 +74,74 @@ class Reference(NamedTuple):
   outputs: Outputs  # the teacher's
   fairness: Record | None  # the teacher's DPD/EOD (None without groups)
   device_labels: jax.Array
+  svcca_index: np.ndarray  # the test examples SVCCA sees (a seeded, stratified subset)
 
 
-def reference(labels: np.ndarray, groups: np.ndarray | None, num_classes: int, teacher: Outputs):
-  """The comparison point of every record (the teacher's outputs on the test set)."""
+def reference(
+  labels: np.ndarray,
+  groups: np.ndarray | None,
+  num_classes: int,
+  teacher: Outputs,
+  svcca_examples: int = 0,
+  seed: int = 0,
+) -> Reference:
+  """The comparison point of every record (the teacher's outputs on the test set).
+
+  SVCCA runs on a seeded subset of `svcca_examples` test examples stratified by class (the
+  authors used 6,400 of a shuffled CIFAR test set; a split stored class by class must never
+  be cut at its first n), or on all of them when 0 or when the test set is smaller."""
   num_groups = int(groups.max()) + 1 if groups is not None else 0
   fair = None
   if groups is not None:
     fair = fairness(labels, groups, teacher.predictions, num_classes, num_groups)
-  return Reference(labels, groups, num_classes, num_groups, teacher, fair, jnp.asarray(labels))
+  index = stratified_subset(labels, svcca_examples, seed=(seed, SVCCA_SUBSET_STREAM))
+  return Reference(
+    labels, groups, num_classes, num_groups, teacher, fair, jnp.asarray(labels), index
+  )
+
+
+SVCCA_SUBSET_STREAM = 7  # the subset's own random stream, apart from the data subsets'
+SVCCA_RULES = {"anatome": True, "centered": False}  # rule → svcca_distance(anatome_compat=)
 
 
 # ------------------------------------------------------------------------------------ per model
 def bias(ref: Reference, predictions: jax.Array, metrics_cfg: ml_collections.ConfigDict) -> Record:
   """CEV, SDE, the per-class changes and the zero-rate count of `predictions` ((n,) for one
-  model or (K, n) for a population, whose rates are averaged first) against the teacher."""
-  change = pm.relative_rate_change(
-    ref.device_labels,
-    ref.outputs.device["predictions"],
-    predictions,
-    ref.num_classes,
-    zero_rate=metrics_cfg.zero_rate,
-    convention=metrics_cfg.convention,
-  )
-  args = (change.dfpr, change.dfnr, change.valid)
+  model or (K, n) for a population, whose rates are averaged first) against the teacher.
+
+  Beside the configured zero-rate rule, `cev_exclude`/`sde_exclude` always give the values
+  with zero-reference-rate classes dropped, and `floor_decides` flags a record where more
+  than a third of the classes hit the rule: then the rule, not the data, sets CEV."""
+
+  def change_under(zero_rate: str):
+    return pm.relative_rate_change(
+      ref.device_labels,
+      ref.outputs.device["predictions"],
+      predictions,
+      ref.num_classes,
+      zero_rate=zero_rate,
+      convention=metrics_cfg.convention,
+    )
+
+  def cev_sde(change) -> tuple:
+    args = (change.dfpr, change.dfnr, change.valid)
+    kw = dict(convention=metrics_cfg.convention)
+    return number(pm.cev_from_changes(*args, **kw)), number(pm.sde_from_changes(*args, **kw))
+
+  change = change_under(metrics_cfg.zero_rate)
+  cev, sde = cev_sde(change)
+  excluded = change if metrics_cfg.zero_rate == "exclude" else change_under("exclude")
+  cev_exclude, sde_exclude = cev_sde(excluded)
+  zero = int(change.num_zero_rate_classes)
   return {
-    "cev": number(pm.cev_from_changes(*args, convention=metrics_cfg.convention)),
-    "sde": number(pm.sde_from_changes(*args, convention=metrics_cfg.convention)),
+    "cev": cev,
+    "sde": sde,
+    "cev_exclude": cev_exclude,
+    "sde_exclude": sde_exclude,
     "dfpr": number(change.dfpr),
     "dfnr": number(change.dfnr),
-    "zero_rate_classes": int(change.num_zero_rate_classes),
+    "zero_rate_classes": zero,
+    "floor_decides": zero * 3 > ref.num_classes,
   }
 
 
@@ -116,17 +155,16 @@ def model_record(
   change = bias(ref, preds, config.metrics)
   record = {
     "accuracy": number(np.mean(model.predictions == ref.labels)),
-    "cev": change["cev"],
-    "sde": change["sde"],
+    **change,
     "cka": number(pm.linear_cka(ref.outputs.device["features"], model.device["features"])),
     "agreement": number(pm.prediction_agreement(ref.outputs.device["predictions"], preds)),
-    "zero_rate_classes": change["zero_rate_classes"],
     "per_class_recall": number(1.0 - np.asarray(rates.fnr)),
     "fpr": number(rates.fpr),
     "fnr": number(rates.fnr),
-    "dfpr": change["dfpr"],
-    "dfnr": change["dfnr"],
-    **similarity_by_layer(ref.outputs, model, config.analysis.svcca_examples),
+    **similarity_by_layer(ref.outputs, model, ref.svcca_index, config.analysis.svcca_rule),
+    "svcca_examples_per_class": np.bincount(
+      ref.labels[ref.svcca_index], minlength=ref.num_classes
+    ).tolist(),
   }
   if ref.groups is not None:
     fair = fairness(ref.labels, ref.groups, model.predictions, ref.num_classes, ref.num_groups)
@@ -188,17 +226,22 @@ def sparsity_fields(params: Any, masks: Any | None = None) -> Record:
   return out
 
 
-def similarity_by_layer(reference: Outputs, model: Outputs, svcca_examples: int) -> Record:
+def similarity_by_layer(
+  reference: Outputs, model: Outputs, svcca_index: np.ndarray, svcca_rule: str = "anatome"
+) -> Record:
   """{'layer_cka', 'layer_svcca': {layer: value}, 'cka_debiased', 'svcca'} against the
-  reference. SVCCA uses the first `svcca_examples` test examples (the authors used 6,400);
-  'svcca' is the SVCCA distance of the logits, the layer the authors plotted against CEV."""
+  reference. CKA uses every test example; SVCCA the examples `svcca_index` (see `reference`)
+  under `svcca_rule` ('anatome': the authors' library's centring and count of kept
+  directions; 'centered': centre before the SVD, keep one more direction). 'svcca' is the
+  SVCCA distance of the logits, the layer the authors plotted against CEV."""
   ref_layers, layers = reference.device, model.device
-  m = svcca_examples or reference.logits.shape[0]
+  index = jnp.asarray(svcca_index)
+  compat = SVCCA_RULES[svcca_rule]
   layer_cka, layer_svcca = {}, {}
   for name in sorted(reference.similarity_layers()):
     x, y = ref_layers[name], layers[name]
     layer_cka[name] = number(pm.linear_cka(x, y))
-    layer_svcca[name] = number(pm.svcca_distance(x[:m], y[:m]))
+    layer_svcca[name] = number(pm.svcca_distance(x[index], y[index], anatome_compat=compat))
   return {
     "layer_cka": layer_cka,
     "layer_svcca": layer_svcca,
@@ -250,14 +293,20 @@ def bootstrap_intervals(
   metrics_cfg: ml_collections.ConfigDict,
   seed: int,
 ) -> Record:
-  """Percentile bootstrap intervals ({'cev_ci': [lo, hi], ...}) with test examples resampled
-  (vmapped over resamples). Resampling duplicates examples, which inflates variance-type
-  statistics: the CEV interval can sit above the full-data estimate (see docs/results.md)."""
+  """Bootstrap intervals ({'cev_ci': [lo, hi], ...}; `analysis.bootstrap_interval`:
+  percentile, BCa or basic) with test examples resampled (vmapped over resamples): test-set
+  noise of one model, not seed variability (see the cells' seed intervals). Resampling
+  duplicates examples, which inflates variance-type statistics: the percentile CEV interval
+  can sit above the full-data estimate (BCa corrects for that bias)."""
   if cfg.bootstrap_resamples <= 0:
     return {}
   key = jax.random.key(seed)
   arrays = (jnp.asarray(labels), jnp.asarray(reference), jnp.asarray(predictions))
-  kw = dict(num_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence)
+  kw = dict(
+    num_resamples=cfg.bootstrap_resamples,
+    confidence=cfg.confidence,
+    method=cfg.bootstrap_interval,
+  )
   out = {}
   for i, name in enumerate(("cev", "sde")):
     fn = _statistic(name, num_classes, 0, metrics_cfg.zero_rate, metrics_cfg.convention)
@@ -361,36 +410,175 @@ def cell_records(
   config: ml_collections.ConfigDict,
 ) -> tuple[list[Record], dict[CellKey, np.ndarray]]:
   """One record per (method, sparsity, kd, temperature), in the order of `outputs`: CEV/SDE
-  from the per-class rates averaged over the cell's seeds, mean ± std over seeds of the
-  per-model values, CIE against the dense population and class-wise significance.
+  from the per-class rates averaged over the cell's seeds, mean ± std and a t-interval over
+  seeds of the per-model values, CIE against the dense population, class-wise significance
+  against the dense population and, for a KD cell, against its CE cell (paired by seed), and
+  the paired CE − KD differences of CEV and SDE with a sign test and a Wilcoxon test.
 
   Also returns each cell's CIE indices, strongest first (they feed the image grid)."""
   cells, cie_indices = [], {}
-  dense_predictions = [o.predictions for o in dense_outputs]
+  dense_predictions = np.stack([o.predictions for o in dense_outputs])
+  confidence = config.analysis.confidence
   for i, (key, outs) in enumerate(outputs.items()):
     method, sparsity, kd, temperature = key
-    members = [r for r in records if (r["method"], r["sparsity"], r["kd"], r["temperature"]) == key]
+    members = [r for r in records if _key(r) == key]
     preds = np.stack([o.predictions for o in outs])
-    change = bias(ref, jnp.asarray(preds), config.metrics)
     cell = {
       "method": method,
       "sparsity": sparsity,
       "kd": kd,
       "temperature": temperature,
       "seeds": [r["seed"] for r in members],
-      **change,
+      **bias(ref, jnp.asarray(preds), config.metrics),
     }
     for field in SEED_FIELDS:
       values = np.array([r[field] for r in members if r.get(field) is not None], np.float64)
       if values.size:
         cell[f"{field}_seed_mean"] = number(values.mean())
         cell[f"{field}_seed_std"] = number(values.std(ddof=1) if values.size > 1 else 0.0)
+      if field in SEED_INTERVAL_FIELDS and values.size >= 2:
+        _, low, high = pm.seed_interval(values, confidence)
+        cell[f"{field}_seed_ci"] = [number(low), number(high)]
     extra, cie_indices[key] = cell_analysis(
-      ref.labels, dense_predictions, list(preds), ref.num_classes, config.analysis, config.seed + i
+      ref.labels,
+      list(dense_predictions),
+      list(preds),
+      ref.num_classes,
+      config.analysis,
+      config.seed + i,
     )
     cell.update(extra)
+    if kd:
+      ce_key = (method, sparsity, False, None)
+      if ce_key in outputs:
+        ce_preds = np.stack([o.predictions for o in outputs[ce_key]])
+        ce_members = [r for r in records if _key(r) == ce_key]
+        cell["paired_vs_ce"] = paired_vs_ce(ce_members, members)
+        cell["significance_vs_ce"] = significance(
+          ref.labels,
+          ce_preds,
+          preds,
+          ref.num_classes,
+          config.analysis,
+          config.seed + i,
+          against="ce",
+          paired=True,
+        )
     cells.append(cell)
+  blocked = sorted(
+    {
+      c["significance"]["min_attainable_p"]
+      for c in cells
+      if c["significance"].get("can_reject") is False
+    }
+  )
+  if blocked:
+    logging.warning(
+      "class-wise permutation tests: with these population sizes the smallest attainable p is "
+      "%s, above analysis.fdr_q = %g: no class can be significant; train more seeds "
+      "(analysis.dense_seeds, seeds) for tests that can reject",
+      ", ".join(f"{p:.3g}" for p in blocked),
+      config.analysis.fdr_q,
+    )
   return cells, cie_indices
+
+
+SEED_INTERVAL_FIELDS = ("accuracy", "cev", "sde")
+
+
+def _key(record: Record) -> CellKey:
+  return (record["method"], record["sparsity"], record["kd"], record["temperature"])
+
+
+def paired_vs_ce(ce_members: Sequence[Record], kd_members: Sequence[Record]) -> Record:
+  """CE − KD per seed (same masks and data order), averaged, with an exact sign test and a
+  Wilcoxon signed-rank test of the per-seed differences (`n_pairs` seeds in both cells)."""
+  ce = {r["seed"]: r for r in ce_members}
+  pairs = [(ce[r["seed"]], r) for r in kd_members if r["seed"] in ce]
+  out: Record = {"n_pairs": len(pairs)}
+  for field in ("cev", "sde", "accuracy"):
+    d = np.array(
+      [a[field] - b[field] for a, b in pairs if a[field] is not None and b[field] is not None]
+    )
+    out[f"{field}_diff"] = number(d.mean()) if d.size else None
+    if field == "accuracy":
+      continue
+    out[f"{field}_sign_test_p"] = number(pm.sign_test(d).pvalue) if d.size else None
+    out[f"{field}_wilcoxon_p"] = number(pm.wilcoxon_signed_rank(d).pvalue) if d.size else None
+  # The names the reports read: the tests of the CEV differences.
+  out["sign_test_p"] = out["cev_sign_test_p"]
+  out["wilcoxon_p"] = out["cev_wilcoxon_p"]
+  return out
+
+
+CLASSWISE_VALUES = {
+  "normalized_recall": pm.per_class_normalized_recall,
+  "accuracy": pm.per_class_accuracy,
+}
+
+
+def significance(
+  labels: np.ndarray,
+  reference_predictions: np.ndarray,
+  compared_predictions: np.ndarray,
+  num_classes: int,
+  cfg: ml_collections.ConfigDict,
+  seed: int,
+  *,
+  against: str,
+  paired: bool = False,
+) -> Record:
+  """Class-wise tests of a cell's models against a reference population (`against`: 'dense',
+  or 'ce' for a KD cell against its CE cell, paired by seed): per-model per-class values
+  (`analysis.classwise_statistic`), Welch's (paired: the paired) t-test and an exact-where-
+  possible permutation test, each with Benjamini–Hochberg at `analysis.fdr_q`. Every entry
+  names its statistic and the smallest p its permutation test can attain."""
+  statistic = cfg.classwise_statistic
+  k_ref, k = len(reference_predictions), len(compared_predictions)
+  base = {
+    "against": against,
+    "statistic": statistic,
+    "paired": paired,
+    "fdr": cfg.fdr,
+    "q": cfg.fdr_q,
+    "num_reference_models": k_ref,
+    "num_compared_models": k,
+  }
+  if k_ref < 2 or k < 2:
+    return {
+      **base,
+      "computed": False,
+      "reason": (
+        f"needs >= 2 models on each side (have {k_ref} {against} and {k}; set "
+        f"{'analysis.dense_seeds and ' if against == 'dense' else ''}seeds)"
+      ),
+    }
+  values = CLASSWISE_VALUES[statistic]
+  y = jnp.asarray(labels)
+  sig = pm.classwise_significance(
+    values(y, jnp.asarray(reference_predictions), num_classes),
+    values(y, jnp.asarray(compared_predictions), num_classes),
+    key=jax.random.key(seed),
+    q=cfg.fdr_q,
+    num_permutations=cfg.permutations,
+    paired=paired,
+  )
+  return {
+    **base,
+    "computed": True,
+    "min_attainable_p": number(sig.min_attainable_p),
+    "exact": bool(sig.exact),
+    "can_reject": bool(sig.can_reject),
+    "fraction_significant_welch": number(sig.fraction_significant_welch),
+    "fraction_significant_permutation": number(sig.fraction_significant_permutation),
+    "significant_classes_welch": np.flatnonzero(np.asarray(sig.welch_rejected)).tolist(),
+    "significant_classes_permutation": np.flatnonzero(
+      np.asarray(sig.permutation_rejected)
+    ).tolist(),
+    "welch_p_adjusted": [number(v) for v in np.asarray(sig.welch_p_adjusted)],
+    "permutation_p_adjusted": [number(v) for v in np.asarray(sig.permutation_p_adjusted)],
+    "mean_difference": [number(v) for v in np.asarray(sig.mean_difference)],
+  }
 
 
 def cell_analysis(
@@ -418,29 +606,12 @@ def cell_analysis(
     "pruned_accuracy_on_cie": optional(cie["compressed_accuracy_cie"]),
     "pruned_accuracy_on_non_cie": optional(cie["compressed_accuracy_non_cie"]),
     "num_dense_models": int(dense.shape[0]),
+    "num_pruned_models": int(members.shape[0]),
+    # Small populations make tied modes common: how many examples tie on each side.
+    "num_dense_ties": int(cie["num_ties_reference"]),
+    "num_pruned_ties": int(cie["num_ties_compressed"]),
+    "significance": significance(labels, dense, members, num_classes, cfg, seed, against="dense"),
   }
-  if dense.shape[0] >= 2 and members.shape[0] >= 2:
-    y = jnp.asarray(labels)
-    sig = pm.classwise_significance(
-      pm.per_class_accuracy(y, jnp.asarray(dense), num_classes),
-      pm.per_class_accuracy(y, jnp.asarray(members), num_classes),
-      key=jax.random.key(seed),
-      q=cfg.fdr_q,
-      num_permutations=cfg.permutations,
-    )
-    out.update(
-      {
-        "significant_fraction_welch": number(sig.fraction_significant_welch),
-        "significant_fraction_permutation": number(sig.fraction_significant_permutation),
-        "significant_classes_welch": np.flatnonzero(np.asarray(sig.welch_rejected)).tolist(),
-        "welch_p_adjusted": [number(v) for v in np.asarray(sig.welch_p_adjusted)],
-      }
-    )
-  else:
-    out["significance"] = (
-      f"not computed: needs >= 2 dense and >= 2 pruned models per cell "
-      f"(have {dense.shape[0]} and {members.shape[0]}; set analysis.dense_seeds and seeds)"
-    )
   return out, np.asarray(cie["cie_indices"])
 
 
@@ -463,7 +634,9 @@ def showcase(
   cie_indices: Mapping[CellKey, np.ndarray],
   outputs: Mapping[CellKey, Sequence[Outputs]],
 ) -> Showcase:
-  top = max(cells, key=lambda c: (c["num_cie"], c["sparsity"]))
+  top = max(
+    [c for c in cells if compressed(c)] or cells, key=lambda c: (c["num_cie"], c["sparsity"])
+  )
   key = (top["method"], top["sparsity"], top["kd"], top["temperature"])
   members = outputs[key]
   modes = pm.modal_predictions(np.stack([o.predictions for o in members]), ref.num_classes)
@@ -486,33 +659,121 @@ SIMILARITIES = ("cka", "cka_debiased", "agreement", "svcca")
 BIASES = ("cev", "sde")
 
 
+CONTROL_METHOD = "none"  # the sparsity-0 control cell: fine-tuned, not compressed
+
+
+def compressed(record: Record) -> bool:
+  """A model or cell of a compression method (not the dense models, not the control)."""
+  return record["method"] not in ("dense", CONTROL_METHOD)
+
+
 def correlations(
-  records: Sequence[Record], cfg: ml_collections.ConfigDict, seed: int
+  records: Sequence[Record],
+  cells: Sequence[Record],
+  cfg: ml_collections.ConfigDict,
+  seed: int,
 ) -> list[Record]:
-  """Pearson and Spearman correlation of each similarity with each bias measure across all
-  pruned models of the run, with bootstrap intervals over models."""
-  pruned = [r for r in records if r["method"] != "dense"]
-  rows = []
-  if len(pruned) < 3:
-    return rows
+  """Pearson and Spearman correlation of each similarity with each bias measure, with
+  bootstrap intervals, over the compressed models and cells of the run.
+
+  Pooled over sparsities, sparsity and accuracy drive both variables, and the models of a
+  cell share masks and sparsity, so beside the pooled figure over models (`level` 'model',
+  `scope` 'pooled', `resampled` 'models': the naive one, kept for comparison) every row
+  resamples whole cells: pooled, within each sparsity (`scope` 'within_sparsity' with its
+  `sparsity`) and as a partial correlation controlling for accuracy ('partial_accuracy');
+  at `level` 'cell' the points are cells, with the population CEV/SDE (from seed-averaged
+  rates, as the authors computed it) against the seed-mean similarity."""
+  models = [r for r in records if compressed(r)]
+  cell_rows = [c for c in cells if compressed(c)]
   key = jax.random.key(seed)
-  for i, sim in enumerate(SIMILARITIES):
-    for j, bias_name in enumerate(BIASES):
-      pairs = [(r.get(sim), r.get(bias_name)) for r in pruned]
-      pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-      if len(pairs) < 3:
-        continue
-      x, y = (jnp.asarray(v, jnp.float32) for v in zip(*pairs))
-      row: Record = {"similarity": sim, "bias": bias_name, "n": len(pairs)}
-      for k, method in enumerate(("pearson", "spearman")):
-        r, lo, hi = pm.correlation_ci(
-          x,
-          y,
-          method=method,
-          key=jax.random.fold_in(key, 100 * i + 10 * j + k),
-          num_resamples=cfg.correlation_resamples,
-          confidence=cfg.confidence,
+  rows: list[Record] = []
+
+  def add(points, sim, bias_name, cluster_of, *, level, scope, resampled, covariate=None, **extra):
+    ok = [r for r in points if r.get(sim) is not None and r.get(bias_name) is not None]
+    if covariate:
+      ok = [r for r in ok if r.get(covariate) is not None]
+    if len(ok) < 3 or len({cluster_of(r) for r in ok}) < 3:
+      return
+    x, y = (jnp.asarray([r[f] for r in ok], jnp.float32) for f in (sim, bias_name))
+    ids = {c: j for j, c in enumerate(dict.fromkeys(cluster_of(r) for r in ok))}
+    clusters = None if resampled == "models" else jnp.asarray([ids[cluster_of(r)] for r in ok])
+    row: Record = {
+      "similarity": sim,
+      "bias": bias_name,
+      "n": len(ok),
+      "level": level,
+      "scope": scope,
+      "resampled": resampled,
+      **extra,
+    }
+    for method in ("pearson", "spearman"):
+      kw = dict(
+        method=method,
+        key=jax.random.fold_in(key, len(rows) * 2 + (method == "spearman")),
+        num_resamples=cfg.correlation_resamples,
+        confidence=cfg.confidence,
+        clusters=clusters,
+      )
+      if covariate:
+        z = jnp.asarray([r[covariate] for r in ok], jnp.float32)
+        r, lo, hi = pm.partial_correlation_ci(x, y, z, **kw)
+      else:
+        r, lo, hi = pm.correlation_ci(x, y, **kw)
+      row[method] = [number(r), number(lo), number(hi)]
+    rows.append(row)
+
+  by_cell = lambda r: _key(r)
+  sparsities = sorted({r["sparsity"] for r in models})
+  for sim in SIMILARITIES:
+    for bias_name in BIASES:
+      kw = dict(level="model")
+      add(models, sim, bias_name, by_cell, scope="pooled", resampled="models", **kw)
+      add(models, sim, bias_name, by_cell, scope="pooled", resampled="cells", **kw)
+      add(
+        models,
+        sim,
+        bias_name,
+        by_cell,
+        scope="partial_accuracy",
+        resampled="cells",
+        covariate="accuracy",
+        **kw,
+      )
+      for s in sparsities:
+        add(
+          [r for r in models if r["sparsity"] == s],
+          sim,
+          bias_name,
+          by_cell,
+          scope="within_sparsity",
+          resampled="cells",
+          sparsity=s,
+          **kw,
         )
-        row[method] = [number(r), number(lo), number(hi)]
-      rows.append(row)
+      sim_mean = f"{sim}_seed_mean"
+      points = [{**c, sim: c.get(sim_mean)} for c in cell_rows]
+      kw = dict(level="cell")
+      add(points, sim, bias_name, by_cell, scope="pooled", resampled="cells", **kw)
+      points_acc = [{**p, "accuracy": p.get("accuracy_seed_mean")} for p in points]
+      add(
+        points_acc,
+        sim,
+        bias_name,
+        by_cell,
+        scope="partial_accuracy",
+        resampled="cells",
+        covariate="accuracy",
+        **kw,
+      )
+      for s in sparsities:
+        add(
+          [p for p in points if p["sparsity"] == s],
+          sim,
+          bias_name,
+          by_cell,
+          scope="within_sparsity",
+          resampled="cells",
+          sparsity=s,
+          **kw,
+        )
   return rows

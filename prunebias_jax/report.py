@@ -80,13 +80,7 @@ def write_report(
   ]
   main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
   dense = next(r for r in records if r["method"] == "dense")
-  extra = analysis_sections(
-    cells,
-    correlations,
-    data.test.groups is not None,
-    fdr_q=cfg.analysis.fdr_q,
-    confidence=cfg.analysis.confidence,
-  )
+  extra = analysis_sections(cells, correlations, data.test.groups is not None, cfg)
   title = f"prunebias_jax: {cfg.model} on {data.name}"
   table = write_results_markdown(workdir / "results.md", dense, main_cells, title, notes, extra)
   plots = workdir / "plots"
@@ -307,18 +301,81 @@ def _fmt(v, spec: str = ".4g") -> str:
   return "–" if v is None else format(v, spec)
 
 
+def _interval(values: Sequence | None, spec: str) -> str:
+  if not values or values[0] is None:
+    return ""
+  return f" [{format(values[0], spec)}, {format(values[1], spec)}]"
+
+
+def _tests(sig: Record | None) -> str:
+  """'k/C (Welch) · k/C (perm.), min p 0.1' for one class-wise significance entry."""
+  if not sig:
+    return "–"
+  if not sig.get("computed"):
+    return "n/a"
+  C = len(sig["welch_p_adjusted"])
+  welch, perm = len(sig["significant_classes_welch"]), len(sig["significant_classes_permutation"])
+  floor = f"min p {sig['min_attainable_p']:.3g}" + ("" if sig["can_reject"] else " > q")
+  return f"{welch}/{C} · {perm}/{C} ({floor})"
+
+
+def statistics_section(cells: Sequence[Record], config: ml_collections.ConfigDict) -> list[str]:
+  """Per cell: accuracy, CEV and SDE with seed intervals, the floored-class count with the
+  exclude values, the paired CE − KD differences with their tests, and the class-wise
+  significance counts with their smallest attainable p."""
+  a = config.analysis
+  label = lambda c: "CE" if not c["kd"] else f"KD T={c['temperature']:g}"
+  statistic = a.classwise_statistic.replace("_", " ")
+  out = [
+    "## Per-cell statistics (seeds as a population)",
+    "",
+    f"Intervals: {a.confidence:.0%} t-intervals over seeds (cells with ≥ 2 seeds). CEV/SDE of a "
+    "cell: from the seed-averaged rates; floored: classes with a zero dense error rate, "
+    f"handled by metrics.zero_rate = {config.metrics.zero_rate!r} (the floor in the denominator "
+    "only); CEV excl.: the value with those classes excluded; ‼ marks cells where floored "
+    "classes exceed a third of all classes (the rule, not the data, sets CEV there). CE − KD: "
+    "mean per-seed difference (same masks and data order), p of an exact sign test / a "
+    "Wilcoxon signed-rank test. Class-wise tests on the per-model "
+    f"{statistic}: classes significant by Welch's (KD vs CE: paired) t-test · by a permutation "
+    f"test (exact when all splits fit in analysis.permutations), Benjamini–Hochberg at "
+    f"q = {a.fdr_q:g}, with the smallest p the permutation test can attain at these sizes.",
+    "",
+    "| method | sparsity | student | seeds | accuracy | CEV | SDE | floored | CEV excl. | "
+    "CE − KD CEV (sign p / Wilcoxon p) | CE − KD SDE | classes vs dense | classes vs CE |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for c in cells:
+    paired = c.get("paired_vs_ce")
+    if paired and paired["cev_diff"] is not None:
+      ps = f"{_fmt(paired['sign_test_p'], '.3g')} / {_fmt(paired['wilcoxon_p'], '.3g')}"
+      cev_diff = f"{paired['cev_diff']:+.4g} ({ps}; {paired['n_pairs']} pairs)"
+      sde_diff = f"{_fmt(paired['sde_diff'], '+.4g')}"
+    else:
+      cev_diff = sde_diff = "–"
+    flag = " ‼" if c["floor_decides"] else ""
+    out.append(
+      f"| {c['method']} | {c['sparsity']:g} | {label(c)} | {len(c['seeds'])} | "
+      f"{_fmt(c['accuracy_seed_mean'], '.4f')}{_interval(c.get('accuracy_seed_ci'), '.4f')} | "
+      f"{_fmt(c['cev'])}{_interval(c.get('cev_seed_ci'), '.3g')} | "
+      f"{_fmt(c['sde'])}{_interval(c.get('sde_seed_ci'), '.3g')} | "
+      f"{c['zero_rate_classes']}{flag} | {_fmt(c['cev_exclude'])} | {cev_diff} | {sde_diff} | "
+      f"{_tests(c.get('significance'))} | {_tests(c.get('significance_vs_ce'))} |"
+    )
+  out.append("")
+  return out
+
+
 def analysis_sections(
   cells: Sequence[Record],
   correlation_rows: Sequence[Record],
   has_groups: bool,
-  fdr_q: float,
-  confidence: float,
+  config: ml_collections.ConfigDict,
 ) -> str:
-  """Markdown sections after the main table: group fairness, CIE and significance, the KD
+  """Markdown sections after the main table: per-cell statistics, group fairness, CIE, the KD
   temperature study (when several temperatures ran), similarity–bias correlations."""
   label = lambda c: "CE" if not c["kd"] else f"KD T={c['temperature']:g}"
   row = lambda c: f"| {c['method']} | {c['sparsity']:g} | {label(c)} |"
-  out = []
+  out = statistics_section(cells, config)
   if has_groups:
     out += [
       "## Group fairness (test set, by the sensitive attribute)",
@@ -331,31 +388,29 @@ def analysis_sections(
       out.append(f"{row(c)} " + " | ".join(_fmt(v) for v in values) + " |")
     out.append("")
   out += [
-    "## Compression Identified Exemplars and class-wise significance",
+    "## Compression Identified Exemplars",
     "",
-    "CIE: the modal prediction of the cell's pruned models differs from that of the dense "
-    "models (Hooker et al. 2020). Significance: per-class accuracy, pruned vs dense "
-    "populations, Welch's t-test and a permutation test with Benjamini–Hochberg at "
-    f"q = {fdr_q:g}.",
+    "CIE (Hooker et al. 2020): no label is modal both among the cell's pruned models and among "
+    "the dense models (analysis.cie_tie_rule = 'disjoint_modes': ties are never broken by "
+    "label value). Population sizes and the examples whose modes tie are given per cell: with "
+    "few models ties are common.",
     "",
-    "| method | sparsity | student | CIE fraction | dense acc CIE / rest | "
-    "pruned acc CIE / rest | classes changed (Welch) | (permutation) |",
+    "| method | sparsity | student | dense / pruned models | CIE fraction | ties dense / pruned | "
+    "dense acc CIE / rest | pruned acc CIE / rest |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for c in cells:
-    sig = [
-      _fmt(c.get(f), ".0%") if f in c else "n/a"
-      for f in ("significant_fraction_welch", "significant_fraction_permutation")
-    ]
     acc = lambda who: " / ".join(
       _fmt(c[f"{who}_accuracy_on_{w}"], ".3f") for w in ("cie", "non_cie")
     )
     out.append(
-      f"{row(c)} {_fmt(c['cie_fraction'], '.4f')} | {acc('dense')} | {acc('pruned')} | "
-      f"{sig[0]} | {sig[1]} |"
+      f"{row(c)} {c['num_dense_models']} / {c['num_pruned_models']} | "
+      f"{_fmt(c['cie_fraction'], '.4f')} | {c['num_dense_ties']} / {c['num_pruned_ties']} | "
+      f"{acc('dense')} | {acc('pruned')} |"
     )
-  if any("significance" in c for c in cells):
-    out += ["", f"Significance: {next(c['significance'] for c in cells if 'significance' in c)}."]
+  reasons = {c["significance"]["reason"] for c in cells if not c["significance"]["computed"]}
+  if reasons:
+    out += ["", f"Class-wise significance vs dense not computed: {'; '.join(sorted(reasons))}."]
   out.append("")
   temps = sorted({c["temperature"] for c in cells if c["kd"]})
   if len(temps) > 1:
@@ -375,12 +430,19 @@ def analysis_sections(
         f"| {c['method']} | {c['sparsity']:g} | {c['temperature']:g} | " + " | ".join(values) + " |"
       )
     out.append("")
+  a = config.analysis
   out += [
-    "## Similarity to the dense model vs bias (all pruned models)",
+    "## Similarity to the dense model vs bias (compressed models; the control excluded)",
     "",
     "CKA / debiased CKA: penultimate features; SVCCA: distance of the logits (as the paper's "
-    "authors); agreement: fraction of equal predictions. "
-    f"r [{confidence:.0%} bootstrap CI].",
+    f"authors; rule {a.svcca_rule!r}, a class-stratified subset of {a.svcca_examples or 'all'} "
+    "test examples); agreement: fraction of equal predictions (nearly a function of accuracy: "
+    "not independent evidence). Level 'model': one point per model; 'cell': one point per "
+    "cell, its population CEV/SDE against its seed-mean similarity (as the authors). Scope "
+    "'pooled' mixes sparsities, which drive both variables; 'within_sparsity' and "
+    "'partial_accuracy' (controlling for accuracy) do not. Resampled 'cells': the bootstrap "
+    "draws whole cells (their models share masks and sparsity); 'models' is the naive pooled "
+    f"figure, for comparison. r [{a.confidence:.0%} bootstrap CI].",
     "",
     correlation_table(correlation_rows),
   ]
@@ -388,9 +450,9 @@ def analysis_sections(
 
 
 def correlation_table(rows: Sequence[Record]) -> str:
-  """Markdown: r [low, high] per similarity × bias."""
+  """Markdown: r [low, high] per similarity × bias × level × scope × resampling."""
   if not rows:
-    return "Too few pruned models (< 3) for similarity–bias correlations.\n"
+    return "Too few compressed models (< 3) for similarity–bias correlations.\n"
 
   def fmt(v) -> str:
     if v[0] is None:
@@ -398,12 +460,16 @@ def correlation_table(rows: Sequence[Record]) -> str:
     return f"{v[0]:+.3f} [{v[1]:+.2f}, {v[2]:+.2f}]" if v[1] is not None else f"{v[0]:+.3f}"
 
   lines = [
-    "| similarity | bias | n | Pearson r [CI] | Spearman ρ [CI] |",
-    "|---|---|---|---|---|",
+    "| similarity | bias | level | scope | resampled | n | Pearson r [CI] | Spearman ρ [CI] |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
+    scope = r.get("scope", "pooled")
+    if "sparsity" in r:
+      scope += f" s={r['sparsity']:g}"
     lines.append(
-      f"| {r['similarity']} | {r['bias']} | {r['n']} | {fmt(r['pearson'])} | {fmt(r['spearman'])} |"
+      f"| {r['similarity']} | {r['bias']} | {r.get('level', 'model')} | {scope} | "
+      f"{r.get('resampled', 'models')} | {r['n']} | {fmt(r['pearson'])} | {fmt(r['spearman'])} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -524,7 +590,10 @@ def write_cie_grid(
   rows = max(1, math.ceil(m / cols))
   fig = Figure(figsize=(1.8 * cols, 2.1 * rows + 0.4))
   FigureCanvasAgg(fig)
-  fig.suptitle("true / dense / pruned  (T: true label, D: dense mode, P: pruned mode)", fontsize=8)
+  fig.suptitle(
+    "T: true label, D: the dense teacher's prediction, P: the pruned models' modal label",
+    fontsize=8,
+  )
   if m == 0:
     ax = fig.add_subplot(1, 1, 1)
     ax.axis("off")

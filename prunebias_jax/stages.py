@@ -44,7 +44,7 @@ from prunebias_jax.models import get_model
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
 from prunebias_jax.pruning.schedule import pruning_steps
-from prunebias_jax.records import Outputs
+from prunebias_jax.records import CONTROL_METHOD, Outputs
 from prunebias_jax.train import (
   create_state,
   evaluate,
@@ -304,14 +304,15 @@ def seed_groups(config: ml_collections.ConfigDict) -> list[tuple[int, ...]]:
   return [seeds[i : i + n] for i in range(0, len(seeds), n)]
 
 
+CONTROL = CONTROL_METHOD  # the method name of the sparsity-0 control cell (pruning.control)
+
+
 def pruning_groups(config: ml_collections.ConfigDict) -> list[tuple[tuple[int, ...], str, float]]:
-  """(seeds, method, sparsity) in the order the sweep trains them: one pruning each."""
-  return [
-    (seeds, method, sparsity)
-    for seeds in seed_groups(config)
-    for method in config.pruning.methods
-    for sparsity in config.pruning.sparsities
-  ]
+  """(seeds, method, sparsity) in the order the sweep trains them: one pruning each; with
+  `pruning.control`, each seed group starts with the unpruned control (CONTROL, 0.0)."""
+  control = [(CONTROL, 0.0)] if config.pruning.control else []
+  pruned = [(m, s) for m in config.pruning.methods for s in config.pruning.sparsities]
+  return [(seeds, m, s) for seeds in seed_groups(config) for m, s in control + pruned]
 
 
 def variants(config: ml_collections.ConfigDict, method: str, sparsity: float) -> list[Cell]:
@@ -352,6 +353,8 @@ def initial_masks(
 
   @functools.cache
   def masks() -> list[PyTree]:
+    if method == CONTROL:  # the control is fine-tuned unpruned: all-ones masks
+      return [dense_masks(teacher["params"]) for _ in seeds]
     return [prune(teacher["params"], method, start, seed=seeds[0] if shared else s) for s in seeds]
 
   return masks

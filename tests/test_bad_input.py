@@ -234,13 +234,14 @@ def test_every_analysis_value_the_validator_accepts_runs(field, values):
       for s in (0.5, 0.7, 0.9)
       for kd in (False, True)
     ]
-    analysis.correlations(rows, cfg.analysis, 0)
+    analysis.correlations(rows, [], cfg.analysis, 0)
     layers = {
       name: rng.normal(size=(n, d)).astype(np.float32)
       for name, d in (("features", 16), ("logits", C))
     }
     out = Outputs(ref, layers["logits"], layers)
-    analysis.similarity_by_layer(out, out, cfg.analysis.svcca_examples)
+    teacher = analysis.reference(labels, None, C, out, cfg.analysis.svcca_examples)
+    analysis.similarity_by_layer(out, out, teacher.svcca_index, cfg.analysis.svcca_rule)
 
 
 # ------------------------------------------------------------------------------- checkpoints

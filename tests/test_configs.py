@@ -75,11 +75,13 @@ def test_cifar10_config_end_to_end_on_the_real_image_folder(tmp_path):
   config.pruning.end_fraction = 1.0  # (the ramp spans both epochs)
   config.seeds = (0,)
   records = experiment.run(config, tmp_path / "run")
-  assert [r["method"] for r in records] == ["dense", "l1_filter", "l1_filter"]
+  # The control cell (unpruned, CE and KD) comes before the pruned ones.
+  assert [r["method"] for r in records] == ["dense", "none", "none", "l1_filter", "l1_filter"]
   assert records[0]["num_test_examples"] == 300
   for r in records[1:]:
     assert r["realized_sparsity"] == pytest.approx(r["target_sparsity"], abs=1e-6)
-    assert r["target_sparsity"] == pytest.approx(0.5, abs=0.02)
+    target = 0.0 if r["method"] == "none" else 0.5
+    assert r["target_sparsity"] == pytest.approx(target, abs=0.02)
   ds = json.loads((tmp_path / "run" / "dataset.json").read_text())
   assert ds["class_names"][:3] == ["airplane", "automobile", "bird"]
   assert ds["finetune_train_class_counts"][2] < ds["teacher_train_class_counts"][2]  # bird kept 10%

@@ -47,6 +47,7 @@ def finished_run(tmp_path_factory):
   cfg.finetune.epochs = 1
   cfg.pruning.methods = ("l1_filter", "global_magnitude")
   cfg.pruning.sparsities = (0.7,)
+  cfg.pruning.control = False  # these tests count the pruned cells (the control has its own)
   workdir = tmp_path_factory.mktemp("run")
   records = experiment.run(cfg, workdir)
   return cfg, workdir, records
@@ -142,6 +143,7 @@ def gradual_two_seed_run(tmp_path_factory):
   cfg.pruning.frequency_epochs = 1
   cfg.pruning.end_fraction = 1.0  # span 2: prune at epochs 0 (10%), 1 (AGP), 2 (target)
   cfg.seeds = (0, 1)
+  cfg.pruning.control = False
   workdir = tmp_path_factory.mktemp("gradual")
   records = experiment.run(cfg, workdir)
   cells = [json.loads(l) for l in (workdir / "cells.jsonl").read_text().splitlines()]
@@ -204,3 +206,60 @@ def test_workdir_from_before_a_new_field_is_accepted(finished_run):
       workdir_lib.must_discard(workdir, changed)
   finally:
     (workdir / "config.json").write_text(json.dumps(saved))
+
+
+def test_the_control_cell_is_fine_tuned_unpruned(tmp_path):
+  from configs.default import get_config
+
+  cfg = get_config()
+  cfg.dense.epochs = 1
+  cfg.finetune.epochs = 1
+  cfg.pruning.methods = ("random",)
+  cfg.pruning.sparsities = (0.5,)
+  cfg.pruning.control = True
+  records = experiment.run(cfg, tmp_path / "w")
+  assert [(r["method"], r["sparsity"], r["kd"]) for r in records] == [
+    ("dense", 0.0, False),
+    ("none", 0.0, False),
+    ("none", 0.0, True),
+    ("random", 0.5, False),
+    ("random", 0.5, True),
+  ]
+  for r in records[1:3]:
+    assert r["realized_sparsity"] == 0.0 and r["target_sparsity"] == 0.0
+    assert r["accuracy"] != records[0]["accuracy"] or r["cka"] < 1.0  # it was fine-tuned
+  rows = [
+    json.loads(line) for line in (tmp_path / "w" / "correlations.jsonl").read_text().splitlines()
+  ]
+  assert rows == []  # only the 2 compressed models count, fewer than the 3 a row needs
+  assert (tmp_path / "w" / "checkpoints" / "none_s0_ce_seed0").is_dir()
+
+
+def test_cells_carry_seed_intervals_and_paired_tests(gradual_two_seed_run):
+  """Recomputed from the run's own per-model records with SciPy."""
+  from scipy import stats
+
+  _, records, cells = gradual_two_seed_run
+  key = lambda r: (r["method"], r["sparsity"], r["kd"], r["temperature"])
+  for cell in cells:
+    members = [r for r in records if key(r) == key(cell)]
+    assert len(members) == 2
+    for field in ("accuracy", "cev", "sde"):
+      values = np.array([r[field] for r in members])
+      low, high = stats.t.interval(0.95, 1, values.mean(), values.std(ddof=1) / np.sqrt(2))
+      assert cell[f"{field}_seed_ci"] == pytest.approx([low, high], rel=1e-4, abs=1e-5)
+    assert cell["significance"]["computed"] is False  # one dense model
+    if cell["kd"]:
+      ce = {
+        r["seed"]: r for r in records if key(r) == (cell["method"], cell["sparsity"], False, None)
+      }
+      d = np.array([ce[r["seed"]]["cev"] - r["cev"] for r in members])
+      paired = cell["paired_vs_ce"]
+      assert paired["n_pairs"] == 2 and paired["cev_diff"] == pytest.approx(d.mean(), rel=1e-5)
+      assert paired["sign_test_p"] == pytest.approx(
+        stats.binomtest(int((d > 0).sum()), int((d != 0).sum())).pvalue
+      )
+      vs_ce = cell["significance_vs_ce"]
+      assert vs_ce["computed"] and vs_ce["paired"] and vs_ce["against"] == "ce"
+      assert vs_ce["min_attainable_p"] == pytest.approx(0.5, abs=1e-6)  # 2 pairs: 2 / 2²
+      assert vs_ce["statistic"] == "normalized_recall"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import ml_collections
 import numpy as np
 import pytest
 from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
-from prunebias_jax import records
+from prunebias_jax import metrics, records
 from prunebias_jax.config import base_config
 from prunebias_jax.report import correlation_table
 
@@ -25,11 +27,12 @@ def test_similarity_by_layer_identity_and_difference():
   rng = np.random.default_rng(0)
   preds = rng.integers(0, 4, 200)
   ref = outputs(preds, rng, 4)
-  same = records.similarity_by_layer(ref, ref, svcca_examples=150)
+  index = np.arange(150)
+  same = records.similarity_by_layer(ref, ref, index)
   assert set(same["layer_cka"]) == {"features", "stage1", "logits"}
   assert all(v == pytest.approx(1.0, abs=1e-5) for v in same["layer_cka"].values())
   assert all(v == pytest.approx(0.0, abs=1e-4) for v in same["layer_svcca"].values())
-  other = records.similarity_by_layer(ref, outputs(preds, rng, 4), svcca_examples=150)
+  other = records.similarity_by_layer(ref, outputs(preds, rng, 4), index)
   assert other["layer_cka"]["features"] < 0.3 and other["svcca"] >= 0
 
 
@@ -81,34 +84,268 @@ def test_cell_analysis_cie_and_significance():
     p[labels == 2] = 3  # class 2 is forgotten by every pruned model
     flip = rng.random(200) < 0.05
     p[flip] = rng.integers(0, 4, flip.sum())
-  cfg = ml_collections.ConfigDict(dict(fdr_q=0.05, permutations=500))
+  cfg = base_config().analysis
+  cfg.permutations = 500
+  cfg.classwise_statistic = "accuracy"
   out, order = records.cell_analysis(labels, dense, pruned, 4, cfg, seed=0)
   assert out["num_cie"] >= 50 and out["cie_per_class"][2] == 50
   assert out["dense_accuracy_on_cie"] == pytest.approx(1.0)
   assert out["pruned_accuracy_on_cie"] < 0.2
-  assert 2 in out["significant_classes_welch"]
+  sig = out["significance"]
+  assert sig["computed"] and sig["statistic"] == "accuracy" and sig["against"] == "dense"
+  assert 2 in sig["significant_classes_welch"]
+  # 3 vs 3 models: C(6, 3) = 20 splits, all enumerated; the smallest two-sided p is 2/20.
+  assert sig["exact"] and sig["min_attainable_p"] == pytest.approx(0.1)
+  assert sig["can_reject"] is False and sig["significant_classes_permutation"] == []
   assert len(order) == out["num_cie"]
   single, _ = records.cell_analysis(labels, dense[:1], pruned[:1], 4, cfg, seed=0)
-  assert "significance" in single and "not computed" in single["significance"]
+  assert single["significance"]["computed"] is False
+  assert "needs >= 2 models" in single["significance"]["reason"]
 
 
-def test_correlations_on_monotone_records():
-  models = [
-    {
-      "method": "m",
-      "cka": 1 - 0.1 * i,
-      "cka_debiased": 1 - 0.1 * i,
-      "agreement": 1 - 0.05 * i,
-      "svcca": 0.1 * i,
-      "cev": float(i**2),
-      "sde": float(i),
-    }
-    for i in range(8)
-  ]
+def test_a_uniform_accuracy_drop_is_not_a_disproportionate_change():
+  """Every class loses 30% of its examples in every pruned model: raw per-class accuracy
+  calls every class changed, normalised recall (recall − overall accuracy) none."""
+  rng = np.random.default_rng(8)
+  C, per = 4, 200
+  labels = np.repeat(np.arange(C), per)
+
+  def model(flip_rate):
+    p = labels.copy()
+    for c in range(C):
+      idx = np.flatnonzero(labels == c)
+      drop = rng.choice(idx, int(round(flip_rate * per)), replace=False)
+      p[drop] = (c + 1) % C
+    return p
+
+  dense = [model(0.02 + 0.01 * k) for k in range(4)]
+  pruned = [model(0.30 + 0.01 * k) for k in range(4)]
   cfg = base_config().analysis
-  cfg.correlation_resamples = 100
-  rows = records.correlations(models, cfg, seed=0)
-  by = {(r["similarity"], r["bias"]): r for r in rows}
-  assert by[("cka", "sde")]["pearson"][0] == pytest.approx(-1.0, abs=1e-5)
-  assert by[("svcca", "cev")]["spearman"][0] == pytest.approx(1.0, abs=1e-5)
-  assert "| cka | cev | 8 |" in correlation_table(rows)
+  cfg.permutations = 100  # C(8, 4) = 70 splits fit: the test is exact
+  raw = records.significance(
+    labels, np.stack(dense), np.stack(pruned), C, _with(cfg, "accuracy"), 0, against="dense"
+  )
+  norm = records.significance(labels, np.stack(dense), np.stack(pruned), C, cfg, 0, against="dense")
+  assert raw["significant_classes_welch"] == [0, 1, 2, 3]
+  assert norm["statistic"] == "normalized_recall" and norm["significant_classes_welch"] == []
+  assert norm["exact"] and norm["min_attainable_p"] == pytest.approx(2 / 70, abs=1e-6)
+
+
+def _with(cfg, statistic):
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.classwise_statistic = statistic
+  return cfg
+
+
+def test_paired_ce_minus_kd_against_scipy():
+  from scipy import stats
+
+  ce = [
+    {"seed": s, "cev": v, "sde": w, "accuracy": 0.5}
+    for s, v, w in ((0, 10.0, 1.0), (1, 20.0, 2.0), (2, 30.0, 3.0), (3, 40.0, 5.0))
+  ]
+  kd = [
+    {"seed": s, "cev": v, "sde": w, "accuracy": 0.6}
+    for s, v, w in ((3, 30.0, 4.0), (0, 5.0, 0.5), (1, 25.0, 1.0), (2, 10.0, 1.5))
+  ]  # other order
+  out = records.paired_vs_ce(ce, kd)
+  d = np.array([40 - 30, 10 - 5, 20 - 25, 30 - 10.0])  # CE − KD, paired by seed
+  assert out["n_pairs"] == 4 and out["cev_diff"] == pytest.approx(d.mean())
+  assert out["sign_test_p"] == pytest.approx(stats.binomtest(3, 4, 0.5).pvalue)
+  assert out["wilcoxon_p"] == pytest.approx(stats.wilcoxon(d).pvalue)
+  assert out["accuracy_diff"] == pytest.approx(-0.1)
+  assert out["sde_diff"] == pytest.approx(np.mean([1.0, 0.5, 1.0, 1.5]))
+
+
+def _models_over_sparsities(rng):
+  """Four cells (2 methods × CE/KD) per sparsity × 3 seeds; CEV rises with sparsity and
+  falls with CKA within a sparsity, with noise."""
+  rows = []
+  for s, method, kd in itertools.product((0.5, 0.7, 0.9), ("m", "n"), (False, True)):
+    for seed in range(3):
+      cka = 1 - s + 0.05 * rng.normal()
+      rows.append(
+        {
+          "method": method,
+          "sparsity": s,
+          "kd": kd,
+          "temperature": 4.0 if kd else None,
+          "seed": seed,
+          "cka": cka,
+          "cka_debiased": cka,
+          "agreement": 1 - s,
+          "svcca": s,
+          "accuracy": 1 - s + 0.01 * rng.normal(),
+          "cev": 100 * s - 50 * cka + rng.normal(),
+          "sde": s + rng.normal(),
+        }
+      )
+  return rows
+
+
+def test_correlations_scopes_levels_and_resampling():
+  from scipy import stats
+
+  rng = np.random.default_rng(4)
+  models = _models_over_sparsities(rng)
+  cells = []
+  for key in dict.fromkeys((r["method"], r["sparsity"], r["kd"], r["temperature"]) for r in models):
+    ms = [r for r in models if (r["method"], r["sparsity"], r["kd"], r["temperature"]) == key]
+    cells.append(
+      {
+        **dict(zip(("method", "sparsity", "kd", "temperature"), key)),
+        "cev": float(np.mean([r["cev"] for r in ms])) + 1.0,  # a population value
+        "sde": 0.0,
+        "cka_seed_mean": float(np.mean([r["cka"] for r in ms])),
+        "accuracy_seed_mean": float(np.mean([r["accuracy"] for r in ms])),
+      }
+    )
+  cfg = base_config().analysis
+  cfg.correlation_resamples = 200
+  rows = records.correlations(models, cells, cfg, seed=0)
+  find = lambda **kw: [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+  x = np.array([r["cka"] for r in models])
+  y = np.array([r["cev"] for r in models])
+  (naive,) = find(similarity="cka", bias="cev", level="model", scope="pooled", resampled="models")
+  (clustered,) = find(
+    similarity="cka", bias="cev", level="model", scope="pooled", resampled="cells"
+  )
+  assert naive["pearson"][0] == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-5)
+  assert clustered["pearson"][0] == naive["pearson"][0]  # same points, other intervals
+  assert clustered["n"] == 36
+  for s in (0.5, 0.7, 0.9):
+    (within,) = find(
+      similarity="cka", bias="cev", level="model", scope="within_sparsity", sparsity=s
+    )
+    sel = np.array([r["sparsity"] == s for r in models])
+    assert within["pearson"][0] == pytest.approx(stats.pearsonr(x[sel], y[sel])[0], abs=1e-5)
+  (partial,) = find(similarity="cka", bias="cev", level="model", scope="partial_accuracy")
+  z = np.array([r["accuracy"] for r in models])
+  rxy, rxz, ryz = stats.pearsonr(x, y)[0], stats.pearsonr(x, z)[0], stats.pearsonr(y, z)[0]
+  expected = (rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2))
+  assert partial["pearson"][0] == pytest.approx(expected, abs=1e-4)
+  (cell_level,) = find(similarity="cka", bias="cev", level="cell", scope="pooled")
+  cx = [c["cka_seed_mean"] for c in cells]
+  cy = [c["cev"] for c in cells]
+  assert cell_level["n"] == 12
+  assert cell_level["pearson"][0] == pytest.approx(stats.pearsonr(cx, cy)[0], abs=1e-5)
+  assert "| cka | cev | cell | pooled | cells | 12 |" in correlation_table(rows)
+  # The control cell and the dense models never enter.
+  extra = [{**models[0], "method": "none", "cev": 1e9}, {**models[0], "method": "dense"}]
+  again = records.correlations(models + extra, cells, cfg, seed=0)
+  assert again == rows
+
+
+def _class_sorted(n_per_class: int, num_classes: int, rng):
+  """A test split stored class by class (as an image folder lists it)."""
+  labels = np.repeat(np.arange(num_classes), n_per_class)
+  return labels, outputs(labels, rng, num_classes)
+
+
+def test_svcca_sees_every_class_in_proportion_on_a_class_sorted_split():
+  rng = np.random.default_rng(5)
+  labels, teacher = _class_sorted(100, 10, rng)
+  # Unbalanced too: class 9 has half the examples of the others.
+  keep = np.concatenate([np.arange(950), np.arange(950, 1000)[:0]])
+  labels, teacher = (
+    labels[keep],
+    records.Outputs(
+      teacher.predictions[keep],
+      teacher.logits[keep],
+      {k: v[keep] for k, v in teacher.layers.items()},
+    ),
+  )
+  ref = records.reference(labels, None, 10, teacher, svcca_examples=190, seed=3)
+  counts = np.bincount(labels[ref.svcca_index], minlength=10)
+  assert counts.sum() == 190
+  assert counts.tolist() == [20] * 9 + [10]  # 190 · n_c / 950, exactly
+  assert len(set(ref.svcca_index.tolist())) == 190
+  # Seeded: the same seed picks the same examples, another seed others.
+  again = records.reference(labels, None, 10, teacher, svcca_examples=190, seed=3)
+  other = records.reference(labels, None, 10, teacher, svcca_examples=190, seed=4)
+  np.testing.assert_array_equal(ref.svcca_index, again.svcca_index)
+  assert not np.array_equal(ref.svcca_index, other.svcca_index)
+  # 0, or more than the split holds: every example.
+  assert len(records.reference(labels, None, 10, teacher, svcca_examples=0).svcca_index) == 950
+  assert len(records.reference(labels, None, 10, teacher, 5000).svcca_index) == 950
+
+
+def test_model_record_reports_exclude_beside_floor_and_flags_the_floor():
+  """A hand-built case: every class of 3 has a zero teacher FPR or FNR, so all hit the
+  zero-rate rule (more than a third: the floor decides CEV) and `exclude` keeps none."""
+  labels = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+  teacher_pred = np.array([0, 0, 1, 1, 2, 2, 0, 1])  # class 2 errs twice (FNR 0.5)
+  student_pred = np.array([0, 1, 1, 1, 2, 0, 0, 1])
+  rng = np.random.default_rng(0)
+  teacher, student = outputs(teacher_pred, rng, 3), outputs(student_pred, rng, 3)
+  cfg = base_config()
+  cfg.analysis.bootstrap_resamples = 0
+  cfg.analysis.svcca_examples = 0
+  ref = records.reference(labels, None, 3, teacher)
+  rec = records.model_record(ref, student, 0, cfg)
+  assert rec["zero_rate_classes"] == 3 and rec["floor_decides"] is True
+  # Independent NumPy: rates per class, exclude drops every class with a zero reference FPR
+  # or FNR. Teacher FPR = (1/6, 1/6, 0), FNR = (0, 0, 1/2): every class has a zero rate,
+  # so nothing is left and the exclude values are undefined (None).
+  assert rec["cev_exclude"] is None and rec["sde_exclude"] is None
+  assert rec["cev"] is not None and rec["cev"] > 0
+  cfg.metrics.zero_rate = "exclude"
+  same = records.model_record(ref, student, 0, cfg)
+  assert same["cev"] == same["cev_exclude"] is None
+
+
+def _numpy_exclude(labels, ref_pred, pred, C):
+  """CEV/SDE (simon_says) over the classes whose reference FPR and FNR are both non-zero."""
+
+  def rates(p):
+    fpr, fnr = np.zeros(C), np.zeros(C)
+    for c in range(C):
+      pos, neg = labels == c, labels != c
+      fnr[c] = np.mean(p[pos] != c)
+      fpr[c] = np.mean(p[neg] == c)
+    return fpr, fnr
+
+  (rf, rn), (f, n) = rates(ref_pred), rates(pred)
+  keep = (rf > 0) & (rn > 0)
+  dfpr, dfnr = 100 * (f - rf)[keep] / rf[keep], 100 * (n - rn)[keep] / rn[keep]
+  return (
+    0.5 * (dfpr.var() + dfnr.var()),
+    np.mean(np.abs(dfpr - dfnr)) / np.sqrt(2),
+    int((~keep).sum()),
+  )
+
+
+def test_exclude_values_equal_a_numpy_reference():
+  rng = np.random.default_rng(11)
+  C, n = 5, 500
+  labels = rng.integers(0, C, n)
+  ref_pred = np.where(rng.random(n) < 0.7, labels, rng.integers(0, C, n))
+  ref_pred[labels == 0] = 0  # the teacher never misses class 0: a zero FNR
+  pred = np.where(rng.random(n) < 0.6, labels, rng.integers(0, C, n))
+  cfg = base_config()
+  cfg.analysis.bootstrap_resamples = 0
+  cfg.analysis.svcca_examples = 0
+  ref = records.reference(labels, None, C, outputs(ref_pred, rng, C))
+  rec = records.model_record(ref, outputs(pred, rng, C), 0, cfg)
+  cev, sde, dropped = _numpy_exclude(labels, ref_pred, pred, C)
+  assert dropped == rec["zero_rate_classes"] == 1 and rec["floor_decides"] is False
+  assert rec["cev_exclude"] == pytest.approx(cev, rel=1e-4)
+  assert rec["sde_exclude"] == pytest.approx(sde, rel=1e-4)
+  assert rec["cev"] != rec["cev_exclude"]  # the floored class counts under 'floor'
+
+
+def test_svcca_rule_selects_the_anatome_rule_by_default():
+  rng = np.random.default_rng(9)
+  preds = rng.integers(0, 5, 300)
+  ref, other = outputs(preds, rng, 5), outputs(preds, rng, 5)
+  index = np.arange(0, 300, 2)
+  got = {
+    rule: records.similarity_by_layer(ref, other, index, rule)["layer_svcca"]["features"]
+    for rule in ("anatome", "centered")
+  }
+  for rule, compat in (("anatome", True), ("centered", False)):
+    x, y = ref.layers["features"][index], other.layers["features"][index]
+    expected = float(metrics.svcca_distance(x, y, anatome_compat=compat))
+    assert got[rule] == pytest.approx(expected, abs=1e-6)
+  assert got["anatome"] != got["centered"]
+  assert base_config().analysis.svcca_rule == "anatome"

@@ -51,6 +51,7 @@ def paper_config(*, imbalanced: bool, sparsities: tuple[float, ...]) -> ml_colle
   config.pruning.initial_sparsity = 0.1
   config.pruning.frequency_epochs = 5
   config.pruning.end_fraction = 0.5
+  config.pruning.control = True  # the sparsity-0 control cell (CE and KD, unpruned)
 
   config.kd.alpha = 0.9
   config.kd.temperature = 4.0

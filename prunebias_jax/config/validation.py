@@ -22,6 +22,11 @@ from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 
 MAX_IMAGE_SIZE = 1024
+SVCCA_RULES = ("anatome", "centered")
+CLASSWISE_STATISTICS = ("normalized_recall", "accuracy")
+BOOTSTRAP_INTERVALS = ("percentile", "bca", "basic")
+FDR_METHODS = ("bh",)
+CIE_TIE_RULES = ("disjoint_modes",)
 
 
 def _is_int(v) -> bool:
@@ -290,6 +295,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for field in ("confidence", "fdr_q"):
     v = cfg.analysis[field]
     _require(_is_real(v) and 0 < v < 1, f"analysis.{field}", v, "a number in (0, 1)")
+  _choice(cfg, "analysis.svcca_rule", SVCCA_RULES)
+  _choice(cfg, "analysis.classwise_statistic", CLASSWISE_STATISTICS)
+  _choice(cfg, "analysis.bootstrap_interval", BOOTSTRAP_INTERVALS)
+  _choice(cfg, "analysis.fdr", FDR_METHODS)
+  _choice(cfg, "analysis.cie_tie_rule", CIE_TIE_RULES)
   _choice(cfg, "metrics.zero_rate", ZERO_RATE_RULES)
   _choice(cfg, "metrics.convention", CONVENTIONS)
   ps = cfg.progress_seconds
