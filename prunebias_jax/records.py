@@ -722,58 +722,21 @@ def correlations(
       row[method] = [number(r), number(lo), number(hi)]
     rows.append(row)
 
-  by_cell = lambda r: _key(r)
   sparsities = sorted({r["sparsity"] for r in models})
   for sim in SIMILARITIES:
     for bias_name in BIASES:
-      kw = dict(level="model")
-      add(models, sim, bias_name, by_cell, scope="pooled", resampled="models", **kw)
-      add(models, sim, bias_name, by_cell, scope="pooled", resampled="cells", **kw)
-      add(
-        models,
-        sim,
-        bias_name,
-        by_cell,
-        scope="partial_accuracy",
-        resampled="cells",
-        covariate="accuracy",
-        **kw,
-      )
-      for s in sparsities:
-        add(
-          [r for r in models if r["sparsity"] == s],
-          sim,
-          bias_name,
-          by_cell,
-          scope="within_sparsity",
-          resampled="cells",
-          sparsity=s,
-          **kw,
-        )
-      sim_mean = f"{sim}_seed_mean"
-      points = [{**c, sim: c.get(sim_mean)} for c in cell_rows]
-      kw = dict(level="cell")
-      add(points, sim, bias_name, by_cell, scope="pooled", resampled="cells", **kw)
-      points_acc = [{**p, "accuracy": p.get("accuracy_seed_mean")} for p in points]
-      add(
-        points_acc,
-        sim,
-        bias_name,
-        by_cell,
-        scope="partial_accuracy",
-        resampled="cells",
-        covariate="accuracy",
-        **kw,
-      )
-      for s in sparsities:
-        add(
-          [p for p in points if p["sparsity"] == s],
-          sim,
-          bias_name,
-          by_cell,
-          scope="within_sparsity",
-          resampled="cells",
-          sparsity=s,
-          **kw,
-        )
+      # Cells as points: the seed-mean similarity and accuracy against the population bias.
+      cell_points = [
+        {**c, sim: c.get(f"{sim}_seed_mean"), "accuracy": c.get("accuracy_seed_mean")}
+        for c in cell_rows
+      ]
+      for level, points in (("model", models), ("cell", cell_points)):
+        kw = dict(level=level, resampled="cells")
+        if level == "model":  # the naive figure, for comparison
+          add(points, sim, bias_name, _key, level=level, scope="pooled", resampled="models")
+        add(points, sim, bias_name, _key, scope="pooled", **kw)
+        add(points, sim, bias_name, _key, scope="partial_accuracy", covariate="accuracy", **kw)
+        for s in sparsities:
+          at_s = [r for r in points if r["sparsity"] == s]
+          add(at_s, sim, bias_name, _key, scope="within_sparsity", sparsity=s, **kw)
   return rows
