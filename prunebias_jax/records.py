@@ -548,6 +548,7 @@ def significance(
     return {
       **base,
       "computed": False,
+      "min_attainable_p": None,
       "reason": (
         f"needs >= 2 models on each side (have {k_ref} {against} and {k}; set "
         f"{'analysis.dense_seeds and ' if against == 'dense' else ''}seeds)"

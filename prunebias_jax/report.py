@@ -74,6 +74,9 @@ def write_report(
     "from the seed-averaged rates; brackets: per-seed mean ± std.",
     "CKA: linear CKA between the penultimate features of the dense and the pruned model on the "
     "test set.",
+    f"Per-model intervals in results.jsonl (cev_ci, sde_ci): {cfg.analysis.bootstrap_interval} "
+    f"bootstrap over test examples ({cfg.analysis.bootstrap_resamples} resamples, "
+    f"{cfg.analysis.confidence:.0%}): test-set noise, not seed variability.",
     f"KD: (1-α)·CE + α·T²·KL with α = {cfg.kd.alpha:g}, T = {cfg.kd.temperature:g}; fine-tuned "
     f"for {cfg.finetune.epochs} epochs from the same masked weights as CE. Last-epoch models "
     "(no test-set selection).",
