@@ -193,6 +193,11 @@ def model_record(
   return record
 
 
+def student_label(record: Record) -> str:
+  """'CE' or 'KD T=<t>': how logs, tables and plots name a record's fine-tuning."""
+  return f"KD T={record['temperature']:g}" if record["kd"] else "CE"
+
+
 def full_record(
   ref: Reference,
   model: Outputs,
@@ -212,7 +217,7 @@ def full_record(
   if identity["method"] == "dense":
     what = f"dense seed {identity['seed']}"
   else:
-    label = f"KD T={identity['temperature']:g}" if identity["kd"] else "CE"
+    label = student_label(identity)
     what = f"{identity['method']} s={identity['sparsity']:g} {label} seed {identity['seed']}"
   return note_undefined(record, what)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from prunebias_jax.data import Dataset
 from prunebias_jax.files import write_atomic, write_json_atomic
-from prunebias_jax.records import Showcase
+from prunebias_jax.records import Showcase, student_label
 
 Record = dict[str, Any]
 
@@ -101,7 +101,7 @@ def write_report(
     data.class_names,
     max_images=cfg.analysis.cie_grid_images,
   )
-  student = "CE" if not top["kd"] else f"KD T={top['temperature']:g}"
+  student = student_label(top)
   write_cka_heatmap(
     plots / "cka_layers.png",
     showcase.layer_cka,
@@ -327,7 +327,7 @@ def statistics_section(cells: Sequence[Record], config: ml_collections.ConfigDic
   exclude values, the paired CE − KD differences with their tests, and the class-wise
   significance counts with their smallest attainable p."""
   a = config.analysis
-  label = lambda c: "CE" if not c["kd"] else f"KD T={c['temperature']:g}"
+  label = student_label
   statistic = a.classwise_statistic.replace("_", " ")
   out = [
     "## Per-cell statistics (seeds as a population)",
@@ -376,7 +376,7 @@ def analysis_sections(
 ) -> str:
   """Markdown sections after the main table: per-cell statistics, group fairness, CIE, the KD
   temperature study (when several temperatures ran), similarity–bias correlations."""
-  label = lambda c: "CE" if not c["kd"] else f"KD T={c['temperature']:g}"
+  label = student_label
   row = lambda c: f"| {c['method']} | {c['sparsity']:g} | {label(c)} |"
   out = statistics_section(cells, config)
   if has_groups:

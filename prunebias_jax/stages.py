@@ -44,7 +44,7 @@ from prunebias_jax.models import get_model
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
 from prunebias_jax.pruning.schedule import pruning_steps
-from prunebias_jax.records import CONTROL_METHOD, Outputs
+from prunebias_jax.records import CONTROL_METHOD, Outputs, student_label
 from prunebias_jax.train import (
   create_state,
   evaluate,
@@ -100,7 +100,7 @@ class Cell(NamedTuple):
 
   @property
   def label(self) -> str:
-    return f"KD T={self.temperature:g}" if self.kd else "CE"
+    return student_label(self.identity)
 
   def checkpoint_name(self, seed: int) -> str:
     suffix = f"_T{self.temperature:g}" if self.swept else ""
