@@ -76,10 +76,10 @@ def run(
     for cell in stages.variants(cfg, method, sparsity):
       members = stages.finetune(ctx, teacher, cell, seeds, masks)
       for seed, member, out in zip(seeds, members, stages.evaluate_members(ctx, members)):
-        outputs.setdefault(cell.key, []).append(out)
         identity = {**base, **cell.identity, "seed": seed}
         params = member.variables["params"]
         records.append(rec.full_record(ref, out, identity, cfg, params, member.masks))
+        outputs.setdefault(cell.key, []).append(out.without_maps())
         _log_model(i, len(groups), cell, seed, records[-1])
   timings["pruned_models"] = time.perf_counter() - t
 

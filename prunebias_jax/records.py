@@ -51,9 +51,16 @@ class Outputs:
   predictions: np.ndarray  # (n,) int32
   logits: np.ndarray  # (n, C)
   layers: dict[str, np.ndarray]  # name → (n, d); 'features' is the penultimate layer
+  # analysis.svcca_conv: stage name → (m, h, w, c) maps of the m SVCCA examples, pooled.
+  maps: dict[str, np.ndarray] | None = None
 
   def similarity_layers(self) -> dict[str, np.ndarray]:
     return {**self.layers, "logits": self.logits}
+
+  def without_maps(self) -> Outputs:
+    """The same outputs without the spatial maps: what a run keeps once the model's record
+    is written (the maps of a ResNet-20 on 6,400 examples are about 0.4 GB)."""
+    return dataclasses.replace(self, maps=None)
 
   @functools.cached_property
   def device(self) -> dict[str, jax.Array]:
@@ -94,10 +101,19 @@ def reference(
   fair = None
   if groups is not None:
     fair = fairness(labels, groups, teacher.predictions, num_classes, num_groups)
-  index = stratified_subset(labels, svcca_examples, seed=(seed, SVCCA_SUBSET_STREAM))
+  index = svcca_subset(labels, svcca_examples, seed)
+  if teacher.maps is not None:
+    rows = {len(v) for v in teacher.maps.values()}
+    if rows != {len(index)}:  # the maps must be of exactly these examples
+      raise ValueError(f"maps of {rows} examples for an SVCCA subset of {len(index)}")
   return Reference(
     labels, groups, num_classes, num_groups, teacher, fair, jnp.asarray(labels), index
   )
+
+
+def svcca_subset(labels: np.ndarray, svcca_examples: int, seed: int) -> np.ndarray:
+  """The sorted indices of the test examples SVCCA sees (see `reference`)."""
+  return stratified_subset(labels, svcca_examples, seed=(seed, SVCCA_SUBSET_STREAM))
 
 
 SVCCA_SUBSET_STREAM = 7  # the subset's own random stream, apart from the data subsets'
@@ -238,7 +254,11 @@ def similarity_by_layer(
   reference. CKA uses every test example; SVCCA the examples `svcca_index` (see `reference`)
   under `svcca_rule` ('anatome': the authors' library's centring and count of kept
   directions; 'centered': centre before the SVD, keep one more direction). 'svcca' is the
-  SVCCA distance of the logits, the layer the authors plotted against CEV."""
+  SVCCA distance of the logits, the layer the authors plotted against CEV.
+
+  When both outputs carry spatial maps (analysis.svcca_conv), 'layer_svcca_conv' adds the
+  per-position convolutional SVCCA of each stage output, as the authors computed layers 1–3:
+  one SVCCA per spatial position of the pooled maps over the same examples, averaged."""
   ref_layers, layers = reference.device, model.device
   index = jnp.asarray(svcca_index)
   compat = SVCCA_RULES[svcca_rule]
@@ -247,12 +267,21 @@ def similarity_by_layer(
     x, y = ref_layers[name], layers[name]
     layer_cka[name] = number(pm.linear_cka(x, y))
     layer_svcca[name] = number(pm.svcca_distance(x[index], y[index], anatome_compat=compat))
-  return {
+  out = {
     "layer_cka": layer_cka,
     "layer_svcca": layer_svcca,
     "cka_debiased": number(pm.debiased_linear_cka(ref_layers["features"], layers["features"])),
     "svcca": layer_svcca["logits"],
   }
+  if reference.maps is not None and model.maps is not None:
+    out["layer_svcca_conv"] = {
+      # The maps are already pooled to the configured size: `size` here resizes nothing.
+      name: number(
+        pm.svcca_conv_distance(x, model.maps[name], size=max(x.shape[1:3]), anatome_compat=compat)
+      )
+      for name, x in sorted(reference.maps.items())
+    }
+  return out
 
 
 def fairness(

@@ -84,6 +84,7 @@ def write_report(
   main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
   dense = next(r for r in records if r["method"] == "dense")
   extra = analysis_sections(cells, correlations, data.test.groups is not None, cfg)
+  extra += conv_svcca_section(records, cfg)
   title = f"prunebias_jax: {cfg.model} on {data.name}"
   table = write_results_markdown(workdir / "results.md", dense, main_cells, title, notes, extra)
   plots = workdir / "plots"
@@ -450,6 +451,41 @@ def analysis_sections(
     correlation_table(correlation_rows),
   ]
   return "\n".join(out)
+
+
+def conv_svcca_section(records: Sequence[Record], config: ml_collections.ConfigDict) -> str:
+  """Markdown: per cell, the per-position convolutional SVCCA distance of each stage output
+  to the dense model, mean over seeds ('' when analysis.svcca_conv is off)."""
+  rows = [r for r in records if "layer_svcca_conv" in r and r["method"] != "dense"]
+  if not rows:
+    return ""
+  stages = sorted(rows[0]["layer_svcca_conv"])
+  by_cell: dict[tuple, list[Record]] = {}
+  for r in rows:
+    by_cell.setdefault((r["method"], r["sparsity"], r["kd"], r["temperature"]), []).append(r)
+  a = config.analysis
+  out = [
+    "",
+    "## Per-position SVCCA of the stage outputs (distance to the dense model)",
+    "",
+    f"Each stage's maps average-pooled to at most {a.svcca_conv_size} × "
+    f"{a.svcca_conv_size}; one SVCCA (rule {a.svcca_rule!r}) per spatial position over the "
+    "same class-stratified subset as the other SVCCA figures, averaged over positions; mean "
+    "over seeds. 0 = the same representation up to a linear map, 1 = none of it shared.",
+    "",
+    "| method | sparsity | student | " + " | ".join(stages) + " |",
+    "|---|---|---|" + "---|" * len(stages),
+  ]
+  for members in by_cell.values():
+    values = []
+    for stage in stages:
+      v = [m["layer_svcca_conv"][stage] for m in members]
+      values.append("–" if None in v else f"{np.mean(v):.4f}")
+    c = members[0]
+    out.append(
+      f"| {c['method']} | {c['sparsity']:g} | {student_label(c)} | " + " | ".join(values) + " |"
+    )
+  return "\n".join(out) + "\n"
 
 
 def correlation_table(rows: Sequence[Record]) -> str:

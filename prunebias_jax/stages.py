@@ -44,7 +44,7 @@ from prunebias_jax.models import get_model
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
 from prunebias_jax.pruning.schedule import pruning_steps
-from prunebias_jax.records import CONTROL_METHOD, Outputs, student_label
+from prunebias_jax.records import CONTROL_METHOD, Outputs, student_label, svcca_subset
 from prunebias_jax.train import (
   create_state,
   evaluate,
@@ -75,6 +75,8 @@ class RunContext:
   parallel: DataParallel
   expect: dict[str, Any]  # what every checkpoint in the workdir must have been written for
   eval_images: np.ndarray  # the test images, padded to (batches, eval batch, H, W, C)
+  map_images: np.ndarray | None  # analysis.svcca_conv: the SVCCA subset's images, padded
+  map_examples: int  # how many of them are real (0 without analysis.svcca_conv)
   load_seconds: float
   writer: bool  # process 0: writes the files of record
   _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -160,6 +162,11 @@ def prepare(
     cfg.data.batch_size,
   )
   eval_images, _, _ = padded_eval_arrays(data.test, cfg.data.eval_batch_size)
+  map_images, map_examples = None, 0
+  if cfg.analysis.svcca_conv:  # the examples `records.reference` will give SVCCA
+    index = svcca_subset(data.test.labels, cfg.analysis.svcca_examples, cfg.seed)
+    map_images, _, _ = padded_eval_arrays(data.test.take(index), cfg.data.eval_batch_size)
+    map_examples = len(index)
   return RunContext(
     config=cfg,
     workdir=workdir,
@@ -168,6 +175,8 @@ def prepare(
     parallel=parallel,
     expect=expect,
     eval_images=eval_images,
+    map_images=map_images,
+    map_examples=map_examples,
     load_seconds=load_seconds,
     writer=wd.is_writer(),
   )
@@ -491,9 +500,33 @@ def _members_masks(masks: Sequence[PyTree], shared: bool) -> PyTree:
 # ------------------------------------------------------------------------------------ evaluate
 def evaluate_members(ctx: RunContext, members: Sequence[Model]) -> list[Outputs]:
   """Outputs (predictions, logits, per-layer features) of each model on the full test set;
-  the members of a population go through one vmapped, compiled pass."""
-  k = len(members)
-  key = ("eval", k)
+  the members of a population go through one vmapped, compiled pass. With
+  analysis.svcca_conv, a second pass over the SVCCA subset adds the pooled stage maps."""
+  variables = _stack([m.variables for m in members])
+  masks = None if members[0].masks is None else _stack([m.masks for m in members])
+  logits, layers = _evaluate_pass(ctx, variables, masks, len(members), ctx.eval_images, 0)
+  maps = [None] * len(members)
+  if ctx.map_images is not None:
+    size = ctx.config.analysis.svcca_conv_size
+    _, pooled = _evaluate_pass(ctx, variables, masks, len(members), ctx.map_images, size)
+    maps = [{name: v[j] for name, v in pooled.items()} for j in range(len(members))]
+  return [
+    Outputs(
+      np.argmax(logits[j], -1).astype(np.int32),
+      logits[j],
+      {name: v[j] for name, v in layers.items()},
+      maps[j],
+    )
+    for j in range(len(members))
+  ]
+
+
+def _evaluate_pass(
+  ctx: RunContext, variables: PyTree, masks: PyTree | None, k: int, images: np.ndarray, size: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(logits, layers) of k stacked models on the padded `images`, with a member axis (map
+  size 0: per-layer features of the test set; > 0: the stage maps pooled to that size)."""
+  key = ("eval", k, size)
   if key not in ctx._compiled:
     ctx._compiled[key] = make_eval_fn(
       ctx.model,
@@ -502,18 +535,10 @@ def evaluate_members(ctx: RunContext, members: Sequence[Model]) -> list[Outputs]
       out_shardings=ctx.parallel.replicated,
       population=k,
       shared_masks=False,
+      map_size=size,
     )
-  variables = _stack([m.variables for m in members])
-  masks = None if members[0].masks is None else _stack([m.masks for m in members])
-  n = len(ctx.data.test)
-  logits, layers = evaluate(
-    ctx._compiled[key], variables, masks, ctx.eval_images, n, parallel=ctx.parallel
-  )
+  n = len(ctx.data.test) if size == 0 else ctx.map_examples
+  logits, layers = evaluate(ctx._compiled[key], variables, masks, images, n, parallel=ctx.parallel)
   if k == 1:
     logits, layers = logits[None], {name: v[None] for name, v in layers.items()}
-  return [
-    Outputs(
-      np.argmax(logits[j], -1).astype(np.int32), logits[j], {n: v[j] for n, v in layers.items()}
-    )
-    for j in range(k)
-  ]
+  return logits, layers

@@ -146,6 +146,8 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
     # Once accepted: every digit resized to 10 GB before the first step (the fuzz found it by
     # running the machine out of memory).
     ("data.image_size", "100000", "data.image_size=100000"),
+    ("analysis.svcca_conv_size", "0", "analysis.svcca_conv_size=0"),
+    ("analysis.svcca_conv_size", "65", "analysis.svcca_conv_size=65"),
   ],
 )
 def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):

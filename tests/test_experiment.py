@@ -217,6 +217,8 @@ def test_the_control_cell_is_fine_tuned_unpruned(tmp_path):
   cfg.pruning.methods = ("random",)
   cfg.pruning.sparsities = (0.5,)
   cfg.pruning.control = True
+  cfg.analysis.svcca_conv = True  # this small run also checks the per-position SVCCA switch
+  cfg.analysis.svcca_conv_size = 3
   records = experiment.run(cfg, tmp_path / "w")
   assert [(r["method"], r["sparsity"], r["kd"]) for r in records] == [
     ("dense", 0.0, False),
@@ -233,6 +235,16 @@ def test_the_control_cell_is_fine_tuned_unpruned(tmp_path):
   ]
   assert rows == []  # only the 2 compressed models count, fewer than the 3 a row needs
   assert (tmp_path / "w" / "checkpoints" / "none_s0_ce_seed0").is_dir()
+  # Per-position SVCCA of both stage outputs (small_cnn: 8×8 and 4×4 maps pooled to 3×3).
+  assert records[0]["layer_svcca_conv"] == {
+    "stage1": pytest.approx(0.0, abs=1e-4),
+    "stage2": pytest.approx(0.0, abs=1e-4),
+  }  # the teacher itself
+  for r in records[1:]:
+    assert set(r["layer_svcca_conv"]) == {"stage1", "stage2"}
+    assert all(0.0 < v <= 1.0 for v in r["layer_svcca_conv"].values())
+  text = (tmp_path / "w" / "results.md").read_text()
+  assert "## Per-position SVCCA of the stage outputs" in text and "3 × 3" in text
 
 
 def test_cells_carry_seed_intervals_and_paired_tests(gradual_two_seed_run):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from prunebias_jax.metrics.similarity import (
+  adaptive_avg_pool,
   cka_matrix,
   debiased_linear_cka,
   linear_cka,
@@ -345,3 +346,18 @@ def test_svcca_conv_per_position_average():
   refs = [svcca_numpy(bx[:, i, j], by[:, i, j])[0] for i in range(3) for j in range(3)]
   got = float(svcca_conv_distance(mx, my, size=3, position_batch=None))
   assert got == pytest.approx(np.mean(refs), abs=5e-5)
+
+
+def test_adaptive_avg_pool_uses_pytorch_bins():
+  """7 → 3 rows and 5 → 2 columns (uneven, overlapping bins): bin i of an axis of length L
+  averages [floor(i L / out), ceil((i + 1) L / out)), written out by hand."""
+  rng = np.random.default_rng(4)
+  maps = rng.normal(size=(2, 7, 5, 3)).astype(np.float32)
+  rows = [(0, 3), (2, 5), (4, 7)]  # floor(0)=0..ceil(7/3)=3, floor(7/3)=2..ceil(14/3)=5, 4..7
+  cols = [(0, 3), (2, 5)]  # 0..ceil(2.5)=3, floor(2.5)=2..5
+  want = np.stack(
+    [np.stack([maps[:, a:b, c:d].mean(axis=(1, 2)) for c, d in cols], 1) for a, b in rows], 1
+  )
+  got = np.asarray(adaptive_avg_pool(jnp.asarray(maps), 3, 2))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert adaptive_avg_pool(jnp.asarray(maps), 7, 5).shape == maps.shape  # no-op at full size

@@ -349,3 +349,56 @@ def test_svcca_rule_selects_the_anatome_rule_by_default():
     assert got[rule] == pytest.approx(expected, abs=1e-6)
   assert got["anatome"] != got["centered"]
   assert base_config().analysis.svcca_rule == "anatome"
+
+
+def test_the_maps_pass_pools_each_stage_output():
+  """make_eval_fn(map_size=3) on 8×8 and 4×4 stage maps: each equals the model's sown output
+  averaged over the adaptive bins by hand; the features pass is unchanged by the option."""
+  import jax
+
+  from prunebias_jax.models import get_model
+  from prunebias_jax.train.steps import make_eval_fn
+
+  model = get_model("small_cnn", num_classes=10)
+  rng = np.random.default_rng(5)
+  images = rng.integers(0, 256, size=(2, 3, 8, 8, 1), dtype=np.uint8)  # 2 batches of 3
+  variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+  _, pooled = make_eval_fn(model, mean=(0.5,), std=(0.25,), map_size=3)(variables, None, images)
+  _, features = make_eval_fn(model, mean=(0.5,), std=(0.25,))(variables, None, images)
+  assert set(pooled) == {"stage1", "stage2"}  # the 2-D penultimate features have no map
+  assert set(features) == {"stage1", "stage2", "features"}
+  x = (images.reshape(6, 8, 8, 1).astype(np.float32) / 255 - 0.5) / 0.25
+  _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+  bins = {8: [(0, 3), (2, 6), (5, 8)], 4: [(0, 2), (1, 3), (2, 4)]}
+  for name in ("stage1", "stage2"):
+    raw = np.asarray(state["intermediates"][name][0])
+    b = bins[raw.shape[1]]
+    want = np.stack(
+      [np.stack([raw[:, r0:r1, c0:c1].mean(axis=(1, 2)) for c0, c1 in b], 1) for r0, r1 in b], 1
+    )
+    np.testing.assert_allclose(np.asarray(pooled[name]), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(features[name]), raw.mean(axis=(1, 2)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_conv_svcca_is_computed_from_the_maps_of_both_models():
+  rng = np.random.default_rng(6)
+  preds = rng.integers(0, 4, 120)
+  ref, other = outputs(preds, rng, 4), outputs(preds, rng, 4)
+  maps = rng.normal(size=(120, 2, 2, 5)).astype(np.float32)
+  related = np.tanh(maps @ rng.normal(size=(5, 5))) + 0.3 * rng.normal(size=maps.shape)
+  ref.maps, other.maps = {"stage1": maps}, {"stage1": related.astype(np.float32)}
+  index = np.arange(120)
+  got = records.similarity_by_layer(ref, other, index, "anatome")["layer_svcca_conv"]
+  want = metrics.svcca_conv_distance(maps, related, anatome_compat=True)
+  assert got == {"stage1": pytest.approx(float(want), abs=1e-6)} and got["stage1"] > 0.05
+  centered = records.similarity_by_layer(ref, other, index, "centered")["layer_svcca_conv"]
+  assert centered["stage1"] == pytest.approx(
+    float(metrics.svcca_conv_distance(maps, related)), abs=1e-6
+  )
+  same = records.similarity_by_layer(ref, ref, index, "anatome")["layer_svcca_conv"]
+  assert same["stage1"] == pytest.approx(0.0, abs=1e-5)
+  assert "layer_svcca_conv" not in records.similarity_by_layer(ref, ref.without_maps(), index)
+  with pytest.raises(ValueError, match="maps of"):  # maps of other examples than the subset
+    records.reference(preds, None, 4, ref, svcca_examples=60)

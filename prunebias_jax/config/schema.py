@@ -145,5 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
   # authors used 6,400), with the rule of the authors' library ("anatome") or "centered".
   config.analysis.svcca_examples = 6400
   config.analysis.svcca_rule = "anatome"
+  # Also the per-position convolutional SVCCA of every stage output on that subset, as the
+  # authors computed layers 1–3 (the maps average-pooled to at most size × size first; 16 as
+  # the authors did). Off by default: a second evaluation pass and the subset's maps in memory.
+  config.analysis.svcca_conv = False
+  config.analysis.svcca_conv_size = 16
   config.analysis.cie_grid_images = 32
   return config

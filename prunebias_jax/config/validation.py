@@ -22,6 +22,7 @@ from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 
 MAX_IMAGE_SIZE = 1024
+MAX_SVCCA_CONV_SIZE = 64  # 64 × 64 positions: 4,096 SVCCAs per layer and model
 SVCCA_RULES = ("anatome", "centered")
 CLASSWISE_STATISTICS = ("normalized_recall", "accuracy")
 BOOTSTRAP_INTERVALS = ("percentile", "bca", "basic")
@@ -291,6 +292,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     "analysis.svcca_examples",
     v,
     "0 (the whole test set) or an integer >= 2 (SVCCA needs two examples)",
+  )
+  v = cfg.analysis.svcca_conv_size
+  _require(
+    _is_int(v) and 1 <= v <= MAX_SVCCA_CONV_SIZE,
+    "analysis.svcca_conv_size",
+    v,
+    f"an integer in [1, {MAX_SVCCA_CONV_SIZE}] (the pooled maps' side)",
   )
   for field in ("confidence", "fdr_q"):
     v = cfg.analysis[field]

@@ -37,6 +37,7 @@ from prunebias_jax.metrics.fairness import (
   group_rates,
 )
 from prunebias_jax.metrics.similarity import (
+  adaptive_avg_pool,
   cka_matrix,
   debiased_linear_cka,
   linear_cka,
@@ -103,6 +104,7 @@ __all__ = [
   "welch_t_test",
   "wilcoxon_signed_rank",
   "cie_report",
+  "adaptive_avg_pool",
   "cka_matrix",
   "compression_identified_exemplars",
   "debiased_linear_cka",

@@ -700,15 +700,25 @@ def _adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
   return mat
 
 
+def adaptive_avg_pool(maps: jax.Array, height: int, width: int) -> jax.Array:
+  """``(n, H, W, C)`` maps averaged into ``(n, height, width, C)`` bins, the bins of PyTorch's
+  ``adaptive_avg_pool2d`` (what anatome uses; bin ``i`` of an axis of length ``L`` covers
+  ``[floor(i L / out), ceil((i + 1) L / out))``). Traceable; the sizes are static."""
+  _, h, w, _ = maps.shape
+  if (h, w) == (height, width):
+    return maps
+  ph = jnp.asarray(_adaptive_pool_matrix(h, height), maps.dtype)
+  pw = jnp.asarray(_adaptive_pool_matrix(w, width), maps.dtype)
+  return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, maps, precision=_HIGHEST)
+
+
 def _downsample_maps(maps: jax.Array, height: int, width: int, method: str) -> jax.Array:
   n, h, w, c = maps.shape
   if (h, w) == (height, width):
     return maps
   if method == "bilinear":
     return jax.image.resize(maps, (n, height, width, c), method="bilinear", antialias=True)
-  ph = jnp.asarray(_adaptive_pool_matrix(h, height), maps.dtype)
-  pw = jnp.asarray(_adaptive_pool_matrix(w, width), maps.dtype)
-  return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, maps, precision=_HIGHEST)
+  return adaptive_avg_pool(maps, height, width)
 
 
 @jax.jit(static_argnames=("threshold", "anatome_compat", "position_batch"))

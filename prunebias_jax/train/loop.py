@@ -248,6 +248,7 @@ def evaluate(
   variables, masks = parallel.replicate((variables, masks))
   images = parallel.put_batch(images[:, local], parallel.eval_batches, axis=1)
   logits, layers = jax.device_get(eval_fn(variables, masks, images))
-  return np.asarray(logits[..., :num_examples, :]), {
-    k: np.asarray(v[..., :num_examples, :]) for k, v in layers.items()
-  }
+  # The example axis is the one before the logits' class axis (after the member axis of a
+  # population); layers may have more trailing axes (spatial maps).
+  rows = (slice(None),) * (logits.ndim - 2) + (slice(num_examples),)
+  return np.asarray(logits[rows]), {k: np.asarray(v[rows]) for k, v in layers.items()}

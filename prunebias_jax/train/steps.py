@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from prunebias_jax.data.pipeline import augment, normalize
+from prunebias_jax.metrics.similarity import adaptive_avg_pool
 from prunebias_jax.pruning.masks import apply_masks
 from prunebias_jax.train.losses import cross_entropy, kd_objective
 from prunebias_jax.train.state import TrainState
@@ -97,13 +98,22 @@ def make_train_step(
 
 
 def make_eval_fn(
-  model: nn.Module, *, mean, std, out_shardings=None, population: int = 1, shared_masks: bool = True
+  model: nn.Module,
+  *,
+  mean,
+  std,
+  out_shardings=None,
+  population: int = 1,
+  shared_masks: bool = True,
+  map_size: int = 0,
 ) -> Callable:
   """Returns jitted `evaluate(variables, masks, images (B,bs,...)) -> (logits, layers)`.
 
   `layers` maps 'features' (the penultimate vector) and every sown stage output
   ('stage1', ...; feature maps averaged over space, so each is (n, channels)) to float32
-  arrays: what the per-layer similarity analysis compares.
+  arrays: what the per-layer similarity analysis compares. With `map_size` > 0 it holds
+  the stage outputs only, as spatial maps average-pooled to at most map_size × map_size
+  ((n, h, w, channels), adaptive-average bins): what per-position SVCCA compares.
 
   One compiled pass over the whole padded test set (`lax.map` over batches keeps memory at one
   batch of activations); callers drop the padded rows using the valid mask. `out_shardings`
@@ -124,11 +134,17 @@ def make_eval_fn(
       layers = {}
       for name, (value, *_) in state["intermediates"].items():
         value = value.astype(jnp.float32)
-        layers[name] = value.mean(axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
+        if map_size and value.ndim == 4:
+          h, w = min(map_size, value.shape[1]), min(map_size, value.shape[2])
+          layers[name] = adaptive_avg_pool(value, h, w)
+        elif not map_size:
+          layers[name] = (
+            value.mean(axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
+          )
       return logits.astype(jnp.float32), layers
 
     logits, layers = jax.lax.map(one_batch, images)
-    merge = lambda x: x.reshape((-1,) + x.shape[2:])  # (batches, batch, d) → (n, d)
+    merge = lambda x: x.reshape((-1,) + x.shape[2:])  # (batches, batch, ...) → (n, ...)
     return merge(logits), {name: merge(v) for name, v in layers.items()}
 
   if population > 1:
