@@ -7,11 +7,19 @@ directory is removed by the next run). Restoring never writes: a checkpoint that
 the run (another model, another number of classes) or that is damaged raises
 `CheckpointError` and stays as it is on disk.
 
+A checkpoint also carries the *identity of its training*: the flat {field: value} dict of
+everything that shaped the model (config values, the data's fingerprint, the teacher's
+identity) and its digest. A run restores a model only when the digest matches its own, so
+no other file in the workdir (config.json may be missing or wrong) can make it report a
+model it did not train.
+
 Nothing here unpickles: Orbax stores arrays through TensorStore and metadata as JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,35 @@ def tree_signature(tree: PyTree) -> list[str]:
   ]
 
 
+Identity = dict[str, Any]  # flat {field: JSON value}: what shaped a trained model
+
+
+def digest(identity: Identity) -> str:
+  """sha256 of the identity's canonical JSON (sorted keys, no whitespace)."""
+  text = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity_differences(stored: Identity, expected: Identity, limit: int = 3) -> str:
+  """'field: trained with A, this run has B; ...' for the first `limit` differing fields."""
+  keys = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+  parts = [
+    f"{k}: trained with {stored.get(k, 'nothing')!r}, this run has {expected.get(k, 'nothing')!r}"
+    for k in keys[:limit]
+  ]
+  more = f"; and {len(keys) - limit} more field(s)" if len(keys) > limit else ""
+  return "; ".join(parts) + more if parts else "the same fields, another digest"
+
+
+class IdentityMismatch(CheckpointError):
+  """A checkpoint trained with something else than this run would train it with;
+  `differences` says what (one line)."""
+
+  def __init__(self, message: object, differences: str):
+    super().__init__(message)
+    self.differences = differences
+
+
 def _first_difference(expected: list[str], found: list[str]) -> str:
   if len(expected) != len(found):
     return f"{len(found)} arrays stored, this run has {len(expected)}"
@@ -50,13 +87,25 @@ class ModelCheckpoint:
   `expect` (e.g. `{'model': 'resnet20', 'num_classes': 10}`) is stored in the metadata and
   checked on restore, together with the shapes and dtypes of every array, so a checkpoint of
   another model is refused with a message saying what differs.
+
+  `identity` (see the module docstring) is stored with its digest and, when given, must
+  match on restore (`IdentityMismatch` otherwise). A checkpoint written before identities
+  existed has none: it is accepted only with `legacy_ok` (the caller has other evidence of
+  how it was trained, e.g. an unchanged config.json).
   """
 
   def __init__(
-    self, directory: str | Path, max_to_keep: int = 1, expect: dict[str, Any] | None = None
+    self,
+    directory: str | Path,
+    max_to_keep: int = 1,
+    expect: dict[str, Any] | None = None,
+    identity: Identity | None = None,
+    legacy_ok: bool = False,
   ):
     self.directory = Path(directory).absolute()
     self.expect = dict(expect or {})
+    self.identity = identity
+    self.legacy_ok = legacy_ok
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -73,6 +122,8 @@ class ModelCheckpoint:
     if step in self._manager.all_steps():
       return
     meta = {**meta, **self.expect, "signature": tree_signature(tree)}
+    if self.identity is not None:
+      meta.update(identity=self.identity, identity_digest=digest(self.identity))
     self._manager.save(
       step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
     )
@@ -103,7 +154,33 @@ class ModelCheckpoint:
         raise self._fail(
           step, f"it was written for {key}={meta[key]!r}, this run has {key}={value!r}"
         )
+    if self.identity is not None:
+      self._check_identity(step, meta)
     return meta
+
+  def _check_identity(self, step: int, meta: dict[str, Any]) -> None:
+    stored = meta.get("identity_digest")
+    if stored is None:
+      if self.legacy_ok:
+        return
+      raise IdentityMismatch(
+        f"checkpoint {self.directory} was written before checkpoints recorded how they were "
+        "trained, and the workdir's config.json is missing or differs from this run's, so "
+        "nothing shows it was trained with this config; it was left untouched. Rerun with "
+        "the config it was trained with, use a new --workdir, or --config.overwrite=True to "
+        "retrain it",
+        "no recorded training identity",
+      )
+    if stored != digest(self.identity):
+      found = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+      differences = identity_differences(found, self.identity)
+      raise IdentityMismatch(
+        f"checkpoint {self.directory} was trained with a different config ({differences}); "
+        "it was left untouched. Rerun with the config it was trained with, use a new "
+        "--workdir, or --config.overwrite=True to retrain the models that differ (the others "
+        "are kept)",
+        differences,
+      )
 
   def restore(self, abstract_tree: PyTree) -> tuple[PyTree, dict[str, Any]]:
     """Restores the latest step into the structure/shapes/dtypes of `abstract_tree`."""
@@ -147,9 +224,12 @@ class StageCheckpoint:
     every_steps: int,
     keep: int = 2,
     expect: dict[str, Any] | None = None,
+    identity: Identity | None = None,
   ):
     self.every_steps = int(every_steps)
-    self._ckpt = ModelCheckpoint(directory, max_to_keep=max(1, int(keep)), expect=expect)
+    self._ckpt = ModelCheckpoint(
+      directory, max_to_keep=max(1, int(keep)), expect=expect, identity=identity
+    )
     self.directory = self._ckpt.directory
 
   def due(self, steps_done: int, total: int) -> bool:

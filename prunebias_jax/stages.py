@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from prunebias_jax import workdir as wd
+from prunebias_jax.checkpoint import Identity
 from prunebias_jax.config import (
   ConfigError,
   resolve_config,
@@ -42,6 +43,7 @@ from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
 from prunebias_jax.faults import crash_point
 from prunebias_jax.models import get_model
 from prunebias_jax.parallel import DataParallel
+from prunebias_jax.provenance import dense_identity, fingerprint, stage_identity, student_identity
 from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
 from prunebias_jax.pruning.schedule import pruning_steps
 from prunebias_jax.records import CONTROL_METHOD, Outputs, student_label, svcca_subset
@@ -74,6 +76,8 @@ class RunContext:
   model: nn.Module
   parallel: DataParallel
   expect: dict[str, Any]  # what every checkpoint in the workdir must have been written for
+  identities: dict[str, Identity]  # checkpoint / stage name → how this run trains it
+  legacy_ok: bool  # config.json unchanged: checkpoints without an identity may be restored
   eval_images: np.ndarray  # the test images, padded to (batches, eval batch, H, W, C)
   map_images: np.ndarray | None  # analysis.svcca_conv: the SVCCA subset's images, padded
   map_examples: int  # how many of them are real (0 without analysis.svcca_conv)
@@ -133,7 +137,7 @@ def prepare(
     problem = value and parallel.check_batch_size(value, field)
     if problem:
       raise ConfigError(problem)
-  wd.guard(workdir, cfg)
+  differing = wd.config_differences(workdir, cfg)  # read only: nothing moves before the checks
   t = time.perf_counter()
   data = load_dataset(cfg.data)
   validate_against_dataset(cfg, data.num_classes, len(data.teacher_train), len(data.train))
@@ -141,7 +145,10 @@ def prepare(
   model = get_model(cfg.model, data.num_classes, dtype=cfg.compute_dtype)
   _check_model_fits(model, cfg.model, data.image_shape)
   expect = {"model": cfg.model, "num_classes": data.num_classes}
-  wd.check_checkpoints(workdir, expect)
+  identities = planned_identities(cfg, data)
+  legacy_ok = differing == []
+  wd.check_checkpoints(workdir, expect, identities, legacy_ok, cfg.overwrite)
+  wd.guard(workdir, differing)
   logging.info(
     "data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
     "fine-tune class counts %s",
@@ -174,12 +181,57 @@ def prepare(
     model=model,
     parallel=parallel,
     expect=expect,
+    identities=identities,
+    legacy_ok=legacy_ok,
     eval_images=eval_images,
     map_images=map_images,
     map_examples=map_examples,
     load_seconds=load_seconds,
     writer=wd.is_writer(),
   )
+
+
+def planned_identities(config: ml_collections.ConfigDict, data: Dataset) -> dict[str, Identity]:
+  """{checkpoint name or training-stage name: the identity this run trains it with}, for
+  every model of the run (`provenance`)."""
+  cfg = config
+  dense_fp, finetune_fp = fingerprint(data.teacher_train), fingerprint(data.train)
+  teacher = dense_identity(cfg, data, cfg.seed, dense_fp)
+  out = {}
+  for seed in dense_seeds(cfg):
+    out[_dense_name(cfg, seed)] = dense_identity(cfg, data, seed, dense_fp)
+  for seeds, method, sparsity in pruning_groups(cfg):
+    plan = _schedule(cfg, sparsity)
+    for cell in variants(cfg, method, sparsity):
+      names = [cell.checkpoint_name(seed) for seed in seeds]
+      members = [
+        student_identity(
+          cfg,
+          data,
+          teacher,
+          method=method,
+          sparsity=sparsity,
+          plan=plan,
+          kd=cell.kd,
+          temperature=cell.temperature,
+          seed=seed,
+          population=seeds,
+          split_fingerprint=finetune_fp,
+        )
+        for seed in seeds
+      ]
+      out.update(zip(names, members))
+      out[_stage_name(names)] = stage_identity(members)
+  return out
+
+
+def _dense_name(config: ml_collections.ConfigDict, seed: int) -> str:
+  return "dense" if seed == config.seed else f"dense_seed{seed}"
+
+
+def _stage_name(names: Sequence[str]) -> str:
+  """One training stage per population: its mid-stage checkpoints' directory name."""
+  return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
 
 
 def _check_model_fits(model: nn.Module, name: str, image_shape: tuple[int, ...]) -> None:
@@ -236,7 +288,9 @@ def _fit(ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, **kwarg
   settings; the stage's mid-stage checkpoints are deleted once its models are saved (by
   `_finish`)."""
   cfg = ctx.config
-  partial = wd.stage_checkpoint(ctx.workdir, stage, cfg.checkpoint, ctx.expect)
+  partial = wd.stage_checkpoint(
+    ctx.workdir, stage, cfg.checkpoint, ctx.expect, ctx.identities[stage]
+  )
   state, summary = fit(
     state,
     step,
@@ -273,11 +327,11 @@ def train_dense(ctx: RunContext, seed: int) -> PyTree:
   the other seeds make up the dense population of the CIE and significance analyses.
   """
   cfg = ctx.config
-  name = "dense" if seed == cfg.seed else f"dense_seed{seed}"
+  name = _dense_name(cfg, seed)
   dummy = jnp.zeros((1,) + ctx.data.image_shape, jnp.float32)
   variables = ctx.model.init(jax.random.key(seed), dummy, train=False)
   tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  ckpt = wd.model_checkpoint(ctx.workdir, name, ctx.expect)
+  ckpt = wd.model_checkpoint(ctx.workdir, name, ctx.expect, ctx.identities[name], ctx.legacy_ok)
   if ckpt.latest_step() is not None:
     tree, meta = ckpt.restore(tree)
     logging.info(
@@ -384,11 +438,13 @@ def finetune(
   population: one vmapped step for all of them.
   """
   cfg = ctx.config
-  k = len(seeds)
   shared = _shared(cfg, seeds)
   names = [cell.checkpoint_name(seed) for seed in seeds]
-  stage = names[0] if k == 1 else f"{names[0]}+{k - 1}"  # one training stage per population
-  ckpts = [wd.model_checkpoint(ctx.workdir, name, ctx.expect) for name in names]
+  stage = _stage_name(names)
+  ckpts = [
+    wd.model_checkpoint(ctx.workdir, name, ctx.expect, ctx.identities[name], ctx.legacy_ok)
+    for name in names
+  ]
   if all(c.latest_step() is not None for c in ckpts):
     template = {
       "params": teacher["params"],

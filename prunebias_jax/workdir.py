@@ -4,17 +4,24 @@
              checkpoints/<name>/                    one Orbax checkpoint per trained model
              checkpoints/partial/<stage>/           mid-stage checkpoints of a stage in progress
              results.jsonl, cells.jsonl, correlations.jsonl, results.md, plots/, timings.json
+             previous_runs/<time>/                  the run files of an earlier, different config
 
-A workdir holds the run of one config: another config is refused unless `overwrite=True`
-(which discards the old run), except for the sweep axes, which extend it, and for fields that
-only change how a run reports. Multi-host: every process decides before any process writes,
-and only process 0 deletes.
+What may be reused is decided by the checkpoints alone: each carries the identity of its
+training (`provenance`), and a run restores a model only when that identity is its own.
+A finished model trained differently stops the run before any training (exit 2) unless
+`overwrite=True`, which deletes just those models; mid-stage checkpoints of a different
+training are discarded (the stage never finished); everything else is kept, so a change
+that only affects stages not yet trained, or only the analysis, reuses what is done. When
+the config differs from config.json, the old run files (which describe that config) move to
+previous_runs/ instead of being mixed with or overwritten by the new run's. Multi-host:
+every process decides before any process writes, and only process 0 deletes or moves.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +29,13 @@ import jax
 import ml_collections
 from absl import logging
 
-from prunebias_jax.checkpoint import ModelCheckpoint, StageCheckpoint
+from prunebias_jax.checkpoint import Identity, IdentityMismatch, ModelCheckpoint, StageCheckpoint
 from prunebias_jax.config import COSMETIC_KEYS, SWEEP_KEYS, base_config, flatten
 from prunebias_jax.errors import ConfigError
 from prunebias_jax.files import check_writable, remove_stale_temporaries
 
 PARTIAL = "partial"  # checkpoints/partial/<stage>: mid-stage checkpoints of stages in progress
+PREVIOUS = "previous_runs"  # previous_runs/<time>/: run files of an earlier, different config
 RUN_FILES = (
   "results.jsonl",
   "cells.jsonl",
@@ -63,57 +71,57 @@ def ensure_writable(workdir: Path) -> None:
     ) from None
 
 
-def must_discard(workdir: Path, config: ml_collections.ConfigDict) -> bool:
-  """True when `workdir` holds a run of a different config and overwrite=True; raises
-  ConfigError when it does and overwrite is off (never mixes results of two configs)."""
+def config_differences(workdir: Path, config: ml_collections.ConfigDict) -> list[str] | None:
+  """The fields at which the workdir's config.json differs from `config` (sweep axes and
+  reporting-only fields aside); None when there is no readable config.json."""
   path = workdir / "config.json"
-  if not path.exists():
-    return False
   try:
     old = flatten(json.loads(path.read_text()))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(
-      f"{path} is unreadable ({e}); use a new --workdir or --config.overwrite=True"
-    ) from None
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    logging.warning("%s is unreadable (%s): treated as a run of another config", path, e)
+    return None
   new = flatten(json.loads(config.to_json()))
   # A workdir written before a config field existed ran with that field's default.
   defaults = flatten(json.loads(base_config().to_json()))
   old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
   ignore = set(SWEEP_KEYS) | set(COSMETIC_KEYS) | {"runlocal_overrides"}
   keys = set(old) | set(new)
-  differing = sorted(k for k in keys if k not in ignore and old.get(k) != new.get(k))
-  if not differing:
-    return False
-  if not config.overwrite:
-    raise ConfigError(
-      f"workdir {workdir} holds a run of a different config (differs at: "
-      f"{', '.join(differing[:5])}); use a new --workdir or --config.overwrite=True to discard it"
-    )
-  logging.warning(
-    "overwrite=True: discarding the previous run in %s (differs at %s)", workdir, differing
-  )
-  return True
+  return sorted(k for k in keys if k not in ignore and old.get(k) != new.get(k))
 
 
-def guard(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses to mix a different config's results into `workdir` (see `must_discard`), and
-  removes the temporaries of a run killed mid-write."""
-  discard = must_discard(workdir, config)
+def guard(workdir: Path, differing: list[str] | None) -> None:
+  """Moves the run files of a different config (`differing`: `config_differences`) to
+  previous_runs/, and removes the temporaries of a run killed mid-write. Called once every
+  check has passed: a refused run changes nothing."""
   barrier("workdir checked")
   if is_writer():
-    if discard:
-      for name in ("checkpoints", "plots"):
-        shutil.rmtree(workdir / name, ignore_errors=True)
-      for name in RUN_FILES:
-        (workdir / name).unlink(missing_ok=True)
+    present = [n for n in RUN_FILES + ("plots",) if (workdir / n).exists()]
+    if differing != [] and present:
+      target = workdir / PREVIOUS / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+      while target.exists():  # two runs within a second
+        target = target.with_name(target.name + "_")
+      target.mkdir(parents=True)
+      for name in present:
+        (workdir / name).rename(target / name)
+      why = "no config.json" if differing is None else f"differs at {', '.join(differing[:5])}"
+      logging.warning(
+        "the workdir's run files describe another config (%s): moved to %s", why, target
+      )
     for tmp in remove_stale_temporaries(workdir):
       logging.info("removed %s (a temporary file of an interrupted run)", tmp)
   barrier("workdir ready")
 
 
-def model_checkpoint(workdir: Path, name: str, expect: dict[str, Any]) -> ModelCheckpoint:
-  """The checkpoint of the trained model `name` (dense, dense_seed<s>, <cell>_seed<s>)."""
-  return ModelCheckpoint(workdir / "checkpoints" / name, expect=expect)
+def model_checkpoint(
+  workdir: Path, name: str, expect: dict[str, Any], identity: Identity, legacy_ok: bool
+) -> ModelCheckpoint:
+  """The checkpoint of the trained model `name` (dense, dense_seed<s>, <cell>_seed<s>),
+  restored only if it was trained as `identity` says."""
+  return ModelCheckpoint(
+    workdir / "checkpoints" / name, expect=expect, identity=identity, legacy_ok=legacy_ok
+  )
 
 
 def partial_dir(workdir: Path, stage: str) -> Path:
@@ -121,31 +129,63 @@ def partial_dir(workdir: Path, stage: str) -> Path:
 
 
 def stage_checkpoint(
-  workdir: Path, stage: str, cfg: ml_collections.ConfigDict, expect: dict[str, Any]
+  workdir: Path,
+  stage: str,
+  cfg: ml_collections.ConfigDict,
+  expect: dict[str, Any],
+  identity: Identity,
 ) -> StageCheckpoint | None:
   """Mid-stage checkpoints of `stage` per `config.checkpoint` (None when every_steps is 0)."""
   if not cfg.every_steps:
     return None
-  return StageCheckpoint(partial_dir(workdir, stage), cfg.every_steps, cfg.keep, expect=expect)
+  return StageCheckpoint(
+    partial_dir(workdir, stage), cfg.every_steps, cfg.keep, expect=expect, identity=identity
+  )
 
 
-def check_checkpoints(workdir: Path, expect: dict[str, Any]) -> None:
+def check_checkpoints(
+  workdir: Path,
+  expect: dict[str, Any],
+  identities: dict[str, Identity],
+  legacy_ok: bool,
+  overwrite: bool,
+) -> None:
   """Reads the metadata of every checkpoint in `workdir` before any training, so one of
-  another model or a damaged one stops the run now (CheckpointError, exit 2), not hours
-  later, and is never overwritten."""
+  another model, a damaged one, or one this run would train differently stops the run now
+  (CheckpointError, exit 2), not hours later, and is never overwritten.
+
+  `identities`: {checkpoint or stage name: the identity this run trains it with}. A finished
+  model whose identity differs is refused, or deleted with `overwrite`; mid-stage
+  checkpoints whose identity differs are deleted (their stage is trained again from its
+  start). Checkpoints this run does not train are only checked for model and classes."""
   root = workdir / "checkpoints"
   if not root.is_dir():
     return
   dirs = [d for d in root.iterdir() if d.is_dir() and d.name != PARTIAL]
   if (root / PARTIAL).is_dir():
     dirs += [d for d in (root / PARTIAL).iterdir() if d.is_dir()]
+  stale: list[tuple[Path, IdentityMismatch]] = []
   for d in sorted(dirs):
-    ckpt = ModelCheckpoint(d, expect=expect)
+    ckpt = ModelCheckpoint(d, expect=expect, identity=identities.get(d.name), legacy_ok=legacy_ok)
     try:
       if ckpt.latest_step() is not None:
         ckpt.read_meta()
+    except IdentityMismatch as e:
+      stale.append((d, e))
     finally:
       ckpt.close()
+  finished = [(d, e) for d, e in stale if d.parent.name != PARTIAL]
+  if finished and not overwrite:
+    more = f" ({len(finished) - 1} more checkpoint(s) differ)" if len(finished) > 1 else ""
+    first = finished[0][1]
+    raise IdentityMismatch(f"{first}{more}", first.differences)
+  barrier("checkpoints checked")
+  if is_writer():
+    for d, e in stale:
+      what = "mid-stage checkpoints" if d.parent.name == PARTIAL else "overwrite=True: the model"
+      logging.warning("%s %s deleted (trained differently: %s)", what, d, e.differences)
+      shutil.rmtree(d)
+  barrier("stale checkpoints deleted")
 
 
 def finish_stage(partial: StageCheckpoint | None) -> None:

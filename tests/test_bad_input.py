@@ -298,6 +298,12 @@ def test_checkpoint_without_metadata_of_other_shapes_is_refused_and_kept(tmp_pat
   manager.wait_until_finished()
   manager.close()
   before = _tree_hash(tmp_path / "checkpoints")
+  # Nothing shows how it was trained (no identity, no config.json): refused before training.
+  with pytest.raises(CheckpointError, match=r"dense was written before checkpoints recorded"):
+    stages.prepare(_tiny(tmp_path), tmp_path)
+  assert _tree_hash(tmp_path / "checkpoints") == before
+  # With the config.json of this very config it may be restored, and its shapes are checked.
+  (tmp_path / "config.json").write_text(resolve_config(_tiny(tmp_path)).to_json())
   ctx = stages.prepare(_tiny(tmp_path), tmp_path)
   with pytest.raises(CheckpointError, match=r"checkpoint .*dense.16 cannot be used by this run"):
     stages.train_dense(ctx, ctx.config.seed)

@@ -9,7 +9,8 @@ import pytest
 
 from prunebias_jax import experiment, stages
 from prunebias_jax import workdir as workdir_lib
-from prunebias_jax.config import ConfigError, resolve_config
+from prunebias_jax.checkpoint import CheckpointError
+from prunebias_jax.config import resolve_config
 
 RECORD_KEYS = {
   "method",
@@ -122,12 +123,27 @@ def test_rerun_skips_training_and_reproduces_results(finished_run, monkeypatch):
   assert (workdir / "results.jsonl").read_bytes() == before
 
 
-def test_workdir_of_a_different_config_is_refused(finished_run):
+def _tree_state(directory):
+  return sorted(
+    (str(p.relative_to(directory)), p.stat().st_mtime_ns, p.is_file() and p.read_bytes())
+    for p in directory.rglob("*")
+  )
+
+
+def test_models_trained_differently_are_refused_and_left_as_they_are(finished_run):
+  """A different KD temperature: the KD students' checkpoints say they were trained at T=4,
+  so the run stops before any work, naming the field, and changes nothing."""
   cfg, workdir, _ = finished_run
+  before = _tree_state(workdir)
   other = cfg.copy_and_resolve_references()
   other.kd.temperature = 2.0
-  with pytest.raises(ConfigError, match="different config.*kd.temperature"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"global_magnitude_s0.7_kd_seed0 was trained with a different config "
+    r"\(kd.temperature: trained with 4.0, this run has 2.0\).*\(1 more checkpoint\(s\) differ\)",
+  ):
     experiment.run(other, workdir)
+  assert _tree_state(workdir) == before
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +215,12 @@ def test_workdir_from_before_a_new_field_is_accepted(finished_run):
     trimmed = dict(saved)
     trimmed.pop("analysis")
     (workdir / "config.json").write_text(json.dumps(trimmed))
-    workdir_lib.must_discard(workdir, resolve_config(cfg))  # no ConfigError
+    assert workdir_lib.config_differences(workdir, resolve_config(cfg)) == []
     changed = resolve_config(cfg)
     changed.analysis.bootstrap_resamples = 7
-    with pytest.raises(ConfigError, match="analysis.bootstrap_resamples"):
-      workdir_lib.must_discard(workdir, changed)
+    changed.seeds = (0, 5)  # a sweep axis: extends the run, not a difference
+    differing = workdir_lib.config_differences(workdir, changed)
+    assert differing == ["analysis.bootstrap_resamples"]
   finally:
     (workdir / "config.json").write_text(json.dumps(saved))
 

@@ -30,6 +30,7 @@ RANKS = {
   "config": 5,
   "workdir": 6,
   "records": 6,
+  "provenance": 6,
   "report": 7,
   "stages": 7,
   "experiment": 8,

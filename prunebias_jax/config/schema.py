@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.runlocal = False  # apply runlocal_overrides: a minutes-long CPU check of the same pipeline
   config.runlocal_overrides = ()  # ((dotted key, value), ...)
   config.progress_seconds = 10.0  # a progress line at least this often during training
-  config.overwrite = False  # True: discard checkpoints/results of a different config in --workdir
+  # True: retrain the models in --workdir whose checkpoints record another training (the
+  # others are kept); False: such a model stops the run before any work.
+  config.overwrite = False
   # A NaN/Inf training loss: "stop" (error naming the stage, step and last finite loss) or
   # "skip" (that step's update is dropped; the count is logged and kept in the checkpoint).
   config.nonfinite = "stop"
