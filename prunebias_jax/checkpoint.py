@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from prunebias_jax.errors import CheckpointError, one_line
+from prunebias_jax.errors import CheckpointError, DiskFullError, one_line
 
 PyTree = Any
 
@@ -81,6 +81,25 @@ def _first_difference(expected: list[str], found: list[str]) -> str:
   return "same arrays"
 
 
+SPACE_MARGIN = 256 << 10  # bytes beyond the arrays: Orbax's metadata and manifests
+
+
+def _check_space(directory: Path, tree: PyTree) -> None:
+  """DiskFullError before a save that cannot fit: a save that runs out of space midway fails
+  in Orbax's background threads, each printing its own traceback."""
+  need = sum(int(getattr(x, "nbytes", np.asarray(x).nbytes)) for x in jax.tree.leaves(tree))
+  existing = directory
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  free = shutil.disk_usage(existing).free
+  if free < need + SPACE_MARGIN:
+    raise DiskFullError(
+      f"disk full writing {directory} ({free / 2**20:.1f} MiB free, the checkpoint needs "
+      f"{(need + SPACE_MARGIN) / 2**20:.1f} MiB); what was written before is intact: free "
+      "space and rerun the same command to resume"
+    )
+
+
 class ModelCheckpoint:
   """Saves/restores a pytree (e.g. `{'params', 'batch_stats'[, 'masks']}`) with JSON metadata.
 
@@ -121,6 +140,7 @@ class ModelCheckpoint:
     recomputes the same values, and a finished checkpoint is never rewritten)."""
     if step in self._manager.all_steps():
       return
+    _check_space(self.directory, tree)
     meta = {**meta, **self.expect, "signature": tree_signature(tree)}
     if self.identity is not None:
       meta.update(identity=self.identity, identity_digest=digest(self.identity))

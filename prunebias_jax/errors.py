@@ -10,12 +10,16 @@ keeps its traceback.
 | `DataError` | a data source, folder or file that cannot be read | 2 |
 | `CheckpointError` | a checkpoint of another model, or a damaged one | 2 |
 | `NonFiniteLossError` | a NaN/Inf training loss with `nonfinite='stop'` | 3 |
+| `DiskFullError` | no space left while writing (a rerun after freeing space resumes) | 4 |
+| `Interrupted` | Ctrl-C (SIGINT); a rerun resumes from the last mid-stage checkpoint | 130 |
 """
 
 from __future__ import annotations
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DISK_FULL = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def one_line(text: object, limit: int = 600) -> str:
@@ -49,3 +53,15 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/Inf loss (with `nonfinite='stop'`); finished stages are kept."""
 
   exit_code = EXIT_NONFINITE
+
+
+class DiskFullError(UserError, OSError):
+  """No space left on the device while writing; what was written before is intact."""
+
+  exit_code = EXIT_DISK_FULL
+
+
+class Interrupted(UserError):
+  """The user pressed Ctrl-C; finished models and the last mid-stage checkpoint are kept."""
+
+  exit_code = EXIT_INTERRUPTED

@@ -10,13 +10,27 @@ line and exit code 3. The config file named by --config is the only Python the r
 
 from __future__ import annotations
 
+import ast
+import errno
 import logging as std_logging
+import os
+import re
+import shutil
 import sys
+import traceback
+from typing import Any
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from prunebias_jax.errors import EXIT_BAD_INPUT, UserError, one_line
+from prunebias_jax.errors import (
+  EXIT_BAD_INPUT,
+  EXIT_INTERRUPTED,
+  DiskFullError,
+  UserError,
+  one_line,
+)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +47,11 @@ class _QuietLibraries(std_logging.Filter):
     path = record.pathname
     if "/tensorflow_datasets/" in path:
       return record.levelno >= std_logging.ERROR
+    if "/orbax/" in path and record.exc_info:
+      # Orbax logs the traceback of a failed read or write from each of its threads, then
+      # raises: the raised error is reported (one line for a damaged checkpoint or a full
+      # disk; a traceback for a bug), so the logged copies are only noise.
+      return False
     return record.levelno >= std_logging.WARNING or not any(
       part in path for part in ("/orbax/", "/jax/", "/flax/")
     )
@@ -43,30 +62,103 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
   sys.exit(code)
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The --config file named in `argv` (either spelling), without a ':arg' suffix."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return None
+
+
+def config_problem(error: BaseException, path: str | None) -> str:
+  """One line for a config file that failed to load: the file, the line of the file where it
+  failed, and the root exception (ml_collections wraps it, with a whole traceback as text,
+  in flag errors: those wrappers are skipped)."""
+  chain, e = [], error
+  while e is not None and len(chain) < 20:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  target = os.path.realpath(path) if path else None
+  lines = [
+    f.lineno
+    for x in chain
+    for f in traceback.extract_tb(x.__traceback__)
+    if target and os.path.realpath(f.filename) == target
+  ]
+  lines += [x.lineno for x in chain if isinstance(x, SyntaxError) and x.lineno]
+  meaningful = [
+    x
+    for x in chain
+    if not isinstance(x, flags.Error) and "Traceback (most recent call last)" not in str(x)
+  ]
+  root = meaningful[0] if meaningful else chain[-1]
+  where = f"{path}, line {lines[-1]}" if path and lines else (path or "the file")
+  detail = one_line(root, 300) if str(root).strip() else "(no message)"
+  return f"cannot load --config {where}: {type(root).__name__}: {detail}"
+
+
+def _is_override_error(error: flags.Error) -> bool:
+  """A bad --config.key=value (the message names the flag), not a config file that fails."""
+  return "--config=" not in str(error) and "config file" not in str(error)
+
+
+_CONFIG_PATH: list[str | None] = [None]  # the --config file, for messages raised later
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
-  """absl's parser, but a bad flag or config override is one line and exit code 2."""
+  """absl's parser, but a bad flag, config override or config file is one line and exit 2."""
+  path = _CONFIG_PATH[0] = _config_path(argv)
   try:
     return flag_values(argv)
   except flags.Error as e:
-    _fail(one_line(e))
-  except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
-    # ml_collections raises these for unknown keys, wrong types, or a config file that fails
-    # to load.
-    _fail(f"{type(e).__name__}: {one_line(e)}")
+    _fail(one_line(e, 300) if _is_override_error(e) else config_problem(e, path))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    # ml_collections raises these for unknown keys and wrong types of an override, and for a
+    # config file without get_config().
+    in_file = path and any(
+      os.path.realpath(f.filename) == os.path.realpath(path)
+      for f in traceback.extract_tb(e.__traceback__)
+    )
+    if in_file or "get_config" in str(e):
+      _fail(config_problem(e, path))
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    try:  # ml_collections passes on a KeyError's repr ("'\\'epoch\\'\\nDid you mean ...'")
+      text = str(ast.literal_eval(text)) if text[:1] in "'\"" else text
+    except (ValueError, SyntaxError):
+      pass
+    _fail(f"{type(e).__name__}: {one_line(text, 300)}")
+  except Exception as e:  # the config file is user code: anything it raises is bad input
+    _fail(config_problem(e, path))
   return []
+
+
+def loaded_config(flag: Any) -> ml_collections.ConfigDict:
+  """The --config flag's ConfigDict (config_flags loads lazily: a config file that fails is
+  surfaced here as one line and exit 2, not mid-run)."""
+  try:
+    config = flag.value
+    if config is None and _CONFIG_PATH[0] is None:
+      _fail("--config is required, e.g. --config configs/default.py")
+    if hasattr(config, "to_dict"):  # config_flags defers some load errors until first use
+      config.to_dict()
+    if not isinstance(config, ml_collections.ConfigDict):
+      _fail(
+        f"cannot load --config {_CONFIG_PATH[0]}: get_config() returned "
+        f"{type(config).__name__} {one_line(repr(config), 80)}, not an ml_collections.ConfigDict"
+      )
+  except SystemExit:
+    raise
+  except Exception as e:  # the config file is user code: anything it raises is bad input
+    _fail(config_problem(e, _CONFIG_PATH[0]))
+  return config
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]!r}; pass options as --config.key=value")
-  try:
-    config = _CONFIG.value
-    if config is None:
-      _fail("--config is required, e.g. --config configs/default.py")
-    config.to_dict()  # config_flags loads lazily: surface a load failure here, not mid-run
-  except (OSError, ImportError, SyntaxError, AttributeError) as e:
-    detail = [line.strip() for line in str(e).splitlines() if line.strip()]
-    _fail(f"cannot load --config: {detail[-1] if detail else type(e).__name__}")
+  config = loaded_config(_CONFIG)
   if not FLAGS.workdir:
     _fail("--workdir is required, e.g. --workdir runs/default")
   logging.set_verbosity(logging.INFO)
@@ -80,8 +172,47 @@ def main(argv: list[str]) -> None:
     from prunebias_jax.experiment import run
 
     run(config, FLAGS.workdir, explicit_keys=set(config_flags.get_override_values(FLAGS["config"])))
-  except UserError as e:  # bad input (2) or a non-finite loss (3); finished stages are kept
+  except UserError as e:  # bad input (2), a non-finite loss (3), ...; finished stages are kept
     _fail(str(e), e.exit_code)
+  except KeyboardInterrupt:  # outside a training loop (which names its stage and step)
+    _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
+  except Exception as e:
+    full = disk_full(e, FLAGS.workdir)
+    if full is None:
+      raise  # a bug: keep its traceback
+    _fail(str(full), full.exit_code)
+
+
+_NO_SPACE = r"No space left on device|RESOURCE_EXHAUSTED.*(?:[Ww]rit|[Ff]ailed)"
+_PATH_IN_MESSAGE = r'(?:file|path) "(/[^"]+)"|"(/[^"]+)"'
+
+
+def disk_full(error: BaseException, workdir: str) -> DiskFullError | None:
+  """The one-line error for `error` if it (or what it wraps) is a full disk, else None:
+  `disk full writing PATH (N MiB free)`. Orbax/TensorStore report ENOSPC as ValueError
+  ('RESOURCE_EXHAUSTED: ... Failed writing'), Python as OSError with errno ENOSPC."""
+  chain, e = [], error
+  while e is not None and len(chain) < 20:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  hit = next(
+    (x for x in chain if getattr(x, "errno", None) == errno.ENOSPC or re.search(_NO_SPACE, str(x))),
+    None,
+  )
+  if hit is None:
+    return None
+  path = getattr(hit, "filename", None)
+  if not path:
+    m = re.search(_PATH_IN_MESSAGE, str(hit))
+    path = next((g for g in m.groups() if g), None) if m else None
+  try:
+    free = f"{shutil.disk_usage(workdir).free / 2**20:.1f} MiB free"
+  except OSError:
+    free = "free space unknown"
+  return DiskFullError(
+    f"disk full writing {path or workdir} ({free}); what was written before is intact: free "
+    "space and rerun the same command to resume"
+  )
 
 
 def cli() -> None:

@@ -270,7 +270,7 @@ def similarity_by_layer(
   out = {
     "layer_cka": layer_cka,
     "layer_svcca": layer_svcca,
-    "cka_debiased": number(pm.debiased_linear_cka(ref_layers["features"], layers["features"])),
+    "cka_debiased": _debiased_cka(ref_layers["features"], layers["features"]),
     "svcca": layer_svcca["logits"],
   }
   if reference.maps is not None and model.maps is not None:
@@ -282,6 +282,12 @@ def similarity_by_layer(
       for name, x in sorted(reference.maps.items())
     }
   return out
+
+
+def _debiased_cka(x: jax.Array, y: jax.Array) -> float | None:
+  """Debiased CKA, or None (undefined, see UNDEFINED_REASONS) below the 4 examples its
+  unbiased HSIC estimator needs."""
+  return number(pm.debiased_linear_cka(x, y)) if x.shape[0] >= 4 else None
 
 
 def fairness(

@@ -140,7 +140,9 @@ def prepare(
   differing = wd.config_differences(workdir, cfg)  # read only: nothing moves before the checks
   t = time.perf_counter()
   data = load_dataset(cfg.data)
-  validate_against_dataset(cfg, data.num_classes, len(data.teacher_train), len(data.train))
+  validate_against_dataset(
+    cfg, data.num_classes, len(data.teacher_train), len(data.train), len(data.test)
+  )
   load_seconds = time.perf_counter() - t
   model = get_model(cfg.model, data.num_classes, dtype=cfg.compute_dtype)
   _check_model_fits(model, cfg.model, data.image_shape)

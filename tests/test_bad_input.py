@@ -85,9 +85,16 @@ _value = st.one_of(
 )
 
 
-def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str, int | None]:
+def _parse(
+  argv: list[str], config_file: str | Path | None = None
+) -> tuple[ml_collections.ConfigDict | None, str, int | None]:
   """The CLI's own parsing (main.parse_flags) on fresh flags: (config, stderr, exit code)."""
-  argv = ["prunebias_jax", "--config", str(ROOT / "configs/default.py"), *argv]
+  config_file = config_file or ROOT / "configs/default.py"
+  argv = ["prunebias_jax", "--config", str(config_file), *argv]
+  # config_flags loads every file as the module 'config_config' through load_module(), which
+  # reuses a module already in sys.modules: without this, a file without get_config() would
+  # find the previous file's (the CLI loads one file per process).
+  sys.modules.pop("config_config", None)
   fv = flags.FlagValues()
   # config_flags finds the --config.* overrides in sys_argv (main's FLAGS: sys.argv).
   config_flags.DEFINE_config_file(
@@ -98,8 +105,7 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict | None, str, int 
   with redirect_stderr(err):
     try:
       main.parse_flags(argv, fv)
-      config = fv["config"].value
-      config.to_dict()
+      config = main.loaded_config(fv["config"])
     except SystemExit as e:
       return None, err.getvalue(), e.code
   return config, err.getvalue(), None
@@ -132,6 +138,85 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
       assert any(n in message for n in names), (field, value, message)
 
 
+_EXCEPTIONS = (
+  "RuntimeError",
+  "ValueError",
+  "KeyError",
+  "TypeError",
+  "ZeroDivisionError",
+  "ImportError",
+  "AssertionError",
+  "OSError",
+  "AttributeError",
+  "NotImplementedError",
+  "Exception",
+)
+_message = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+_config_file = st.one_of(
+  st.tuples(st.just("raise_in_get_config"), st.sampled_from(_EXCEPTIONS), _message),
+  st.tuples(st.just("raise_at_import"), st.sampled_from(_EXCEPTIONS), _message),
+  st.tuples(
+    st.just("syntax"), st.sampled_from(["def get_config(:", "x = (", "  bad indent"]), _message
+  ),
+  st.tuples(st.just("missing_import"), st.just("no_such_module_qq"), _message),
+  st.tuples(
+    st.just("returns"),
+    st.sampled_from(["None", "5", "'x'", "[1]", "{'a': 1}", "object()"]),
+    _message,
+  ),
+  st.tuples(st.just("wrong_type"), st.sampled_from(FIELDS), _value),
+  st.tuples(st.just("new_field"), st.sampled_from(FIELDS), _value),
+  st.tuples(st.just("no_get_config"), st.just(""), _message),
+)
+
+
+def _write_config_file(path: Path, case: tuple) -> None:
+  kind, what, text = case
+  base = "from configs.default import get_config as _base\n"
+  body = {
+    "raise_in_get_config": f"{base}def get_config():\n  cfg = _base()\n  raise {what}({text!r})\n",
+    "raise_at_import": f"raise {what}({text!r})\ndef get_config():\n  return None\n",
+    "syntax": f"{what}\ndef get_config():\n  return None\n",
+    "missing_import": f"import {what}\ndef get_config():\n  return None\n",
+    "returns": f"def get_config():\n  return {what}\n",
+    "wrong_type": f"{base}def get_config():\n  cfg = _base()\n  cfg.{what} = {text!r}\n"
+    "  return cfg\n",
+    "new_field": f"{base}def get_config():\n  cfg = _base()\n  cfg.{what}_x = {text!r}\n"
+    "  return cfg\n",
+    "no_get_config": "X = 1\n",
+  }[kind]
+  path.write_text(body)
+
+
+@settings(
+  max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")) // 3,
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(case=_config_file)
+def test_fuzzed_config_files_end_in_one_line_naming_the_file(case):
+  """A config file that raises anything, does not parse, imports what is missing, returns
+  something else than a ConfigDict, sets a wrong type or a field that does not exist: exit 2
+  with one line naming the file (and the line, where it failed in the file) — or, when the
+  value is a legal one, a run that gets past every check."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "my_config.py"
+    _write_config_file(path, case)
+    config, err, code = _parse([], config_file=path)
+    if config is None:
+      lines = [line for line in err.splitlines() if line.strip()]
+      assert code == 2 and len(lines) == 1, err
+      assert lines[0].startswith("error: cannot load --config ") and str(path) in lines[0], err
+      if case[0] in ("raise_in_get_config", "raise_at_import", "syntax", "missing_import"):
+        assert f"{path}, line " in lines[0], err
+      return
+    assert case[0] in ("wrong_type", "new_field"), (case, "loaded")
+    try:
+      stages.prepare(config, Path(tmp) / "w")
+    except UserError as e:
+      assert "\n" not in str(e) and case[1] in str(e), (case, str(e))
+
+
 @pytest.mark.parametrize(
   "field,value,expected",
   [
@@ -146,6 +231,16 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
     # Once accepted: every digit resized to 10 GB before the first step (the fuzz found it by
     # running the machine out of memory).
     ("data.image_size", "100000", "data.image_size=100000"),
+    # Accepted once, then duplicate records and correlations over repeated points.
+    ("pruning.sparsities", "(0.5,0.5)", "0.5 is repeated"),
+    ("pruning.methods", "('random','l1_filter','random')", "'random' is repeated"),
+    ("kd.temperatures", "(2.0,4.0,2.0)", "2.0 is repeated"),
+    ("analysis.dense_seeds", "(1,1)", "1 is repeated"),
+    # Once failed only after the dense model was trained, or never ended.
+    ("seed", "2147483648", "seed=2147483648"),
+    ("seeds", "(0,4294967296)", "seeds=(0, 4294967296)".replace(")", "")),
+    ("dense.epochs", "100000000000000000000000", "dense.epochs=100000000000000000000000"),
+    ("data.test_examples", "1", "data.test_examples=1"),
     ("analysis.svcca_conv_size", "0", "analysis.svcca_conv_size=0"),
     ("analysis.svcca_conv_size", "65", "analysis.svcca_conv_size=65"),
   ],
@@ -476,3 +571,26 @@ def test_a_class_absent_from_the_test_set_gives_no_nan(rule):
   cev = pm.cev_from_changes(change.dfpr, change.dfnr, change.valid)
   sde = pm.sde_from_changes(change.dfpr, change.dfnr, change.valid)
   assert np.isfinite(float(cev)) and np.isfinite(float(sde))
+
+
+def test_disk_full_is_recognised_in_what_orbax_and_python_raise(tmp_path):
+  import errno as errno_lib
+
+  orbax = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file '
+    '"/data/run/checkpoints/dense/12.orbax-checkpoint-tmp/state/": Failed writing: "x"'
+  )
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = orbax
+  got = main.disk_full(wrapped, str(tmp_path))
+  assert got is not None and got.exit_code == 4
+  assert str(got).startswith(
+    "disk full writing /data/run/checkpoints/dense/12.orbax-checkpoint-tmp/state/ ("
+  )
+  assert "MiB free" in str(got) and "\n" not in str(got)
+  python = OSError(errno_lib.ENOSPC, "No space left on device", "/data/run/results.md")
+  assert str(main.disk_full(python, str(tmp_path))).startswith(
+    "disk full writing /data/run/results.md"
+  )
+  assert main.disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"), str(tmp_path)) is None
+  assert main.disk_full(KeyError("x"), str(tmp_path)) is None

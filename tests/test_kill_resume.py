@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,3 +139,91 @@ def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tm
   assert not any((workdir / "checkpoints" / "partial").iterdir())
   for name in RESULTS:
     assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+_INFO_OR_WARNING = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d")  # absl's log line prefix
+
+
+def _error_lines(stderr: str) -> list[str]:
+  """stderr without absl's INFO/WARNING log lines: the outcome a user reads (tracebacks and
+  ERROR records included, so they count against the one line)."""
+  return [line for line in stderr.splitlines() if line.strip() and not _INFO_OR_WARNING.match(line)]
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(reference, tmp_path):
+  """SIGINT (Ctrl-C) during dense training: exit 130, one line naming the stage, the step and
+  where a rerun resumes; no traceback; the rerun ends with the uninterrupted results."""
+  workdir = tmp_path / "w"
+  proc = subprocess.Popen(
+    _command(workdir),
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+    env={k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"},
+    # A shell starts background jobs with SIGINT ignored; a terminal's Ctrl-C is not.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )
+  deadline = time.monotonic() + 600
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if " dense step " in line and int(line.split(" dense step ")[1].split("/")[0]) >= 7:
+      proc.send_signal(signal.SIGINT)
+      break
+    assert time.monotonic() < deadline
+  lines += proc.stderr.read().splitlines(keepends=True)
+  proc.wait(timeout=60)
+  assert proc.returncode == 130, "".join(lines)[-3000:]
+  outcome = _error_lines("".join(lines))
+  assert len(outcome) == 1, outcome
+  assert outcome[0].startswith("error: interrupted at dense step "), outcome
+  assert (
+    "rerun the same command to resume (from step 5)" in outcome[0]
+    or "(from step 10)" in (outcome[0])
+  ), outcome
+  _assert_nothing_half_written(workdir)
+  final = _run(workdir)
+  assert final.returncode == 0, final.stderr[-3000:]
+  for name in RESULTS:
+    assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def _tiny_filesystem(path: Path, size: str) -> bool:
+  """Mounts a tmpfs of `size` at `path` where the machine allows it (root in a container
+  with CAP_SYS_ADMIN); False otherwise."""
+  path.mkdir(parents=True, exist_ok=True)
+  try:
+    done = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+      capture_output=True,
+      timeout=30,
+    )
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return done.returncode == 0
+
+
+def test_disk_full_is_one_line_and_a_rerun_after_freeing_space_resumes(reference, tmp_path):
+  """A filesystem of 2 MiB fills during the dense model's mid-stage checkpoints (each needs
+  about 1.1 MiB): exit 4, one line naming the path and the free space, nothing half-written;
+  the same workdir with room resumes from the last one saved to the uninterrupted results."""
+  mount = tmp_path / "tiny"
+  if not _tiny_filesystem(mount, "2m"):
+    pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+  try:
+    proc = _run(mount / "w")
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    outcome = _error_lines(proc.stderr)
+    assert len(outcome) == 1, outcome
+    assert outcome[0].startswith("error: disk full writing ") and "MiB free" in outcome[0]
+    assert str(mount / "w") in outcome[0]
+    _assert_nothing_half_written(mount / "w")
+    subprocess.run(["cp", "-a", str(mount / "w"), str(tmp_path / "w")], check=True)
+  finally:
+    subprocess.run(["umount", str(mount)], capture_output=True)
+  final = _run(tmp_path / "w")
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert "dense: resumed from the mid-stage checkpoint at step " in final.stderr
+  for name in RESULTS:
+    assert (tmp_path / "w" / name).read_bytes() == (reference / name).read_bytes(), name

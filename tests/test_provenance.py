@@ -18,6 +18,7 @@ from prunebias_jax import workdir as workdir_lib
 from prunebias_jax.checkpoint import IdentityMismatch, ModelCheckpoint, digest
 from prunebias_jax.config import base_config, resolve_config
 from prunebias_jax.data import load_dataset
+from prunebias_jax.errors import Interrupted
 
 
 def _tiny():
@@ -209,7 +210,7 @@ def test_a_change_to_later_stages_keeps_the_teacher_and_drops_stale_mid_stage_st
       raise KeyboardInterrupt
 
   monkeypatch.setattr(loop, "crash_point", interrupt)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(Interrupted, match=rf"interrupted at {CE} step 6/12; .*\(from step 4\)"):
     experiment.run(cfg, workdir)
   partial = workdir / "checkpoints" / "partial" / CE
   assert ModelCheckpoint(partial).latest_step() == 4

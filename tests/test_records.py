@@ -402,3 +402,16 @@ def test_conv_svcca_is_computed_from_the_maps_of_both_models():
   assert "layer_svcca_conv" not in records.similarity_by_layer(ref, ref.without_maps(), index)
   with pytest.raises(ValueError, match="maps of"):  # maps of other examples than the subset
     records.reference(preds, None, 4, ref, svcca_examples=60)
+
+
+def test_debiased_cka_of_fewer_than_4_examples_is_undefined_not_a_crash():
+  rng = np.random.default_rng(7)
+  ref = outputs(np.array([0, 1, 2]), rng, 3)
+  other = outputs(np.array([0, 1, 1]), rng, 3)
+  sim = records.similarity_by_layer(ref, other, np.arange(3))
+  assert sim["cka_debiased"] is None
+  assert "cka_debiased" in records.undefined_metrics(sim)
+  four = records.similarity_by_layer(
+    outputs(np.arange(4) % 3, rng, 3), outputs(np.arange(4) % 3, rng, 3), np.arange(4)
+  )
+  assert isinstance(four["cka_debiased"], float)

@@ -22,6 +22,11 @@ from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 
 MAX_IMAGE_SIZE = 1024
+# Seeds reach jax.random.key and uint32 key arrays (population training): keep every seed,
+# and the students' re-pruning seeds (seed + 1000 · epoch), inside int32.
+MAX_SEED = 2**30 - 1
+MAX_EPOCHS = 10**6  # also keeps seed + 1000 · epoch below 2^31
+MAX_STEPS = 2**31 - 1  # the train state's step counter is int32
 MAX_SVCCA_CONV_SIZE = 64  # 64 × 64 positions: 4,096 SVCCAs per layer and model
 SVCCA_RULES = ("anatome", "centered")
 CLASSWISE_STATISTICS = ("normalized_recall", "accuracy")
@@ -65,6 +70,13 @@ def _sequence(cfg, field: str) -> tuple:
   v = _get(cfg, field)
   _require(isinstance(v, (tuple, list)), field, v, "a tuple, e.g. '(0.5,0.9)'")
   return tuple(v)
+
+
+def _distinct(values: tuple, field: str) -> None:
+  """A sweep axis with a repeated value would train and report the same point twice (and
+  weigh it twice in every correlation)."""
+  seen = [v for i, v in enumerate(values) if v in values[:i]]
+  _require(not seen, field, values, f"distinct values ({seen[0]!r} is repeated)" if seen else "")
 
 
 def _optim(cfg, prefix: str) -> None:
@@ -231,6 +243,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   for stage in ("dense", "finetune"):
     _positive_int(cfg, f"{stage}.epochs")
+    e = cfg[stage].epochs
+    _require(e <= MAX_EPOCHS, f"{stage}.epochs", e, f"an integer in [1, {MAX_EPOCHS:,}]")
     if cfg[stage].batch_size is not None:
       _positive_int(cfg, f"{stage}.batch_size")
     _optim(cfg, f"{stage}.optim")
@@ -239,10 +253,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _require(len(methods) > 0, "pruning.methods", methods, "at least one of: " + ", ".join(METHODS))
   for m in methods:
     _require(m in METHODS, "pruning.methods", m, "one of: " + ", ".join(METHODS))
+  _distinct(methods, "pruning.methods")
   sparsities = _sequence(cfg, "pruning.sparsities")
   _require(len(sparsities) > 0, "pruning.sparsities", sparsities, "at least one sparsity in [0, 1)")
   for s in sparsities:
     _require(_is_real(s) and 0 <= s < 1, "pruning.sparsities", s, "sparsities in [0, 1)")
+  _distinct(sparsities, "pruning.sparsities")
 
   _choice(cfg, "pruning.schedule", PRUNING_SCHEDULES)
   s0 = cfg.pruning.initial_sparsity
@@ -253,13 +269,18 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   seeds = _sequence(cfg, "seeds")
   _require(
-    len(seeds) > 0 and all(_is_int(s) and s >= 0 for s in seeds),
+    len(seeds) > 0 and all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds),
     "seeds",
     seeds,
-    "a non-empty tuple of integers >= 0",
+    f"a non-empty tuple of integers in [0, {MAX_SEED}]",
   )
-  _require(len(set(seeds)) == len(seeds), "seeds", seeds, "distinct seeds")
-  _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+  _distinct(seeds, "seeds")
+  _require(
+    _is_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED,
+    "seed",
+    cfg.seed,
+    f"an integer in [0, {MAX_SEED}]",
+  )
   pop = cfg.population
   _require(_is_int(pop) and pop >= 1, "population", pop, "an integer >= 1")
   _require(
@@ -276,10 +297,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   a = cfg.kd.alpha
   _require(_is_real(a) and 0 <= a <= 1, "kd.alpha", a, "a number in [0, 1]")
 
-  for t in _sequence(cfg, "kd.temperatures"):
+  temperatures = _sequence(cfg, "kd.temperatures")
+  for t in temperatures:
     _require(_is_real(t) and t > 0, "kd.temperatures", t, "temperatures > 0")
-  for s in _sequence(cfg, "analysis.dense_seeds"):
-    _require(_is_int(s) and s >= 0, "analysis.dense_seeds", s, "integers >= 0")
+  _distinct(temperatures, "kd.temperatures")
+  dense_seeds = _sequence(cfg, "analysis.dense_seeds")
+  for s in dense_seeds:
+    _require(
+      _is_int(s) and 0 <= s <= MAX_SEED, "analysis.dense_seeds", s, f"integers in [0, {MAX_SEED}]"
+    )
+  _distinct(dense_seeds, "analysis.dense_seeds")
   for field in ("bootstrap_resamples", "cie_grid_images"):
     v = cfg.analysis[field]
     _require(_is_int(v) and v >= 0, f"analysis.{field}", v, "an integer >= 0 (0 = off)")
@@ -335,8 +362,18 @@ def validate_against_dataset(
   num_classes: int,
   teacher_train_size: int,
   finetune_train_size: int,
+  test_size: int | None = None,
 ) -> None:
   """Checks that need the dataset's size (still before any training)."""
+  if test_size is not None:
+    field = "data.test_examples"
+    _require(
+      test_size >= 2,
+      field,
+      cfg.data.test_examples,
+      f"a test split of at least 2 examples (this one has {test_size}; SVCCA and every "
+      "comparison need two)",
+    )
   for c in cfg.data.imbalance.classes:
     _require(
       c < num_classes, "data.imbalance.classes", c, f"class indices in [0, {num_classes - 1}]"
@@ -345,3 +382,11 @@ def validate_against_dataset(
     own = cfg[stage].batch_size
     field, bs = (f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)
     _require(bs <= size, field, bs, f"at most the {stage} training split size ({size})")
+    steps = cfg[stage].epochs * -(-size // bs)
+    _require(
+      steps <= MAX_STEPS,
+      f"{stage}.epochs",
+      cfg[stage].epochs,
+      f"at most {MAX_STEPS // -(-size // bs):,} epochs of {-(-size // bs)} steps (the step counter "
+      "is int32)",
+    )

@@ -14,7 +14,7 @@ from absl import logging
 from prunebias_jax.checkpoint import StageCheckpoint
 from prunebias_jax.data.dataset import Split
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
-from prunebias_jax.errors import NonFiniteLossError
+from prunebias_jax.errors import Interrupted, NonFiniteLossError
 from prunebias_jax.faults import crash_point
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.train.state import TrainState
@@ -140,83 +140,91 @@ def fit(
   member_batches = zip(
     *(train_batches(split, batch_size, s, 0, epochs, skip=start_step) for s in seeds)
   )
-  for i, batches in enumerate(member_batches, start=start_step):
-    epoch = batches[0][0]
-    if epoch != current_epoch:
-      current_epoch = epoch
-      if epoch_hook is not None:
-        state = parallel.replicate(epoch_hook(epoch, state))
-    rngs = fold(base_rngs, i)
-    if population:  # (members, batch, ...): the batch axis (1) is the sharded one
-      images = parallel.put_batch(
-        np.stack([b[1][local] for b in batches]), parallel.eval_batches, axis=1
-      )
-      labels = parallel.put_batch(
-        np.stack([b[2][local] for b in batches]), parallel.eval_batches, axis=1
-      )
-    else:
-      images, labels, rngs = (
-        parallel.put_batch(batches[0][1][local]),
-        parallel.put_batch(batches[0][2][local]),
-        rngs[0],
-      )
-    state, metrics = step_fn(state, images, labels, rngs, teacher_variables, alpha, temperature)
-    window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
-    window += 1
-    done = i + 1
-    save = checkpoint is not None and checkpoint.due(done, total)
-    now = time.perf_counter()
-    if now - last_log >= progress_seconds or done == total or save:
-      # The only host syncs: once per progress line and before a checkpoint.
-      got, bad = jax.device_get((window_sums, persistent))
-      first_bad = int(bad["first_bad"])
-      if first_bad >= 0 and nonfinite == "stop":
-        last = float(np.mean(bad["last_finite"]))
-        last_text = (
-          f"last finite loss {last:.4g} at step {int(bad['last_finite_step']) + 1}"
-          if int(bad["last_finite_step"]) >= 0
-          else "no finite loss before it"
+  done = start_step
+  try:
+    for i, batches in enumerate(member_batches, start=start_step):
+      epoch = batches[0][0]
+      if epoch != current_epoch:
+        current_epoch = epoch
+        if epoch_hook is not None:
+          state = parallel.replicate(epoch_hook(epoch, state))
+      rngs = fold(base_rngs, i)
+      if population:  # (members, batch, ...): the batch axis (1) is the sharded one
+        images = parallel.put_batch(
+          np.stack([b[1][local] for b in batches]), parallel.eval_batches, axis=1
         )
-        raise NonFiniteLossError(
-          f"{stage}: non-finite loss at step {first_bad + 1}/{total} "
-          f"(epoch {first_bad // per_epoch + 1}); "
-          f"{last_text}. Lower the learning rate, check the data, or set --config.nonfinite=skip"
+        labels = parallel.put_batch(
+          np.stack([b[2][local] for b in batches]), parallel.eval_batches, axis=1
         )
-      skipped = int(np.max(bad["nonfinite"]))
-      if skipped > reported_bad:
-        logging.warning(
-          "%s: skipped %d step(s) with a non-finite loss so far (first at step %d)",
-          stage,
-          skipped,
-          first_bad + 1,
+      else:
+        images, labels, rngs = (
+          parallel.put_batch(batches[0][1][local]),
+          parallel.put_batch(batches[0][2][local]),
+          rngs[0],
         )
-        reported_bad = skipped
-      # Population: the mean over members of each member's mean over its finite steps.
-      finite = np.maximum(np.asarray(got["finite"]), 1)
-      loss = float(np.mean(np.asarray(got["loss"]) / finite))
-      acc = float(np.mean(np.asarray(got["accuracy"]) / finite))
+      state, metrics = step_fn(state, images, labels, rngs, teacher_variables, alpha, temperature)
+      window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
+      window += 1
+      done = i + 1
+      save = checkpoint is not None and checkpoint.due(done, total)
       now = time.perf_counter()
-      rate = window * batch_size / max(now - window_start, 1e-9)
-      eta = (total - done) * batch_size / max(rate, 1e-9)
-      logging.info(
-        "%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s",
-        stage,
-        done,
-        total,
-        epoch + 1,
-        epochs,
-        loss,
-        acc,
-        rate,
-        _format_eta(eta),
-      )
-      summary = {"train_loss": loss, "train_accuracy": acc}
-      window_sums = fresh_window()
-      window, window_start, last_log = 0, now, now
-      if save:
-        checkpoint.save(done, {"state": state})
-        window_start = time.perf_counter()  # the save is not training throughput
-    crash_point(f"{stage}:step{done}")
+      if now - last_log >= progress_seconds or done == total or save:
+        # The only host syncs: once per progress line and before a checkpoint.
+        got, bad = jax.device_get((window_sums, persistent))
+        first_bad = int(bad["first_bad"])
+        if first_bad >= 0 and nonfinite == "stop":
+          last = float(np.mean(bad["last_finite"]))
+          last_text = (
+            f"last finite loss {last:.4g} at step {int(bad['last_finite_step']) + 1}"
+            if int(bad["last_finite_step"]) >= 0
+            else "no finite loss before it"
+          )
+          raise NonFiniteLossError(
+            f"{stage}: non-finite loss at step {first_bad + 1}/{total} "
+            f"(epoch {first_bad // per_epoch + 1}); "
+            f"{last_text}. Lower the learning rate, check the data, or set --config.nonfinite=skip"
+          )
+        skipped = int(np.max(bad["nonfinite"]))
+        if skipped > reported_bad:
+          logging.warning(
+            "%s: skipped %d step(s) with a non-finite loss so far (first at step %d)",
+            stage,
+            skipped,
+            first_bad + 1,
+          )
+          reported_bad = skipped
+        # Population: the mean over members of each member's mean over its finite steps.
+        finite = np.maximum(np.asarray(got["finite"]), 1)
+        loss = float(np.mean(np.asarray(got["loss"]) / finite))
+        acc = float(np.mean(np.asarray(got["accuracy"]) / finite))
+        now = time.perf_counter()
+        rate = window * batch_size / max(now - window_start, 1e-9)
+        eta = (total - done) * batch_size / max(rate, 1e-9)
+        logging.info(
+          "%s step %d/%d epoch %d/%d loss %.4f acc %.3f %.0f img/s ETA %s",
+          stage,
+          done,
+          total,
+          epoch + 1,
+          epochs,
+          loss,
+          acc,
+          rate,
+          _format_eta(eta),
+        )
+        summary = {"train_loss": loss, "train_accuracy": acc}
+        window_sums = fresh_window()
+        window, window_start, last_log = 0, now, now
+        if save:
+          checkpoint.save(done, {"state": state})
+          window_start = time.perf_counter()  # the save is not training throughput
+      crash_point(f"{stage}:step{done}")
+  except KeyboardInterrupt:  # Ctrl-C: one line; the last mid-stage checkpoint is intact
+    saved = checkpoint.latest_step() if checkpoint is not None else None
+    raise Interrupted(
+      f"interrupted at {stage} step {done}/{total}; rerun the same command to resume"
+      + (f" (from step {saved})" if saved else " (this stage from its start)")
+    ) from None
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
   steps_run = total - start_step
