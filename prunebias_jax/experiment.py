@@ -45,27 +45,26 @@ def run(
     report.write_run_description(ctx.workdir, cfg, data)
   timings = {"load_data": ctx.load_seconds}
 
-  dense = []  # (seed, variables): the teacher first
+  dense = []  # (seed, Model): the teacher first
   for seed in stages.dense_seeds(cfg):
     t = time.perf_counter()
     dense.append((seed, stages.train_dense(ctx, seed)))
     timings["dense" if seed == cfg.seed else f"dense_seed{seed}"] = time.perf_counter() - t
-  teacher = dense[0][1]
-  dense_outputs = [stages.evaluate_members(ctx, [stages.Model(v, None)])[0] for _, v in dense]
+  teacher = dense[0][1].variables
+  dense_outputs = [stages.evaluate_members(ctx, [model])[0] for _, model in dense]
+  test, a = data.test, cfg.analysis
   ref = rec.reference(
-    data.test.labels,
-    data.test.groups,
-    data.num_classes,
-    dense_outputs[0],
-    cfg.analysis.svcca_examples,
-    cfg.seed,
+    test.labels, test.groups, data.num_classes, dense_outputs[0], a.svcca_examples, cfg.seed
   )
   base = {"model": cfg.model, "dataset": data.name, "num_test_examples": len(data.test)}
   records = []
-  for (seed, variables), out in zip(dense, dense_outputs):
+  for (seed, model), out in zip(dense, dense_outputs):
     identity = {"method": "dense", "sparsity": 0.0, "kd": False, "temperature": None}
     identity.update(seed=seed, reference=seed == cfg.seed)
-    records.append(rec.full_record(ref, out, {**base, **identity}, cfg, variables["params"]))
+    params = model.variables["params"]
+    records.append(
+      rec.full_record(ref, out, {**base, **identity}, cfg, params, None, model.training)
+    )
     logging.info("dense model (seed %d): test accuracy %.4f", seed, records[-1]["accuracy"])
 
   t = time.perf_counter()
@@ -78,7 +77,9 @@ def run(
       for seed, member, out in zip(seeds, members, stages.evaluate_members(ctx, members)):
         identity = {**base, **cell.identity, "seed": seed}
         params = member.variables["params"]
-        records.append(rec.full_record(ref, out, identity, cfg, params, member.masks))
+        records.append(
+          rec.full_record(ref, out, identity, cfg, params, member.masks, member.training)
+        )
         outputs.setdefault(cell.key, []).append(out.without_maps())
         _log_model(i, len(groups), cell, seed, records[-1])
   timings["pruned_models"] = time.perf_counter() - t

@@ -221,10 +221,13 @@ def full_record(
   config: ml_collections.ConfigDict,
   params: Any,
   masks: Any | None = None,
+  training: Mapping[str, Any] | None = None,
 ) -> Record:
   """One results.jsonl record: `identity` (model, dataset, method, sparsity, kd, temperature,
   seed, ...), the model's metrics against the teacher and its sparsity; metrics that are
-  undefined are named with the reason (and logged)."""
+  undefined are named with the reason (and logged). `training` (its checkpoint's metadata)
+  adds `nonfinite_steps` when steps were skipped (nonfinite='skip'), and
+  `every_step_skipped` when no update was ever applied: an untrained model, not a result."""
   record = {
     **identity,
     **model_record(ref, model, identity["seed"], config),
@@ -235,6 +238,20 @@ def full_record(
   else:
     label = student_label(identity)
     what = f"{identity['method']} s={identity['sparsity']:g} {label} seed {identity['seed']}"
+  skipped = int((training or {}).get("nonfinite_steps", 0))
+  if skipped:
+    run = int(training["steps"]) - int(training.get("resumed_at_step", 0))
+    record["nonfinite_steps"] = skipped
+    record["every_step_skipped"] = skipped >= run and not training.get("resumed_at_step")
+    logging.warning(
+      "%s: %d of its %d training steps were skipped (non-finite loss)%s",
+      what,
+      skipped,
+      run,
+      ": no update was ever applied, it is an untrained model"
+      if record["every_step_skipped"]
+      else "",
+    )
   return note_undefined(record, what)
 
 

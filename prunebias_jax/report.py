@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +81,16 @@ def write_report(
     f"for {cfg.finetune.epochs} epochs from the same masked weights as CE. Last-epoch models "
     "(no test-set selection).",
   ]
+  notes += skipped_notes(records)
   main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
   dense = next(r for r in records if r["method"] == "dense")
   extra = analysis_sections(cells, correlations, data.test.groups is not None, cfg)
   extra += conv_svcca_section(records, cfg)
   title = f"prunebias_jax: {cfg.model} on {data.name}"
-  table = write_results_markdown(workdir / "results.md", dense, main_cells, title, notes, extra)
+  flagged = {(r["method"], r["sparsity"]) for r in records if r.get("every_step_skipped")}
+  table = write_results_markdown(
+    workdir / "results.md", dense, main_cells, title, notes, extra, flagged
+  )
   plots = workdir / "plots"
   shown = [r for r in records if r["method"] != "dense" or r.get("reference")]
   write_plots(plots, shown, main_cells, data.class_names)
@@ -113,6 +117,32 @@ def write_report(
   return table
 
 
+def skipped_notes(records: Sequence[Record]) -> list[str]:
+  """Notes naming the models whose training skipped steps (nonfinite='skip'); ‼ for those
+  that never applied an update, whose rows are not results."""
+
+  def name(r: Record) -> str:
+    if r["method"] == "dense":
+      return f"dense seed {r['seed']}"
+    return f"{r['method']} s={r['sparsity']:g} {student_label(r)} seed {r['seed']}"
+
+  never = [name(r) for r in records if r.get("every_step_skipped")]
+  some = [
+    f"{name(r)} ({r['nonfinite_steps']})"
+    for r in records
+    if r.get("nonfinite_steps") and not r.get("every_step_skipped")
+  ]
+  out = []
+  if never:
+    out.append(
+      "‼ every training step of these models had a non-finite loss and was skipped "
+      f"(nonfinite='skip'): they are untrained, and their rows are not results: {', '.join(never)}"
+    )
+  if some:
+    out.append(f"Steps skipped for a non-finite loss (nonfinite='skip'): {', '.join(some)}.")
+  return out
+
+
 def write_timings(workdir: Path, timings: dict[str, float]) -> None:
   write_json_atomic(workdir / "timings.json", {k: round(v, 3) for k, v in timings.items()})
 
@@ -127,8 +157,9 @@ def _value(cell: Record, field: str) -> str:
   return f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {std:.4f}"
 
 
-def results_table(dense: Record, cells: Sequence[Record]) -> str:
-  """Markdown: one row per (method, sparsity), CE and KD side by side."""
+def results_table(dense: Record, cells: Sequence[Record], flagged: Collection = ()) -> str:
+  """Markdown: one row per (method, sparsity), CE and KD side by side; a (method, sparsity)
+  in `flagged` (it holds a model that never applied an update) is marked ‼."""
   seeds = sorted({s for c in cells for s in c["seeds"]})
   lines = [
     f"Dense reference: accuracy {dense['accuracy']:.4f} on {dense['num_test_examples']} test "
@@ -143,7 +174,7 @@ def results_table(dense: Record, cells: Sequence[Record]) -> str:
   lines.append("|" + "---|" * len(header))
   by_key = {(c["method"], c["sparsity"], c["kd"]): c for c in cells}
   for method, sparsity in dict.fromkeys((c["method"], c["sparsity"]) for c in cells):
-    row = [method, f"{sparsity:g}"]
+    row = [method + (" ‼" if (method, sparsity) in flagged else ""), f"{sparsity:g}"]
     for field in ("accuracy", "cev", "sde", "cka"):
       for kd in (False, True):
         cell = by_key.get((method, sparsity, kd))
@@ -159,8 +190,9 @@ def write_results_markdown(
   title: str,
   notes: Sequence[str] = (),
   extra: str = "",
+  flagged: Collection = (),
 ) -> str:
-  table = results_table(dense, cells)
+  table = results_table(dense, cells, flagged)
   text = (
     f"# {title}\n\n" + table + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
   )

@@ -1,7 +1,7 @@
 """The stages of a run as free functions over one frozen context.
 
     prepare(config, workdir)          -> RunContext   every check that bad input can fail, first
-    train_dense(ctx, seed)            -> variables    the teacher (seed = config.seed) or a member
+    train_dense(ctx, seed)            -> Model        the teacher (seed = config.seed) or a member
                                                       of the dense population; restored if saved
     pruning_groups(config)            -> (seeds, method, sparsity) in sweep order
     initial_masks(ctx, teacher, ...)  -> masks per seed, pruned once per group (lazily)
@@ -118,6 +118,8 @@ class Model(NamedTuple):
 
   variables: PyTree  # {'params', 'batch_stats'}
   masks: PyTree | None
+  # How its training went, from its checkpoint: steps, nonfinite_steps, resumed_at_step, ...
+  training: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -322,8 +324,9 @@ def dense_seeds(config: ml_collections.ConfigDict) -> list[int]:
   return [config.seed] + [s for s in config.analysis.dense_seeds if s != config.seed]
 
 
-def train_dense(ctx: RunContext, seed: int) -> PyTree:
-  """Trains a dense model from scratch, or restores it; returns {'params', 'batch_stats'}.
+def train_dense(ctx: RunContext, seed: int) -> Model:
+  """Trains a dense model from scratch, or restores it; its variables are
+  {'params', 'batch_stats'}.
 
   The teacher (seed = config.seed) is the KD teacher and the reference of every comparison;
   the other seeds make up the dense population of the CIE and significance analyses.
@@ -352,10 +355,11 @@ def train_dense(ctx: RunContext, seed: int) -> PyTree:
     state = create_state(tree["params"], tree["batch_stats"], optimizer)
     state, summary, partial = _fit(ctx, state, step, "dense", name, seed)
     tree = {"params": state.params, "batch_stats": state.batch_stats}
-    ckpt.save(int(state.step), tree, {"steps": int(state.step), **summary})
+    meta = {"steps": int(state.step), **summary}
+    ckpt.save(int(state.step), tree, meta)
     _finish(name, partial)
   ckpt.close()
-  return tree
+  return Model(tree, None, meta)
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -453,19 +457,20 @@ def finetune(
       "batch_stats": teacher["batch_stats"],
       "masks": masks_to_flat(dense_masks(teacher["params"])),
     }
-    trees = [c.restore(template)[0] for c in ckpts]
+    saved = [c.restore(template) for c in ckpts]
     logging.info("  %s: restored", ", ".join(names))
     wd.drop_stale_partial(ctx.workdir, stage)
   else:
-    trees = _train_students(ctx, teacher, cell, seeds, masks(), stage, ckpts, shared)
+    saved = _train_students(ctx, teacher, cell, seeds, masks(), stage, ckpts, shared)
   for c in ckpts:
     c.close()
   return [
     Model(
       {"params": t["params"], "batch_stats": t["batch_stats"]},
       masks_from_flat(t["params"], t["masks"]),
+      meta,
     )
-    for t in trees
+    for t, meta in saved
   ]
 
 
@@ -478,8 +483,9 @@ def _train_students(
   stage: str,
   ckpts: list,
   shared: bool,
-) -> list[dict]:
-  """Trains the students of one cell (a population when several seeds) and saves each."""
+) -> list[tuple[dict, dict]]:
+  """Trains the students of one cell (a population when several seeds) and saves each;
+  returns (tree, checkpoint metadata) per student."""
   cfg = ctx.config
   k = len(seeds)
   plan = _schedule(cfg, cell.sparsity)
@@ -524,13 +530,14 @@ def _train_students(
   params, stats = _unstack(state.params, k), _unstack(state.batch_stats, k)
   final = _unstack(state.masks, 1 if shared else k) * (k if shared else 1)
   steps = np.asarray(state.step).reshape(-1).tolist()
-  trees = []
+  saved = []
   for j, ckpt in enumerate(ckpts):
     tree = {"params": params[j], "batch_stats": stats[j], "masks": masks_to_flat(final[j])}
-    ckpt.save(int(steps[j]), tree, {"steps": int(steps[j]), **summary})
-    trees.append(tree)
+    meta = {"steps": int(steps[j]), **summary}
+    ckpt.save(int(steps[j]), tree, meta)
+    saved.append((tree, meta))
   _finish(stage, partial)
-  return trees
+  return saved
 
 
 def _stack(trees: Sequence[PyTree]) -> PyTree:

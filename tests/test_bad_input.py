@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -446,8 +447,9 @@ def test_damaged_checkpoint_arrays_are_refused_and_kept(trained_dense, tmp_path)
 def test_restoring_a_good_checkpoint_still_works(trained_dense, tmp_path):
   workdir = _copy(trained_dense, tmp_path / "w")
   ctx = stages.prepare(_tiny(workdir), workdir)
-  tree = stages.train_dense(ctx, ctx.config.seed)
-  assert set(tree) == {"params", "batch_stats"}
+  model = stages.train_dense(ctx, ctx.config.seed)
+  assert set(model.variables) == {"params", "batch_stats"} and model.masks is None
+  assert model.training["steps"] > 0 and model.training["nonfinite_steps"] == 0
 
 
 def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -594,3 +596,36 @@ def test_disk_full_is_recognised_in_what_orbax_and_python_raise(tmp_path):
   )
   assert main.disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"), str(tmp_path)) is None
   assert main.disk_full(KeyError("x"), str(tmp_path)) is None
+
+
+def test_skipped_steps_are_recorded_and_an_untrained_model_is_marked(tmp_path):
+  """nonfinite=skip with a fine-tuning rate that blows the weights up after the first step:
+  the students record how many steps were skipped and results.md names them; a model whose
+  every step was skipped is flagged and its row marked ‼."""
+  from prunebias_jax import experiment, report
+
+  cfg = _tiny(tmp_path)
+  cfg.finetune.epochs = 1
+  cfg.pruning.methods = ("random",)
+  cfg.pruning.sparsities = (0.5,)
+  cfg.analysis.bootstrap_resamples = 0
+  cfg.nonfinite = "skip"
+  cfg.finetune.optim.learning_rate = 1e38
+  records = experiment.run(cfg, tmp_path / "w")
+  dense, students = records[0], records[1:]
+  assert "nonfinite_steps" not in dense
+  for r in students:
+    assert 1 <= r["nonfinite_steps"] < 12 and r["every_step_skipped"] is False, r
+  text = (tmp_path / "w" / "results.md").read_text()
+  assert "Steps skipped for a non-finite loss (nonfinite='skip'): random s=0.5 CE seed 0 (" in text
+  assert "‼ every training step" not in text
+  # A model that never applied an update: its checkpoint says so; the record and the table too.
+  never = {**students[0], "nonfinite_steps": 12, "every_step_skipped": True}
+  assert report.skipped_notes([dense, never])[0].startswith(
+    "‼ every training step of these models had a non-finite loss"
+  )
+  table = report.results_table(dense, [], flagged={("random", 0.5)})
+  assert "random ‼" not in table  # no cell rows given
+  cells = [json.loads(line) for line in (tmp_path / "w" / "cells.jsonl").read_text().splitlines()]
+  table = report.results_table(dense, cells, flagged={("random", 0.5)})
+  assert "| random ‼ | 0.5 |" in table

@@ -415,3 +415,27 @@ def test_debiased_cka_of_fewer_than_4_examples_is_undefined_not_a_crash():
     outputs(np.arange(4) % 3, rng, 3), outputs(np.arange(4) % 3, rng, 3), np.arange(4)
   )
   assert isinstance(four["cka_debiased"], float)
+
+
+@pytest.mark.parametrize(
+  "training,skipped,never",
+  [
+    (None, None, None),
+    ({"steps": 12, "nonfinite_steps": 0, "resumed_at_step": 0}, None, None),
+    ({"steps": 12, "nonfinite_steps": 5, "resumed_at_step": 0}, 5, False),
+    ({"steps": 12, "nonfinite_steps": 12, "resumed_at_step": 0}, 12, True),
+    # Resumed at step 4: only the 8 steps after it were counted, so the first 4 may have
+    # applied updates; never called untrained.
+    ({"steps": 12, "nonfinite_steps": 8, "resumed_at_step": 4}, 8, False),
+  ],
+)
+def test_the_record_says_how_many_training_steps_were_skipped(training, skipped, never):
+  rng = np.random.default_rng(8)
+  labels = rng.integers(0, 3, 60)
+  ref = records.reference(labels, None, 3, outputs(labels, rng, 3))
+  params = {"Conv_0": {"kernel": np.ones((3, 3, 1, 2), np.float32)}}
+  identity = {"method": "random", "sparsity": 0.5, "kd": False, "temperature": None, "seed": 0}
+  r = records.full_record(
+    ref, outputs(labels, rng, 3), identity, base_config(), params, None, training
+  )
+  assert r.get("nonfinite_steps") == skipped and r.get("every_step_skipped") == never
