@@ -178,9 +178,11 @@ def main(argv: list[str]) -> None:
     _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
   except Exception as e:
     full = disk_full(e, FLAGS.workdir)
-    if full is None:
-      raise  # a bug: keep its traceback
-    _fail(str(full), full.exit_code)
+    if full is not None:
+      _fail(str(full), full.exit_code)
+    if isinstance(e, OSError) and e.filename:  # a path the checks before training missed
+      _fail(f"cannot use {e.filename}: {e.strerror or type(e).__name__}; fix it and rerun")
+    raise  # a bug: keep its traceback
 
 
 _NO_SPACE = r"No space left on device|RESOURCE_EXHAUSTED.*(?:[Ww]rit|[Ff]ailed)"

@@ -139,7 +139,6 @@ def prepare(
     problem = value and parallel.check_batch_size(value, field)
     if problem:
       raise ConfigError(problem)
-  differing = wd.config_differences(workdir, cfg)  # read only: nothing moves before the checks
   t = time.perf_counter()
   data = load_dataset(cfg.data)
   validate_against_dataset(
@@ -150,6 +149,8 @@ def prepare(
   _check_model_fits(model, cfg.model, data.image_shape)
   expect = {"model": cfg.model, "num_classes": data.num_classes}
   identities = planned_identities(cfg, data)
+  wd.check_paths(workdir, identities)
+  differing = wd.config_differences(workdir, cfg)  # read only: nothing moves before the checks
   legacy_ok = differing == []
   wd.check_checkpoints(workdir, expect, identities, legacy_ok, cfg.overwrite)
   wd.guard(workdir, differing)

@@ -20,8 +20,11 @@ every process decides before any process writes, and only process 0 deletes or m
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,57 @@ def ensure_writable(workdir: Path) -> None:
       f"--workdir {str(workdir)!r} is not writable ({e.strerror or e}); "
       "pass a directory you can write to"
     ) from None
+
+
+def check_paths(workdir: Path, checkpoint_names: Collection[str]) -> None:
+  """Every path the run will write, checked before any training (ConfigError naming it):
+  a file where the run keeps a directory or the reverse, a symlink that does not resolve (a
+  loop, a missing target), a directory that cannot be written to (read-only, immutable).
+  Found at the end of a long run, each of these used to end in an OS traceback."""
+  ckpts = workdir / "checkpoints"
+  dirs = [ckpts, ckpts / PARTIAL, workdir / "plots", workdir / PREVIOUS]
+  dirs += [ckpts / n for n in checkpoint_names] + [ckpts / PARTIAL / n for n in checkpoint_names]
+  files = [workdir / n for n in RUN_FILES]
+  if (workdir / "plots").is_dir():
+    files += sorted((workdir / "plots").glob("*.png"))
+  for path in dirs:
+    _expect(path, directory=True)
+  for path in files:
+    _expect(path, directory=False)
+  # access(2), not a probe file: checking must not change the directories it checks (their
+  # mtimes included). It honours read-only mounts and immutable inodes, for root too.
+  for path in (workdir, ckpts, ckpts / PARTIAL, workdir / "plots"):
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+      raise ConfigError(
+        f"{path} is not writable (read-only, immutable or without permission); the run "
+        "writes there: fix it or use a new --workdir"
+      )
+
+
+def _expect(path: Path, directory: bool) -> None:
+  kind = "a directory" if directory else "a file"
+  try:
+    info = os.lstat(path)
+  except FileNotFoundError:
+    return
+  except OSError as e:  # e.g. a parent is a file (ENOTDIR)
+    raise ConfigError(
+      f"{path} cannot be used ({e.strerror or e}); the run keeps {kind} there: move what is in "
+      "the way or use a new --workdir"
+    ) from None
+  if stat.S_ISLNK(info.st_mode):
+    try:
+      info = os.stat(path)
+    except OSError as e:
+      raise ConfigError(
+        f"{path} is a symlink that does not resolve ({e.strerror or e}: a loop or a missing "
+        f"target); the run keeps {kind} there: remove it or use a new --workdir"
+      ) from None
+  if stat.S_ISDIR(info.st_mode) != directory:
+    found = "a directory" if stat.S_ISDIR(info.st_mode) else "a file"
+    raise ConfigError(
+      f"{path} is {found} where the run keeps {kind}: move it away or use a new --workdir"
+    )
 
 
 def config_differences(workdir: Path, config: ml_collections.ConfigDict) -> list[str] | None:

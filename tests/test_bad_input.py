@@ -242,6 +242,7 @@ def test_fuzzed_config_files_end_in_one_line_naming_the_file(case):
     ("seeds", "(0,4294967296)", "seeds=(0, 4294967296)".replace(")", "")),
     ("dense.epochs", "100000000000000000000000", "dense.epochs=100000000000000000000000"),
     ("data.test_examples", "1", "data.test_examples=1"),
+    ("population", "100000000", "population=100000000"),
     ("analysis.svcca_conv_size", "0", "analysis.svcca_conv_size=0"),
     ("analysis.svcca_conv_size", "65", "analysis.svcca_conv_size=65"),
   ],

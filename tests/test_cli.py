@@ -106,3 +106,74 @@ def test_runlocal_end_to_end(tmp_path):
   assert "| l1_filter | 0.9 |" in proc.stdout  # the table is printed
   assert "stage dense" in proc.stderr and "img/s" in proc.stderr  # progress lines
   assert (tmp_path / "w" / "results.jsonl").read_text().count("\n") == 1 + 2 * 2
+
+
+def _immutable(path: Path) -> bool:
+  """chattr +i `path` where the filesystem and the privileges allow it (then not even root
+  can create files in it)."""
+  done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+  return done.returncode == 0
+
+
+def _shape(workdir: Path, case: str) -> str:
+  """Puts the wrong thing where the run writes; returns the path the message must name."""
+  w = workdir
+  w.mkdir(parents=True)
+  if case == "results.jsonl is a directory":
+    (w / "results.jsonl").mkdir()
+    return str(w / "results.jsonl")
+  if case == "plots is a file":
+    (w / "plots").write_text("x")
+    return str(w / "plots")
+  if case == "checkpoints is a file":
+    (w / "checkpoints").write_text("x")
+    return str(w / "checkpoints")
+  if case == "a model's checkpoint is a file":
+    (w / "checkpoints").mkdir()
+    (w / "checkpoints" / "dense").write_text("x")
+    return str(w / "checkpoints" / "dense")
+  if case == "config.json is a symlink loop":
+    (w / "config.json").symlink_to(w / "config.json")
+    return str(w / "config.json")
+  if case == "a plot is a directory":
+    (w / "plots" / "cie_grid.png").mkdir(parents=True)
+    return str(w / "plots" / "cie_grid.png")
+  if case == "partial/ is a dangling symlink":
+    (w / "checkpoints").mkdir()
+    (w / "checkpoints" / "partial").symlink_to(w / "nowhere")
+    return str(w / "checkpoints" / "partial")
+  if case == "plots/ is immutable":
+    (w / "plots").mkdir()
+    if not _immutable(w / "plots"):
+      pytest.skip("chattr +i is not allowed here")
+    return str(w / "plots")
+  raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    "results.jsonl is a directory",
+    "plots is a file",
+    "checkpoints is a file",
+    "a model's checkpoint is a file",
+    "config.json is a symlink loop",
+    "a plot is a directory",
+    "partial/ is a dangling symlink",
+    "plots/ is immutable",
+  ],
+)
+def test_a_workdir_of_the_wrong_shape_exits_2_with_one_line_before_training(tmp_path, case):
+  """Each path the run writes, in the way: exit 2, stderr exactly one line naming the path,
+  no traceback, nothing trained and nothing that was there changed."""
+  workdir = tmp_path / "w"
+  path = _shape(workdir, case)
+  before = sorted((str(p), p.is_dir()) for p in workdir.rglob("*"))
+  try:
+    proc = run_cli(workdir=workdir)
+  finally:
+    subprocess.run(["chattr", "-i", str(workdir / "plots")], capture_output=True)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("error: ") and path in lines[0], lines[0]
+  assert sorted((str(p), p.is_dir()) for p in workdir.rglob("*")) == before

@@ -90,9 +90,9 @@ def test_same_config_and_seed_give_byte_identical_results(reference, tmp_path):
     assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tmp_path):
-  workdir = tmp_path / "w"
-  # 1. From outside, while the dense model trains (after its first mid-stage checkpoint).
+def _signal_during_dense_training(workdir: Path, sig: int) -> tuple[int, list[str]]:
+  """Runs the command, sends `sig` once the dense model is past step 7 (after its first
+  mid-stage checkpoint); returns (exit status, stderr lines)."""
   proc = subprocess.Popen(
     _command(workdir),
     cwd=ROOT,
@@ -100,16 +100,28 @@ def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tm
     stdout=subprocess.DEVNULL,
     text=True,
     env={k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"},
+    # A shell starts background jobs with SIGINT ignored; a terminal's Ctrl-C is not.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   deadline = time.monotonic() + 600
+  lines = []
   for line in proc.stderr:
+    lines.append(line)
     if " dense step " in line and int(line.split(" dense step ")[1].split("/")[0]) >= 7:
-      proc.send_signal(signal.SIGKILL)
+      proc.send_signal(sig)
       break
     assert time.monotonic() < deadline
+  lines += proc.stderr.read().splitlines(keepends=True)
   proc.wait(timeout=60)
   proc.stderr.close()
-  assert proc.returncode == -signal.SIGKILL
+  return proc.returncode, lines
+
+
+def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tmp_path):
+  workdir = tmp_path / "w"
+  # 1. From outside, while the dense model trains (after its first mid-stage checkpoint).
+  returncode, _ = _signal_during_dense_training(workdir, signal.SIGKILL)
+  assert returncode == -signal.SIGKILL
   assert (workdir / "checkpoints" / "partial" / "dense").is_dir()
   _assert_nothing_half_written(workdir)
 
@@ -154,27 +166,8 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(reference, tmp_path):
   """SIGINT (Ctrl-C) during dense training: exit 130, one line naming the stage, the step and
   where a rerun resumes; no traceback; the rerun ends with the uninterrupted results."""
   workdir = tmp_path / "w"
-  proc = subprocess.Popen(
-    _command(workdir),
-    cwd=ROOT,
-    stderr=subprocess.PIPE,
-    stdout=subprocess.DEVNULL,
-    text=True,
-    env={k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"},
-    # A shell starts background jobs with SIGINT ignored; a terminal's Ctrl-C is not.
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-  )
-  deadline = time.monotonic() + 600
-  lines = []
-  for line in proc.stderr:
-    lines.append(line)
-    if " dense step " in line and int(line.split(" dense step ")[1].split("/")[0]) >= 7:
-      proc.send_signal(signal.SIGINT)
-      break
-    assert time.monotonic() < deadline
-  lines += proc.stderr.read().splitlines(keepends=True)
-  proc.wait(timeout=60)
-  assert proc.returncode == 130, "".join(lines)[-3000:]
+  returncode, lines = _signal_during_dense_training(workdir, signal.SIGINT)
+  assert returncode == 130, "".join(lines)[-3000:]
   outcome = _error_lines("".join(lines))
   assert len(outcome) == 1, outcome
   assert outcome[0].startswith("error: interrupted at dense step "), outcome

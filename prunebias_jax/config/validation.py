@@ -27,6 +27,9 @@ MAX_IMAGE_SIZE = 1024
 MAX_SEED = 2**30 - 1
 MAX_EPOCHS = 10**6  # also keeps seed + 1000 · epoch below 2^31
 MAX_STEPS = 2**31 - 1  # the train state's step counter is int32
+# A population is trained in one vmapped step on one device; with a single seed it expands to
+# seeds s..s+population-1 before training (a fuzzed 10^8 once took 22 GB to enumerate them).
+MAX_POPULATION = 1024
 MAX_SVCCA_CONV_SIZE = 64  # 64 × 64 positions: 4,096 SVCCAs per layer and model
 SVCCA_RULES = ("anatome", "centered")
 CLASSWISE_STATISTICS = ("normalized_recall", "accuracy")
@@ -282,7 +285,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     f"an integer in [0, {MAX_SEED}]",
   )
   pop = cfg.population
-  _require(_is_int(pop) and pop >= 1, "population", pop, "an integer >= 1")
+  _require(
+    _is_int(pop) and 1 <= pop <= MAX_POPULATION,
+    "population",
+    pop,
+    f"an integer in [1, {MAX_POPULATION}] (the models trained together in one vmapped step)",
+  )
   _require(
     len(seeds) == 1 or len(seeds) % pop == 0,
     "population",
