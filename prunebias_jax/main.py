@@ -62,6 +62,18 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
   sys.exit(code)
 
 
+def _end_run(message: str, code: int) -> None:
+  """Ends a run that failed after JAX and Orbax started: the one line, then an immediate
+  exit. A failed checkpoint read or write leaves Orbax/TensorStore callbacks that, at a normal
+  interpreter shutdown, print 'Event loop is closed' tracebacks after that line (13–72 lines
+  for a damaged checkpoint). Every file of record is already written or was never started
+  (atomic writes), so there is nothing left to flush but the streams."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  std_logging.shutdown()
+  os._exit(code)
+
+
 def _config_path(argv: list[str]) -> str | None:
   """The --config file named in `argv` (either spelling), without a ':arg' suffix."""
   for i, arg in enumerate(argv):
@@ -173,15 +185,18 @@ def main(argv: list[str]) -> None:
 
     run(config, FLAGS.workdir, explicit_keys=set(config_flags.get_override_values(FLAGS["config"])))
   except UserError as e:  # bad input (2), a non-finite loss (3), ...; finished stages are kept
-    _fail(str(e), e.exit_code)
+    _end_run(str(e), e.exit_code)
   except KeyboardInterrupt:  # outside a training loop (which names its stage and step)
-    _fail("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
+    _end_run("interrupted; rerun the same command to resume", EXIT_INTERRUPTED)
   except Exception as e:
     full = disk_full(e, FLAGS.workdir)
     if full is not None:
-      _fail(str(full), full.exit_code)
+      _end_run(str(full), full.exit_code)
     if isinstance(e, OSError) and e.filename:  # a path the checks before training missed
-      _fail(f"cannot use {e.filename}: {e.strerror or type(e).__name__}; fix it and rerun")
+      _end_run(
+        f"cannot use {e.filename}: {e.strerror or type(e).__name__}; fix it and rerun",
+        EXIT_BAD_INPUT,
+      )
     raise  # a bug: keep its traceback
 
 

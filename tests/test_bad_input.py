@@ -482,6 +482,26 @@ def test_cli_foreign_checkpoint_exits_2_with_one_line(tmp_path):
   assert len(lines) == 1 and "resnet20" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated manifest", "garbage arrays"])
+def test_cli_damaged_checkpoint_is_one_line_without_orbax_noise(trained_dense, tmp_path, damage):
+  """Refused and kept, and stderr holds nothing but the one line (Orbax and TensorStore used
+  to add 13–72 lines of tracebacks, some at interpreter shutdown)."""
+  workdir = _copy(trained_dense, tmp_path / "w")
+  state = next((workdir / "checkpoints" / "dense").glob("*/state"))
+  if damage == "truncated manifest":
+    with open(state / "manifest.ocdbt", "r+b") as f:
+      f.truncate(10)
+  else:
+    for f in sorted(p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"):
+      f.write_bytes(np.random.default_rng(0).bytes(200))
+  before = _tree_hash(workdir / "checkpoints")
+  proc = _cli(workdir, "--config.dense.epochs=1", "--config.progress_seconds=1e9")
+  lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("I1", "W1"))]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert len(lines) == 1 and "cannot be used by this run" in lines[0], lines[:5]
+  assert _tree_hash(workdir / "checkpoints") == before
+
+
 def test_cli_nonfinite_loss_exits_3_with_stage_and_step(tmp_path):
   proc = _cli(tmp_path, "--config.dense.optim.learning_rate=1e30", "--config.progress_seconds=1000")
   assert proc.returncode == 3, proc.stderr[-2000:]
