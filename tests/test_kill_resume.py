@@ -170,11 +170,17 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(reference, tmp_path):
   assert returncode == 130, "".join(lines)[-3000:]
   outcome = _error_lines("".join(lines))
   assert len(outcome) == 1, outcome
-  assert outcome[0].startswith("error: interrupted at dense step "), outcome
-  assert (
-    "rerun the same command to resume (from step 5)" in outcome[0]
-    or "(from step 10)" in (outcome[0])
-  ), outcome
+  # The signal lands after step 7 was logged; how much later depends on the machine's load:
+  # the resume point is the last mid-stage checkpoint (every 5 steps) before the step.
+  m = re.fullmatch(
+    r"error: interrupted at dense step (\d+)/32; rerun the same command to resume "
+    r"\(from step (\d+)\)",
+    outcome[0],
+  )
+  assert m, outcome
+  step, saved = int(m.group(1)), int(m.group(2))
+  # (The signal may land between a step and its save: then the previous one.)
+  assert step >= 7 and saved % 5 == 0 and step - 5 <= saved <= step, outcome
   _assert_nothing_half_written(workdir)
   final = _run(workdir)
   assert final.returncode == 0, final.stderr[-3000:]
