@@ -84,21 +84,30 @@ def _config_path(argv: list[str]) -> str | None:
   return None
 
 
-def config_problem(error: BaseException, path: str | None) -> str:
-  """One line for a config file that failed to load: the file, the line of the file where it
-  failed, and the root exception (ml_collections wraps it, with a whole traceback as text,
-  in flag errors: those wrappers are skipped)."""
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and what it wraps (its cause or context), outermost first."""
   chain, e = [], error
   while e is not None and len(chain) < 20:
     chain.append(e)
     e = e.__cause__ or e.__context__
-  target = os.path.realpath(path) if path else None
-  lines = [
-    f.lineno
-    for x in chain
-    for f in traceback.extract_tb(x.__traceback__)
-    if target and os.path.realpath(f.filename) == target
-  ]
+  return chain
+
+
+def _lines_in(error: BaseException, path: str | None) -> list[int]:
+  """The line numbers of `error`'s traceback frames inside the file `path`."""
+  if not path:
+    return []
+  target = os.path.realpath(path)
+  frames = traceback.extract_tb(error.__traceback__)
+  return [f.lineno for f in frames if os.path.realpath(f.filename) == target]
+
+
+def config_problem(error: BaseException, path: str | None) -> str:
+  """One line for a config file that failed to load: the file, the line of the file where it
+  failed, and the root exception (ml_collections wraps it, with a whole traceback as text,
+  in flag errors: those wrappers are skipped)."""
+  chain = _chain(error)
+  lines = [line for x in chain for line in _lines_in(x, path)]
   lines += [x.lineno for x in chain if isinstance(x, SyntaxError) and x.lineno]
   meaningful = [
     x
@@ -129,11 +138,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     # ml_collections raises these for unknown keys and wrong types of an override, and for a
     # config file without get_config().
-    in_file = path and any(
-      os.path.realpath(f.filename) == os.path.realpath(path)
-      for f in traceback.extract_tb(e.__traceback__)
-    )
-    if in_file or "get_config" in str(e):
+    if _lines_in(e, path) or "get_config" in str(e):
       _fail(config_problem(e, path))
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     try:  # ml_collections passes on a KeyError's repr ("'\\'epoch\\'\\nDid you mean ...'")
@@ -208,12 +213,12 @@ def disk_full(error: BaseException, workdir: str) -> DiskFullError | None:
   """The one-line error for `error` if it (or what it wraps) is a full disk, else None:
   `disk full writing PATH (N MiB free)`. Orbax/TensorStore report ENOSPC as ValueError
   ('RESOURCE_EXHAUSTED: ... Failed writing'), Python as OSError with errno ENOSPC."""
-  chain, e = [], error
-  while e is not None and len(chain) < 20:
-    chain.append(e)
-    e = e.__cause__ or e.__context__
   hit = next(
-    (x for x in chain if getattr(x, "errno", None) == errno.ENOSPC or re.search(_NO_SPACE, str(x))),
+    (
+      x
+      for x in _chain(error)
+      if getattr(x, "errno", None) == errno.ENOSPC or re.search(_NO_SPACE, str(x))
+    ),
     None,
   )
   if hit is None:

@@ -233,11 +233,7 @@ def full_record(
     **model_record(ref, model, identity["seed"], config),
     **sparsity_fields(params, masks),
   }
-  if identity["method"] == "dense":
-    what = f"dense seed {identity['seed']}"
-  else:
-    label = student_label(identity)
-    what = f"{identity['method']} s={identity['sparsity']:g} {label} seed {identity['seed']}"
+  what = model_name(identity)
   skipped = int((training or {}).get("nonfinite_steps", 0))
   if skipped:
     run = int(training["steps"]) - int(training.get("resumed_at_step", 0))
@@ -253,6 +249,14 @@ def full_record(
       else "",
     )
   return note_undefined(record, what)
+
+
+def model_name(identity: Record) -> str:
+  """'dense seed 1' or 'random s=0.5 KD T=4 seed 0': how logs and notes name a model."""
+  if identity["method"] == "dense":
+    return f"dense seed {identity['seed']}"
+  label = student_label(identity)
+  return f"{identity['method']} s={identity['sparsity']:g} {label} seed {identity['seed']}"
 
 
 def sparsity_fields(params: Any, masks: Any | None = None) -> Record:

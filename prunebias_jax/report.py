@@ -21,7 +21,7 @@ import numpy as np
 
 from prunebias_jax.data import Dataset
 from prunebias_jax.files import write_atomic, write_json_atomic
-from prunebias_jax.records import Showcase, student_label
+from prunebias_jax.records import Showcase, model_name, student_label
 
 Record = dict[str, Any]
 
@@ -120,15 +120,9 @@ def write_report(
 def skipped_notes(records: Sequence[Record]) -> list[str]:
   """Notes naming the models whose training skipped steps (nonfinite='skip'); ‼ for those
   that never applied an update, whose rows are not results."""
-
-  def name(r: Record) -> str:
-    if r["method"] == "dense":
-      return f"dense seed {r['seed']}"
-    return f"{r['method']} s={r['sparsity']:g} {student_label(r)} seed {r['seed']}"
-
-  never = [name(r) for r in records if r.get("every_step_skipped")]
+  never = [model_name(r) for r in records if r.get("every_step_skipped")]
   some = [
-    f"{name(r)} ({r['nonfinite_steps']})"
+    f"{model_name(r)} ({r['nonfinite_steps']})"
     for r in records
     if r.get("nonfinite_steps") and not r.get("every_step_skipped")
   ]
