@@ -68,10 +68,25 @@ def _end_run(message: str, code: int) -> None:
   interpreter shutdown, print 'Event loop is closed' tracebacks after that line (13–72 lines
   for a damaged checkpoint). Every file of record is already written or was never started
   (atomic writes), so there is nothing left to flush but the streams."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stderr.write(f"error: {message}\n")  # one write: another thread cannot split the line
+  sys.stderr.flush()
   sys.stdout.flush()
   std_logging.shutdown()
   os._exit(code)
+
+
+def _closed_loop_noise(unraisable: Any) -> None:
+  """sys.unraisablehook that drops one known piece of library noise and forwards the rest.
+
+  After a failed checkpoint read, TensorStore completes the read's futures on its own threads
+  and their callbacks call `call_soon_threadsafe` on Orbax's event loop, already closed by then:
+  the RuntimeError cannot be raised anywhere, so Python prints it (11–21 lines, in the middle
+  of our one-line error under load). The failure itself is reported by the exception Orbax
+  raises; every other unraisable exception is printed as usual."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -181,6 +196,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.INFO)
   # Orbax logs several INFO lines per checkpoint through absl; keep the console to our own lines.
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _closed_loop_noise
 
   from prunebias_jax.distributed import maybe_initialize
 

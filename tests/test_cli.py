@@ -177,3 +177,24 @@ def test_a_workdir_of_the_wrong_shape_exits_2_with_one_line_before_training(tmp_
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
   assert lines[0].startswith("error: ") and path in lines[0], lines[0]
   assert sorted((str(p), p.is_dir()) for p in workdir.rglob("*")) == before
+
+
+def test_only_the_closed_event_loop_noise_is_dropped(monkeypatch):
+  """The unraisable-exception filter main installs drops exactly Orbax's closed-loop callback
+  error (printed mid-line under load after a failed checkpoint read) and forwards the rest."""
+  import types
+
+  from prunebias_jax import main
+
+  seen = []
+  monkeypatch.setattr(sys, "__unraisablehook__", seen.append)
+
+  def unraisable(error: BaseException) -> types.SimpleNamespace:
+    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None)
+
+  main._closed_loop_noise(unraisable(RuntimeError("Event loop is closed")))
+  assert seen == []
+  for error in (RuntimeError("Event loop is closed for good"), ValueError("Event loop is closed")):
+    main._closed_loop_noise(unraisable(error))
+  forwarded = [u.exc_value.args[0] for u in seen]
+  assert forwarded == ["Event loop is closed for good", "Event loop is closed"]

@@ -365,6 +365,23 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _require(isinstance(v, str) and v.strip() != "", field, v, "a non-empty string")
 
 
+def _made_by(cfg: ml_collections.ConfigDict, split: str) -> str:
+  """What shrank a split ('dense', 'finetune' or 'test'), so that a size error names the
+  fields to change (the imbalance shrinks the dense split only with `apply_to_dense`)."""
+  d = cfg.data
+  causes = []
+  if d.source == "digits":
+    causes.append(f"config.data.test_fraction={d.test_fraction}")
+  subset = d.test_examples if split == "test" else d.train_examples
+  if subset:
+    causes.append(f"config.data.{split if split == 'test' else 'train'}_examples={subset}")
+  if d.imbalance.classes and (
+    split == "finetune" or (split == "dense" and d.imbalance.apply_to_dense)
+  ):
+    causes.append(f"config.data.imbalance.keep_fractions={tuple(d.imbalance.keep_fractions)}")
+  return f", after {' and '.join(causes)}" if causes else ""
+
+
 def validate_against_dataset(
   cfg: ml_collections.ConfigDict,
   num_classes: int,
@@ -374,13 +391,12 @@ def validate_against_dataset(
 ) -> None:
   """Checks that need the dataset's size (still before any training)."""
   if test_size is not None:
-    field = "data.test_examples"
     _require(
       test_size >= 2,
-      field,
+      "data.test_examples",
       cfg.data.test_examples,
-      f"a test split of at least 2 examples (this one has {test_size}; SVCCA and every "
-      "comparison need two)",
+      f"a test split of at least 2 examples (this one has {test_size}{_made_by(cfg, 'test')}; "
+      "SVCCA and every comparison need two)",
     )
   for c in cfg.data.imbalance.classes:
     _require(
@@ -389,7 +405,12 @@ def validate_against_dataset(
   for stage, size in (("dense", teacher_train_size), ("finetune", finetune_train_size)):
     own = cfg[stage].batch_size
     field, bs = (f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)
-    _require(bs <= size, field, bs, f"at most the {stage} training split size ({size})")
+    _require(
+      bs <= size,
+      field,
+      bs,
+      f"at most the {stage} training split size ({size}{_made_by(cfg, stage)})",
+    )
     steps = cfg[stage].epochs * -(-size // bs)
     _require(
       steps <= MAX_STEPS,
