@@ -28,6 +28,13 @@ def one_line(text: object, limit: int = 600) -> str:
   return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def printable(text: str) -> str:
+  """User-named text (a class folder, a data folder) as one printable line for a heading or a
+  plot: newlines, other control characters and bytes that were not UTF-8 in the file name
+  (Python's surrogate escapes) are written as backslash escapes; the rest is kept as is."""
+  return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class UserError(Exception):
   """Bad input or a condition the user fixes; `str(e)` is one line, `exit_code` the CLI's."""
 

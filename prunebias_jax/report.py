@@ -9,10 +9,11 @@ over seeds. The statistical settings named in the texts come from the config.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,25 @@ import ml_collections
 import numpy as np
 
 from prunebias_jax.data import Dataset
+from prunebias_jax.errors import printable
 from prunebias_jax.files import write_atomic, write_json_atomic
 from prunebias_jax.records import Showcase, model_name, student_label
 
 Record = dict[str, Any]
+
+
+def _literal_text(draw: Callable) -> Callable:
+  """Draws with Matplotlib's mathtext off: a '$' in a class name is a dollar sign, not the
+  start of a formula that fails to parse after the whole run has trained."""
+
+  @functools.wraps(draw)
+  def wrapper(*args, **kwargs):
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+      return draw(*args, **kwargs)
+
+  return wrapper
 
 
 def write_run_description(workdir: Path, config: ml_collections.ConfigDict, data: Dataset) -> None:
@@ -86,7 +102,7 @@ def write_report(
   dense = next(r for r in records if r["method"] == "dense")
   extra = analysis_sections(cells, correlations, data.test.groups is not None, cfg)
   extra += conv_svcca_section(records, cfg)
-  title = f"prunebias_jax: {cfg.model} on {data.name}"
+  title = f"prunebias_jax: {cfg.model} on {printable(data.name)}"
   flagged = {(r["method"], r["sparsity"]) for r in records if r.get("every_step_skipped")}
   table = write_results_markdown(
     workdir / "results.md", dense, main_cells, title, notes, extra, flagged
@@ -201,6 +217,7 @@ def _savefig(fig, path: Path) -> None:
   write_atomic(path, buf.getvalue())
 
 
+@_literal_text
 def write_plots(
   plot_dir: Path, records: Sequence[Record], cells: Sequence[Record], class_names: Sequence[str]
 ) -> list[Path]:
@@ -539,6 +556,7 @@ def correlation_table(rows: Sequence[Record]) -> str:
   return "\n".join(lines) + "\n"
 
 
+@_literal_text
 def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
   """CEV against each similarity (CKA, agreement, SVCCA distance), one point per pruned model."""
   import matplotlib
@@ -566,6 +584,7 @@ def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
   plt.close(fig)
 
 
+@_literal_text
 def write_cka_heatmap(
   path: Path, matrix, row_names: Sequence[str], col_names: Sequence[str], title: str
 ) -> None:
@@ -601,10 +620,11 @@ def write_cka_heatmap(
 
 def _class_name(class_names: Sequence[str] | None, label: int) -> str:
   if class_names is not None and 0 <= label < len(class_names):
-    return str(class_names[label])
+    return printable(str(class_names[label]))
   return str(label)
 
 
+@_literal_text
 def write_cie_grid(
   path: str | Path,
   images_uint8: Any,

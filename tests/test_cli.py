@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,15 +58,20 @@ def test_unwritable_workdir_exits_2(tmp_path):
   )
 
 
-def test_bad_data_input_exits_2_before_training(tmp_path):
+@pytest.mark.parametrize("layout", ["no test split", "link loop"])
+def test_bad_data_input_exits_2_before_training(tmp_path, layout):
   root = tmp_path / "images"
-  (root / "train" / "cat").mkdir(parents=True)  # no test split
+  (root / "train" / "cat").mkdir(parents=True)
+  if layout == "link loop":  # an OSError deep in the listing, not a missing folder
+    (root / "test").mkdir()
+    os.symlink("loop", root / "train" / "loop")
   proc = run_cli(
     "--config.data.source=image_folder", f"--config.data.dir={root}", workdir=tmp_path / "w"
   )
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and "test" in lines[0] and "Traceback" not in proc.stderr
+  expected = "test" if layout == "no test split" else f"cannot read {root / 'train' / 'loop'}"
+  assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 

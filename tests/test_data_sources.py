@@ -478,6 +478,63 @@ def test_image_folder_errors(tmp_path):
       validate_config(full)
 
 
+def test_image_folder_refuses_one_class_and_unreadable_entries_with_one_line(tmp_path):
+  """Every entry the listing cannot use is a DataError naming its path (never an OSError
+  traceback, never an example silently dropped)."""
+  cache = tmp_path / "cache"
+
+  def refused(root: Path, *expected: str) -> None:
+    with pytest.raises(DataError) as err:
+      load_dataset(folder_config(root, cache))
+    message = str(err.value)
+    assert "\n" not in message and all(e in message for e in expected), message
+
+  root = tmp_path / "one"
+  write_folder(root, {"train": {"ant": 3}, "test": {"ant": 2}})
+  refused(root, "one class sub-folder ('ant')", "at least 2 classes")
+
+  cases = {
+    "loop_class": ("train/loop", "loop", "Too many levels of symbolic links"),
+    "loop_image": ("train/ant/x.png", "x.png", "Too many levels of symbolic links"),
+    "dangling": ("test/moth/gone.png", "nowhere.png", "No such file or directory"),
+    "folder_as_image": ("train/zebra/up.png", "..", "is named like an image but is not a file"),
+  }
+  for name, (link, target, why) in cases.items():
+    root = tmp_path / name
+    write_folder(root, SPEC)
+    os.symlink(target, root / link)
+    refused(root, str(root / link), why)
+
+  os.symlink("self", tmp_path / "self")
+  refused(tmp_path / "self", "data.dir", "cannot be resolved")
+
+
+def test_unusual_names_reach_tables_and_plots_intact(tmp_path):
+  """Class and folder names are the user's: '$' (Matplotlib's mathtext), newlines, '|' and
+  bytes that are not UTF-8 must not break the CIE grid or results.md after a whole run."""
+  from prunebias_jax.errors import printable
+  from prunebias_jax.report import write_cie_grid
+
+  names = ["$x^$", "a$\\frac$|b", "c\nd", os.fsdecode(b"\xff\xfe"), "é <b>"]
+  root = tmp_path / "we|ird\nname $\\alpha"
+  write_folder(root, {"train": {n: 2 for n in names}, "test": {n: 1 for n in names}})
+  ds = load_dataset(folder_config(root, tmp_path / "cache"))
+  assert sorted(ds.class_names) == sorted(names)
+  assert printable(ds.name) == "image_folder:we|ird\\nname $\\alpha"
+  assert printable(os.fsdecode(b"\xff")) == "\\udcff" and printable("é <b>") == "é <b>"
+  labels = ds.test.labels
+  n = write_cie_grid(
+    tmp_path / "grid.png",
+    ds.test.images,
+    np.arange(len(labels)),
+    labels,
+    labels[::-1],
+    labels,
+    ds.class_names,
+  )
+  assert n == len(names) and (tmp_path / "grid.png").stat().st_size > 0
+
+
 def test_default_cache_dir_honours_xdg(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert image_folder.default_cache_dir() == tmp_path / "xdg" / "prunebias_jax"

@@ -390,6 +390,13 @@ def validate_against_dataset(
   test_size: int | None = None,
 ) -> None:
   """Checks that need the dataset's size (still before any training)."""
+  _require(
+    num_classes >= 2,
+    "data.source",
+    cfg.data.source,
+    f"a dataset with at least 2 classes (this one has {num_classes}); CEV, SDE and every "
+    "per-class comparison need two",
+  )
   if test_size is not None:
     _require(
       test_size >= 2,

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 import zipfile
@@ -36,7 +37,7 @@ from absl import logging
 from PIL import Image
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
-from prunebias_jax.errors import DataError, one_line
+from prunebias_jax.errors import DataError, one_line, printable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow modes that carry a single intensity channel (decoded as 'L').
@@ -133,8 +134,31 @@ class _Listing:
   mtimes: list[int]  # st_mtime_ns
 
 
+def _entries(folder: Path) -> list[os.DirEntry]:
+  """The visible entries of `folder`, by name; a folder that cannot be listed is a DataError."""
+  try:
+    with os.scandir(folder) as it:
+      return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+  except OSError as e:
+    raise DataError(_unreadable(folder, e)) from e
+
+
+def _unreadable(path, error: OSError) -> str:
+  return (
+    f"cannot read {printable(str(path))}: {error.strerror or type(error).__name__}; "
+    "fix or remove it (a link loop, a broken link or missing permissions)"
+  )
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()  # follows links: a link loop raises ELOOP here
+  except OSError as e:
+    raise DataError(_unreadable(entry.path, e)) from e
+
+
 def _class_folders(split_dir: Path) -> list[str]:
-  return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+  return [e.name for e in _entries(split_dir) if _is_dir(e)]
 
 
 def _list_split(
@@ -144,15 +168,19 @@ def _list_split(
   ignored = 0
   for c, cls in enumerate(class_names):
     cls_dir = root / split / cls
-    entries = sorted(
-      (e for e in os.scandir(cls_dir) if not e.name.startswith(".")), key=lambda e: e.name
-    )
     n_before = len(rel_paths)
-    for e in entries:
-      if not e.is_file() or not e.name.lower().endswith(IMAGE_SUFFIXES):
+    for e in _entries(cls_dir):
+      if not e.name.lower().endswith(IMAGE_SUFFIXES):
         ignored += 1
         continue
-      st = e.stat()
+      try:
+        st = e.stat()  # follows links, as decoding will
+      except OSError as err:
+        raise DataError(_unreadable(e.path, err)) from err
+      if not stat.S_ISREG(st.st_mode):  # an image name on a folder: never silently skipped
+        raise DataError(
+          f"{printable(e.path)} is named like an image but is not a file; rename or remove it"
+        )
       rel_paths.append(f"{split}/{cls}/{e.name}")
       labels.append(c)
       sizes.append(int(st.st_size))
@@ -176,8 +204,14 @@ def _check_root(root, train_split: str, test_split: str) -> Path:
   layout = f"expected {train_split}/<class>/*.png|jpg|jpeg and {test_split}/<class>/* inside it"
   if root is None or str(root) == "":
     raise DataError(f"data.dir is not set; point it at an image folder ({layout})")
-  path = Path(os.path.expanduser(str(root))).resolve()
-  if not path.is_dir():
+  try:
+    path = Path(os.path.expanduser(str(root))).resolve()
+    is_dir = path.is_dir()
+  except (OSError, RuntimeError) as e:  # a link loop: RuntimeError up to Python 3.12
+    raise DataError(
+      f"data.dir {str(root)!r} cannot be resolved ({one_line(e, 200)}); {layout}"
+    ) from e
+  if not is_dir:
     raise DataError(f"data.dir {str(root)!r} ({path}) does not exist or is not a folder; {layout}")
   for split, field in ((train_split, "train_split"), (test_split, "test_split")):
     if not (path / split).is_dir():
@@ -336,6 +370,11 @@ def load_image_folder(
       f"split folder {path / train_split} has no class sub-folders; expected "
       f"{train_split}/<class>/*.png|jpg|jpeg"
     )
+  if len(class_names) < 2:
+    raise DataError(
+      f"split folder {path / train_split} has one class sub-folder ({class_names[0]!r}); a "
+      "classifier and every per-class metric need at least 2 classes"
+    )
   test_classes = _class_folders(path / test_split)
   if set(test_classes) != set(class_names):
     missing = sorted(set(class_names) - set(test_classes))
@@ -372,7 +411,7 @@ def load_image_folder(
   n_train = len(selections[0])
   key = _cache_key(path, selected, image_size)
   cache_file = cache_base / f"image_folder-{path.name}-{key[:24]}.npz"
-  desc = f"image folder {path}"
+  desc = f"image folder {printable(str(path))}"
 
   t0 = time.monotonic()
   cached = _load_cache(cache_file, key)
