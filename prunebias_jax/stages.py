@@ -142,7 +142,12 @@ def prepare(
   t = time.perf_counter()
   data = load_dataset(cfg.data)
   validate_against_dataset(
-    cfg, data.num_classes, len(data.teacher_train), len(data.train), len(data.test)
+    cfg,
+    data.num_classes,
+    len(data.teacher_train),
+    len(data.train),
+    len(data.test),
+    data.image_shape,
   )
   load_seconds = time.perf_counter() - t
   model = get_model(cfg.model, data.num_classes, dtype=cfg.compute_dtype)
@@ -173,11 +178,12 @@ def prepare(
     jax.process_count(),
     cfg.data.batch_size,
   )
-  eval_images, _, _ = padded_eval_arrays(data.test, cfg.data.eval_batch_size)
+  eval_images, _, _ = padded_eval_arrays(data.test, _eval_batch(cfg, len(data.test), parallel))
   map_images, map_examples = None, 0
   if cfg.analysis.svcca_conv:  # the examples `records.reference` will give SVCCA
     index = svcca_subset(data.test.labels, cfg.analysis.svcca_examples, cfg.seed)
-    map_images, _, _ = padded_eval_arrays(data.test.take(index), cfg.data.eval_batch_size)
+    map_batch = _eval_batch(cfg, len(index), parallel)
+    map_images, _, _ = padded_eval_arrays(data.test.take(index), map_batch)
     map_examples = len(index)
   return RunContext(
     config=cfg,
@@ -194,6 +200,14 @@ def prepare(
     load_seconds=load_seconds,
     writer=wd.is_writer(),
   )
+
+
+def _eval_batch(cfg: ml_collections.ConfigDict, num_examples: int, parallel: DataParallel) -> int:
+  """`data.eval_batch_size`, but no larger than the examples rounded up to the devices: a
+  bigger batch would hold nothing but padding (and 10⁹ would allocate it). Predictions do not
+  depend on the batch size: padding is masked."""
+  d = parallel.num_devices
+  return min(cfg.data.eval_batch_size, -(-num_examples // d) * d)
 
 
 def planned_identities(config: ml_collections.ConfigDict, data: Dataset) -> dict[str, Identity]:

@@ -26,7 +26,14 @@ from ml_collections import config_flags
 
 from prunebias_jax import distributed, main, records, stages
 from prunebias_jax.checkpoint import CheckpointError, ModelCheckpoint
-from prunebias_jax.config import ConfigError, base_config, check_schema, resolve_config
+from prunebias_jax.config import (
+  ConfigError,
+  base_config,
+  check_schema,
+  resolve_config,
+  validate_against_dataset,
+  validate_config,
+)
 from prunebias_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +148,74 @@ def test_fuzzed_config_value_starts_or_exits_2_naming_the_field(field, value):
       assert "\n" not in message
       names = (field,) + PARTNERS.get(field, ())
       assert any(n in message for n in names), (field, value, message)
+
+
+# ------------------------------------------------------------------ integer fields at their dtypes
+def test_an_eval_batch_beyond_the_test_split_holds_no_padding(tmp_path):
+  """data.eval_batch_size has no upper bound to check: a batch larger than the test split is
+  cut to it (10^12 used to allocate 10^12 padded images before training)."""
+  cfg = base_config()
+  cfg.data.eval_batch_size = 10**12
+  ctx = stages.prepare(cfg, tmp_path)
+  assert ctx.eval_images.shape[:2] == (1, len(ctx.data.test))
+
+
+def _get_field(cfg: ml_collections.ConfigDict, field: str):
+  for part in field.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def _set_field(cfg: ml_collections.ConfigDict, field: str, value) -> None:
+  *path, last = field.split(".")
+  node = cfg
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
+INT_FIELDS = [f for f in FIELDS if type(_get_field(base_config(), f)) is int]  # not bools
+SEED_TUPLES = ("seeds", "analysis.dense_seeds")
+BOUNDARIES = (-1, 0, 1, 2**31 - 1, 2**31, 2**32, 2**63, 10**30)
+DIGITS = dict(num_classes=10, teacher_train_size=1078, finetune_train_size=1078, test_size=719)
+
+
+def _run_seeds(cfg: ml_collections.ConfigDict) -> tuple[list[int], list[int]]:
+  """(seeds that reach jax.random, seeds that reach NumPy) of a run with `cfg`, derived with
+  the pipeline's own functions: the dense seeds, every population member, the students'
+  re-pruning seeds (seed + 1000 · epoch) and the data seeds."""
+  members = [s for group in stages.seed_groups(cfg) for s in group]
+  to_jax = stages.dense_seeds(cfg) + members
+  to_numpy = [cfg.data.split_seed, cfg.data.imbalance.seed]
+  to_numpy += [s + 1000 * cfg.finetune.epochs for s in members]
+  return to_jax, to_numpy
+
+
+@pytest.mark.parametrize("field", INT_FIELDS + list(SEED_TUPLES))
+def test_integer_field_boundaries_are_refused_or_fit_the_dtypes_they_reach(field):
+  """Each integer field at the edges of int32, uint32, int64 and beyond: refused before
+  training with one line naming the field, or every value the run derives from it fits the
+  dtype it reaches (seeds: uint32 key arrays and int32; resample and permutation ids and the
+  step counter: int32) without wrapping."""
+  int32 = np.iinfo(np.int32).max
+  for value in BOUNDARIES:
+    cfg = base_config()
+    _set_field(cfg, field, (value,) if field in SEED_TUPLES else value)
+    try:
+      validate_config(cfg)
+      validate_against_dataset(cfg, **DIGITS, image_shape=(8, 8, 1))
+    except ConfigError as e:
+      assert field in str(e) and "\n" not in str(e), (field, value, str(e))
+      continue
+    to_jax, to_numpy = _run_seeds(cfg)
+    as_keys = np.asarray(jnp.asarray(to_jax, jnp.uint32)).tolist()
+    assert as_keys == to_jax and max(to_jax) <= int32, (field, value)
+    assert max(to_numpy) <= int32, (field, value)
+    for stage in ("dense", "finetune"):
+      steps = cfg[stage].epochs * -(-DIGITS["teacher_train_size"] // cfg.data.batch_size)
+      assert steps <= int32, (field, value, stage)
+    for resampled in ("bootstrap_resamples", "correlation_resamples", "permutations"):
+      assert cfg.analysis[resampled] <= int32, (field, value)
 
 
 _EXCEPTIONS = (
@@ -305,7 +380,6 @@ def test_every_analysis_value_the_validator_accepts_runs(field, values):
   """The boundary values of the analysis settings: refused with ConfigError, or the analysis
   runs with them (a value that passes validation must not crash hours later)."""
   from prunebias_jax import records as analysis
-  from prunebias_jax.config import validate_config
   from prunebias_jax.records import Outputs
 
   rng = np.random.default_rng(0)

@@ -30,6 +30,9 @@ MAX_STEPS = 2**31 - 1  # the train state's step counter is int32
 # A population is trained in one vmapped step on one device; with a single seed it expands to
 # seeds s..s+population-1 before training (a fuzzed 10^8 once took 22 GB to enumerate them).
 MAX_POPULATION = 1024
+# Bootstrap resamples and permutations are drawn from fold_in(key, b) with an int32 b, and a
+# million already puts a p-value's resolution at 1e-6 (a 95% interval needs ~10^4).
+MAX_RESAMPLES = 10**6
 MAX_SVCCA_CONV_SIZE = 64  # 64 × 64 positions: 4,096 SVCCAs per layer and model
 SVCCA_RULES = ("anatome", "centered")
 CLASSWISE_STATISTICS = ("normalized_recall", "accuracy")
@@ -315,12 +318,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       _is_int(s) and 0 <= s <= MAX_SEED, "analysis.dense_seeds", s, f"integers in [0, {MAX_SEED}]"
     )
   _distinct(dense_seeds, "analysis.dense_seeds")
-  for field in ("bootstrap_resamples", "cie_grid_images"):
+  v = cfg.analysis.cie_grid_images
+  _require(_is_int(v) and v >= 0, "analysis.cie_grid_images", v, "an integer >= 0 (0 = off)")
+  for field, low in (("bootstrap_resamples", 0), ("correlation_resamples", 1), ("permutations", 1)):
     v = cfg.analysis[field]
-    _require(_is_int(v) and v >= 0, f"analysis.{field}", v, "an integer >= 0 (0 = off)")
-  for field in ("correlation_resamples", "permutations"):
-    v = cfg.analysis[field]
-    _require(_is_int(v) and v >= 1, f"analysis.{field}", v, "an integer >= 1")
+    allowed = f"an integer in [{low}, {MAX_RESAMPLES:,}]{' (0 = off)' if low == 0 else ''}"
+    _require(_is_int(v) and low <= v <= MAX_RESAMPLES, f"analysis.{field}", v, allowed)
   v = cfg.analysis.svcca_examples
   _require(
     _is_int(v) and (v == 0 or v >= 2),
@@ -357,9 +360,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     "an integer >= 0 (0 = only finished models)",
   )
   _positive_int(cfg, "checkpoint.keep")
-  for field in ("data.split_seed", "data.imbalance.seed"):
+  for field in ("data.split_seed", "data.imbalance.seed"):  # NumPy seeds: the same range
     v = _get(cfg, field)
-    _require(_is_int(v) and v >= 0, field, v, "an integer >= 0")
+    _require(_is_int(v) and 0 <= v <= MAX_SEED, field, v, f"an integer in [0, {MAX_SEED}]")
   for field in ("data.train_split", "data.test_split", "data.label_attribute"):
     v = _get(cfg, field)
     _require(isinstance(v, str) and v.strip() != "", field, v, "a non-empty string")
@@ -388,8 +391,13 @@ def validate_against_dataset(
   teacher_train_size: int,
   finetune_train_size: int,
   test_size: int | None = None,
+  image_shape: Sequence[int] | None = None,
 ) -> None:
   """Checks that need the dataset's size (still before any training)."""
+  if image_shape is not None:  # a padding beyond the image makes crops of padding alone
+    side = min(image_shape[:2])
+    cp = cfg.data.crop_padding
+    _require(cp <= side, "data.crop_padding", cp, f"at most the image side ({side} pixels)")
   _require(
     num_classes >= 2,
     "data.source",
