@@ -155,6 +155,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
     # config file without get_config().
     if _lines_in(e, path) or "get_config" in str(e):
       _fail(config_problem(e, path))
+    not_a_config = _returned(e)
+    if not_a_config:  # an override applied to what get_config() returned
+      _fail(f"cannot load --config {path}: {not_a_config}")
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     try:  # ml_collections passes on a KeyError's repr ("'\\'epoch\\'\\nDid you mean ...'")
       text = str(ast.literal_eval(text)) if text[:1] in "'\"" else text
@@ -164,6 +167,22 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
   except Exception as e:  # the config file is user code: anything it raises is bad input
     _fail(config_problem(e, path))
   return []
+
+
+def _returned(error: BaseException) -> str | None:
+  """What get_config() returned, described, when an override failed because it is not a
+  ConfigDict (else None). config_flags applies the overrides inside its flag's `_parse`, where
+  the loaded object is the local `config`; should that ever change, the error is reported as
+  it is."""
+  for frame, _ in traceback.walk_tb(error.__traceback__):
+    if frame.f_code.co_name == "_parse" and "config_flags" in frame.f_code.co_filename:
+      config = frame.f_locals.get("config", ml_collections.ConfigDict())
+      if not isinstance(config, ml_collections.ConfigDict):
+        return (
+          f"get_config() returned {type(config).__name__} {one_line(repr(config), 80)}, "
+          "not an ml_collections.ConfigDict"
+        )
+  return None
 
 
 def loaded_config(flag: Any) -> ml_collections.ConfigDict:

@@ -297,6 +297,20 @@ def test_fuzzed_config_files_end_in_one_line_naming_the_file(case):
       assert "\n" not in str(e) and case[1] in str(e), (case, str(e))
 
 
+@pytest.mark.parametrize("returned", ["None", "5", "[1]", "{'dense': {'epochs': 3}}", "object()"])
+def test_config_file_returning_no_configdict_is_named_with_overrides_too(returned, tmp_path):
+  """With a --config.* override, ml_collections applies it to whatever get_config() returned
+  and fails inside (a TypeError about list indices, a KeyError): the line still names the
+  file and what it returned."""
+  path = tmp_path / "returns.py"
+  _write_config_file(path, ("returns", returned, ""))
+  config, err, code = _parse(["--config.dense.epochs=1"], config_file=path)
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert config is None and code == 2 and len(lines) == 1, err
+  assert lines[0].startswith(f"error: cannot load --config {path}: get_config() returned "), err
+  assert lines[0].endswith("not an ml_collections.ConfigDict"), err
+
+
 @pytest.mark.parametrize(
   "field,value,expected",
   [
