@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m prunebias_jax.main --config configs/default.py --workdir $(WORKDIR)
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # The format and lint check of `make test` (ruff, configured in pyproject.toml).
 lint: $(STAMP)

@@ -457,3 +457,48 @@ def test_out_of_range_ids_are_ignored_not_wrapped():
   np.testing.assert_array_equal(np.asarray(got), expected)
   for x, y in zip(rate_denominators(np.append(labels, -1), 3), rate_denominators(labels, 3)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# Worked by hand (docs/metrics.md): 4 classes, class 0 has a zero reference FNR but a
+# non-zero FPR, class 3 never occurs (its FNR is undefined). Reference rates:
+# FPR (0.2, 0.25, 0.2, 0), FNR (0, 2/3, 0.5, -); compared: FPR (0.2, 0.25, 0, 0),
+# FNR (0.5, 1/3, 0, -). floor: class 0's FNR denominator is one error, 1/2;
+# exclude: class 0 is left out. Class 3 is invalid under both rules and never counted.
+ZERO_RATE_LABELS = [0, 0, 1, 1, 2, 2, 1]
+ZERO_RATE_REFERENCE = [0, 0, 1, 0, 2, 1, 2]
+ZERO_RATE_COMPARED = [0, 1, 1, 1, 2, 2, 0]
+ZERO_RATE_EXPECTED = {
+  # (rule, convention): (dFPR, dFNR, valid, CEV, SDE)
+  ("floor", "simon_says"): (
+    [0, 0, -100, 0],
+    [100, -50, -100, 0],
+    [1, 1, 1, 0],
+    42500 / 9,
+    50 / math.sqrt(2),
+  ),
+  ("floor", "nas2022"): ([0, 0, -1, 0], [1, -0.5, -1, 0], [1, 1, 1, 0], 17 / 18, 0.5),
+  ("exclude", "simon_says"): (
+    [0, 0, -100, 0],
+    [0, -50, -100, 0],
+    [0, 1, 1, 0],
+    1562.5,
+    25 / math.sqrt(2),
+  ),
+  ("exclude", "nas2022"): ([0, 0, -1, 0], [0, -0.5, -1, 0], [0, 1, 1, 0], 0.3125, 0.25),
+}
+
+
+@pytest.mark.parametrize("rule,convention", sorted(ZERO_RATE_EXPECTED))
+def test_zero_rate_rules_on_a_hand_worked_case(rule, convention):
+  dfpr, dfnr, valid, cev, sde = ZERO_RATE_EXPECTED[rule, convention]
+  labels, ref, cmp = (
+    jnp.asarray(x) for x in (ZERO_RATE_LABELS, ZERO_RATE_REFERENCE, ZERO_RATE_COMPARED)
+  )
+  kw = dict(zero_rate=rule, convention=convention)
+  change = relative_rate_change(labels, ref, cmp, 4, **kw)
+  np.testing.assert_allclose(change.dfpr, dfpr, atol=1e-4)
+  np.testing.assert_allclose(change.dfnr, dfnr, atol=1e-4)
+  assert np.asarray(change.valid).tolist() == [bool(v) for v in valid]
+  assert int(change.num_zero_rate_classes) == 1  # class 0; the absent class 3 is not counted
+  assert float(combined_error_variance(labels, ref, cmp, 4, **kw)) == pytest.approx(cev, rel=1e-5)
+  assert float(symmetric_distance_error(labels, ref, cmp, 4, **kw)) == pytest.approx(sde, rel=1e-5)

@@ -139,3 +139,58 @@ def test_sparsity_unchanged_after_50_sgd_momentum_wd_steps(method):
     np.asarray(state.params["conv2"]["kernel"]), np.asarray(params["conv2"]["kernel"])
   )
   assert abs(after["global"] - 0.7) < 0.02
+
+
+def test_momentum_and_weight_decay_cannot_revive_weights_pruned_mid_training():
+  """Gradual pruning prunes a model whose optimizer already carries momentum on every weight.
+  Dense steps first (momentum builds up everywhere), then prune keeping the optimizer state,
+  then more steps: the pruned weights must stay exactly zero, which only the re-masking after
+  the update guarantees (their gradient is zero, but their momentum and decay are not)."""
+  import ml_collections
+  import optax
+
+  from prunebias_jax.pruning import dense_masks
+
+  model = get_model("small_cnn", 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  opt_cfg = ml_collections.ConfigDict(
+    dict(
+      learning_rate=0.1,
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=5e-4,
+      schedule="constant",
+      decay_epochs=(),
+      decay_factor=0.1,
+    )
+  )
+  optimizer = make_optimizer(opt_cfg, steps_per_epoch=10, epochs=5)
+  step = make_train_step(
+    model, optimizer, mean=(0.5,), std=(0.25,), crop_padding=0, flip=False, kd=False
+  )
+  params = variables["params"]
+  state = create_state(params, variables["batch_stats"], optimizer, masks=dense_masks(params))
+  rng = np.random.default_rng(0)
+
+  def steps(state, n, offset):
+    for i in range(n):
+      images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+      labels = rng.integers(0, 10, (16,), dtype=np.int32)
+      key = jax.random.key(offset + i)
+      state, _ = step(state, images, labels, key, None, jnp.float32(0), jnp.float32(1))
+    return state
+
+  state = steps(state, 10, 0)
+  masks = prune(state.params, "global_magnitude", 0.7)
+  flat_masks = {n: np.asarray(m) for n, m in masks_to_flat(masks).items()}  # the step donates
+  state = state.replace(params=apply_masks(state.params, masks), masks=masks)
+  is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+  (trace,) = [s.trace for s in jax.tree.leaves(state.opt_state, is_leaf=is_trace) if is_trace(s)]
+  momentum = masks_to_flat(trace)
+  pruned_momentum = [np.abs(np.asarray(momentum[n])[~m]) for n, m in flat_masks.items()]
+  assert max(float(v.max()) for v in pruned_momentum if v.size) > 0  # something to revive
+  state = steps(state, 5, 100)
+  for name, mask in flat_masks.items():
+    kernel = np.asarray(masks_to_flat(state.params)[name])
+    assert np.all(kernel[~mask] == 0.0), name
+  assert sparsity_report(state.params)["global"] == pytest.approx(0.7, abs=0.02)
