@@ -146,8 +146,17 @@ _CONFIG_PATH: list[str | None] = [None]  # the --config file, for messages raise
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's parser, but a bad flag, config override or config file is one line and exit 2."""
   path = _CONFIG_PATH[0] = _config_path(argv)
+  # config_flags warns when get_config() returns None, which the one line below says too; a
+  # warning before the flags are parsed also makes absl print a line of its own.
+  absl_logger = std_logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)
   try:
     return flag_values(argv)
+  except SystemExit as e:  # sys.exit() inside the config file (absl's own exits pass)
+    if _lines_in(e, path):
+      _fail(config_problem(e, path))
+    raise
   except flags.Error as e:
     _fail(one_line(e, 300) if _is_override_error(e) else config_problem(e, path))
   except (KeyError, AttributeError, TypeError, ValueError) as e:
@@ -166,6 +175,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
     _fail(f"{type(e).__name__}: {one_line(text, 300)}")
   except Exception as e:  # the config file is user code: anything it raises is bad input
     _fail(config_problem(e, path))
+  finally:
+    absl_logger.setLevel(level)
   return []
 
 
@@ -199,7 +210,9 @@ def loaded_config(flag: Any) -> ml_collections.ConfigDict:
         f"cannot load --config {_CONFIG_PATH[0]}: get_config() returned "
         f"{type(config).__name__} {one_line(repr(config), 80)}, not an ml_collections.ConfigDict"
       )
-  except SystemExit:
+  except SystemExit as e:  # ours (_fail), or sys.exit() inside the config file
+    if _lines_in(e, _CONFIG_PATH[0]):
+      _fail(config_problem(e, _CONFIG_PATH[0]))
     raise
   except Exception as e:  # the config file is user code: anything it raises is bad input
     _fail(config_problem(e, _CONFIG_PATH[0]))

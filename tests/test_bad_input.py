@@ -247,6 +247,7 @@ _config_file = st.one_of(
   st.tuples(st.just("wrong_type"), st.sampled_from(FIELDS), _value),
   st.tuples(st.just("new_field"), st.sampled_from(FIELDS), _value),
   st.tuples(st.just("no_get_config"), st.just(""), _message),
+  st.tuples(st.just("exits"), st.sampled_from(["0", "1", "'bye'", "None"]), _message),
 )
 
 
@@ -264,6 +265,7 @@ def _write_config_file(path: Path, case: tuple) -> None:
     "new_field": f"{base}def get_config():\n  cfg = _base()\n  cfg.{what}_x = {text!r}\n"
     "  return cfg\n",
     "no_get_config": "X = 1\n",
+    "exits": f"import sys\ndef get_config():\n  sys.exit({what})\n",
   }[kind]
   path.write_text(body)
 
@@ -287,7 +289,7 @@ def test_fuzzed_config_files_end_in_one_line_naming_the_file(case):
       lines = [line for line in err.splitlines() if line.strip()]
       assert code == 2 and len(lines) == 1, err
       assert lines[0].startswith("error: cannot load --config ") and str(path) in lines[0], err
-      if case[0] in ("raise_in_get_config", "raise_at_import", "syntax", "missing_import"):
+      if case[0] in ("raise_in_get_config", "raise_at_import", "syntax", "missing_import", "exits"):
         assert f"{path}, line " in lines[0], err
       return
     assert case[0] in ("wrong_type", "new_field"), (case, "loaded")
@@ -682,7 +684,11 @@ def test_a_class_absent_from_the_test_set_gives_no_nan(rule):
   assert np.all(np.isfinite(rates.fpr)) and np.all(np.isfinite(rates.fnr))
   change = pm.relative_rate_change(labels, reference, compressed, 4, zero_rate=rule)
   assert np.all(np.isfinite(change.dfpr)) and np.all(np.isfinite(change.dfnr))
-  assert int(change.num_zero_rate_classes) >= 2  # class 0 (FPR and FNR 0) and absent class 2
+  # Class 0 (reference FPR and FNR 0) and class 3 (reference FPR 0) hit the rule; class 2 is
+  # undefined (no example), never counted, and invalid under both rules.
+  assert int(change.num_zero_rate_classes) == 2
+  expected_valid = [True, True, False, True] if rule == "floor" else [False, True, False, False]
+  assert np.asarray(change.valid).tolist() == expected_valid
   cev = pm.cev_from_changes(change.dfpr, change.dfnr, change.valid)
   sde = pm.sde_from_changes(change.dfpr, change.dfnr, change.valid)
   assert np.isfinite(float(cev)) and np.isfinite(float(sde))

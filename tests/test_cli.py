@@ -204,3 +204,22 @@ def test_only_the_closed_event_loop_noise_is_dropped(monkeypatch):
     main._closed_loop_noise(unraisable(error))
   forwarded = [u.exc_value.args[0] for u in seen]
   assert forwarded == ["Event loop is closed for good", "Event loop is closed"]
+
+
+@pytest.mark.parametrize(
+  "body,expected",
+  [
+    ("def get_config():\n  return None\n", "get_config() returned NoneType None"),
+    ("import sys\ndef get_config():\n  sys.exit(0)\n", "line 3: SystemExit: 0"),
+  ],
+)
+def test_config_file_that_returns_none_or_exits_is_one_line_exit_2(tmp_path, body, expected):
+  """Through the real command: absl adds a 'Logging before flag parsing' line to its own
+  warning about None, and a sys.exit(0) in the file used to end the run silently with 0."""
+  path = tmp_path / "my_config.py"
+  path.write_text(body)
+  cmd = [sys.executable, "-m", "prunebias_jax.main", f"--config={path}", f"--workdir={tmp_path}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"error: cannot load --config {path}") and expected in lines[0]
