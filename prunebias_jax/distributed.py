@@ -166,10 +166,17 @@ def maybe_initialize(config, *, initialization_timeout: int | None = None) -> bo
   import jax  # pylint: disable=import-outside-toplevel
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
 
+  kwargs = _arguments(config)  # checked even when unused: a bad value is never ignored
   go, why = wanted(config)
   if not go:
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    if given:  # set for a multi-process run that will not happen: say so, do not drop them
+      names = ", ".join(f"config.{k}={v!r}" for k, v in given.items())
+      raise ConfigError(
+        f"{names} set, but this run is single-process ({why}); set "
+        "--config.distributed=True for a multi-process run, or leave them unset"
+      )
     return False
-  kwargs = _arguments(config)
   timeout = _timeout(initialization_timeout)
   if jax.distributed.is_initialized():  # e.g. a caller (or a test harness) initialised already
     logging.info(

@@ -303,3 +303,21 @@ def test_when_to_initialise():
   assert wanted(auto, {"TPU_WORKER_HOSTNAMES": "t0,t1", "TPU_ACCELERATOR_TYPE": "v4-16"})[0]
   assert on_tpu({"TPU_ACCELERATOR_TYPE": "v5litepod-16"})
   assert not on_tpu({"TPU_ACCELERATOR_TYPE": "v4-16", "JAX_PLATFORMS": "cpu"})  # forced off TPU
+
+
+@pytest.mark.parametrize("setting", [None, False])
+def test_multi_process_settings_of_a_single_process_run_are_refused_not_ignored(setting):
+  """num_processes/process_id/coordinator_address only mean something in a multi-process run:
+  set without one (config.distributed off or automatic and nothing to detect) they are refused
+  before JAX starts, and a bad value is refused even then."""
+  from ml_collections import ConfigDict
+
+  from prunebias_jax.config import ConfigError
+  from prunebias_jax.distributed import maybe_initialize
+
+  base = {"distributed": setting, "coordinator_address": None, "process_id": None}
+  with pytest.raises(ConfigError, match=r"config.num_processes=2 set, but this run is single"):
+    maybe_initialize(ConfigDict({**base, "num_processes": 2}))
+  with pytest.raises(ConfigError, match=r"config.num_processes=-1 is not allowed"):
+    maybe_initialize(ConfigDict({**base, "num_processes": -1}))
+  assert maybe_initialize(ConfigDict({**base, "num_processes": None})) is False
