@@ -2,6 +2,7 @@
 
     python scripts/adversarial_sweep.py                     # every case, 2 at a time
     python scripts/adversarial_sweep.py --only data,files   # some groups
+    python scripts/adversarial_sweep.py --only values --match 'seed|epochs'   # some cases
     python scripts/adversarial_sweep.py --json runs/adversarial.json --workers 1
 
 Each case runs `python -m prunebias_jax.main` in a subprocess on the embedded digits data
@@ -19,14 +20,17 @@ Groups: `values` (every config field with a wrong type and an out-of-range value
 swapped, link loops, immutable folders, a full 2 MiB tmpfs where mounting is allowed), `data`
 (image folders: one class, link loops, broken links, unusual names), `trained` (a finished
 workdir: damaged checkpoints, config.json deleted with other training values, NaN loss,
-SIGINT/SIGTERM/SIGKILL and rerun). The table and a JSON file list every case with its exit
-code, stderr line count and verdict; the script exits 1 if any case fails.
+SIGINT/SIGTERM/SIGKILL and rerun), `fresh` (a NaN loss, then each piece of the advice it
+prints, which must work without retraining the teacher). The table and a JSON file list
+every case with its exit code, stderr line count and verdict; the script exits 1 if any case
+fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -69,7 +73,8 @@ class Case:
   check: object = None  # callable(workdir: Path, proc) -> str | None (a problem)
   config: str = "configs/default.py"
   interrupt: tuple[float, int] | None = None  # (seconds after start, signal)
-  rerun: bool = False  # after an interrupt: rerun the same command, expect exit 0
+  rerun: bool = False  # then rerun (the same command, or `rerun_args`), expect exit 0
+  rerun_args: tuple[str, ...] | None = None  # replaces `args` in the rerun
   result: dict = field(default_factory=dict)
 
 
@@ -152,16 +157,25 @@ def run_case(case: Case, base: Path, trained: Path | None) -> Case:
       problems.append(f"exit {proc.returncode}, expected one of {REFUSALS}")
     if len(lines) != 1:
       problems.append(f"{len(lines)} stderr lines, expected 1")
-    elif case.interrupt is None and _tree_hash(workdir / "checkpoints") != before:
+    elif (
+      proc.returncode == 2  # bad input: nothing trained, nothing overwritten (README)
+      and "--config.overwrite=True" not in case.args  # overwrite deletes what differs
+      and _tree_hash(workdir / "checkpoints") != before
+    ):
       problems.append("checkpoints changed by a refused run")
   if case.check is not None and not problems:
     problem = case.check(workdir, proc)
     if problem:
       problems.append(problem)
   if case.rerun and not problems:
-    again = _run(_command(case, workdir))
+    args = case.args if case.rerun_args is None else case.rerun_args
+    dense = _tree_hash(workdir / "checkpoints" / "dense")
+    again = _run(_command(dataclasses.replace(case, args=args), workdir))
     if again.returncode != 0 or "Traceback" in again.stderr:
-      problems.append(f"rerun exit {again.returncode}")
+      last = (_stderr_lines(again.stderr) or [""])[-1]
+      problems.append(f"rerun exit {again.returncode}: {last}")
+    elif case.rerun_args is not None and _tree_hash(workdir / "checkpoints" / "dense") != dense:
+      problems.append("the rerun retrained the teacher, which the changed value does not affect")
   case.result = {
     "group": case.group,
     "case": case.name,
@@ -432,8 +446,10 @@ def trained_cases() -> list[Case]:
     ),
     Case(
       "trained",
-      "nan loss (then the advice is followed)",
+      "nan loss with overwrite (teacher kept)",
       ("--config.finetune.optim.learning_rate=1e30", "--config.overwrite=True"),
+      setup=dense_hash,
+      check=teacher(kept=True),
     ),
     Case("trained", "SIGINT during fine-tuning", long_finetune, interrupt=(20.0, signal.SIGINT)),
     Case(
@@ -453,9 +469,31 @@ def trained_cases() -> list[Case]:
   ]
 
 
+def fresh_cases() -> list[Case]:
+  """From an empty workdir: the advice printed after a failure can be followed."""
+  nan = ("--config.finetune.optim.learning_rate=1e30",)
+  return [
+    Case(
+      "fresh",
+      "fine-tuning nan loss, then the advised lower learning rate",
+      nan,
+      rerun=True,
+      rerun_args=("--config.finetune.optim.learning_rate=0.05",),
+    ),
+    Case(
+      "fresh",
+      "fine-tuning nan loss, then nonfinite=skip",
+      nan,
+      rerun=True,
+      rerun_args=(*nan, "--config.nonfinite=skip"),
+    ),
+  ]
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--only", default="values,files,workdir,data,trained")
+  parser.add_argument("--only", default="values,files,workdir,data,trained,fresh")
+  parser.add_argument("--match", default="", help="only cases whose name matches this regex")
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--json", default="")
   parser.add_argument("--keep", action="store_true", help="keep the case folders")
@@ -469,9 +507,10 @@ def main() -> int:
     "workdir": lambda: workdir_cases(base),
     "data": lambda: data_cases(base),
     "trained": trained_cases,
+    "fresh": fresh_cases,
   }
   for g in groups:
-    cases += builders[g]()
+    cases += [c for c in builders[g]() if re.search(args.match, c.name)]
   trained = None
   if "trained" in groups:
     trained = base / "trained-source"

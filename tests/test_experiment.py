@@ -107,6 +107,25 @@ def test_records_are_consistent(finished_run):
     )  # nothing revived by fine-tuning
     assert r["cev"] >= 0 and r["sde"] >= 0 and 0 <= r["cka"] <= 1 + 1e-6
   ds = json.loads((workdir / "dataset.json").read_text())
+  # Each pruned record's changes recomputed in NumPy from its own rates and the dense record's
+  # (floor rule, Simon Says constants): a record built with the two models swapped, or against
+  # the wrong reference, fails here.
+  counts = np.array(ds["test_class_counts"], float)
+  n = counts.sum()
+  ref_fpr, ref_fnr = np.array(dense["fpr"]), np.array(dense["fnr"])
+  den_fpr = np.where(ref_fpr > 0, ref_fpr, 1 / (n - counts))
+  den_fnr = np.where(ref_fnr > 0, ref_fnr, 1 / counts)
+  for r in pruned:
+    fpr, fnr = np.array(r["fpr"]), np.array(r["fnr"])
+    assert not np.array_equal(fpr, ref_fpr)  # a pruned model, not the reference again
+    dfpr, dfnr = 100 * (fpr - ref_fpr) / den_fpr, 100 * (fnr - ref_fnr) / den_fnr
+    # Records keep float32 rates to 6 decimals: a rate off by 1e-6 moves a change by
+    # 100·1e-6/den, and float32 adds ~1e-6 relative (a swapped pair is off by 10-1000%).
+    for got, want, den in ((r["dfpr"], dfpr, den_fpr), (r["dfnr"], dfnr, den_fnr)):
+      tol = 1e-5 * np.abs(want) + 100 * 2e-6 / den + 1e-4
+      assert np.all(np.abs(np.array(got) - want) <= tol), (got, want)
+    assert r["cev"] == pytest.approx(0.5 * (dfpr.var() + dfnr.var()), rel=1e-3)
+    assert r["sde"] == pytest.approx(np.mean(np.abs(dfpr - dfnr)) / np.sqrt(2), rel=1e-3)
   assert sum(ds["test_class_counts"]) == dense["num_test_examples"]
   assert ds["finetune_train_class_counts"][3] < ds["teacher_train_class_counts"][3]
 
