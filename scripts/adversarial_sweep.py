@@ -407,6 +407,10 @@ def trained_cases() -> list[Case]:
 
     return check
 
+  def teacher_case(name, args, kept: bool, expect: str = "ok", setup=dense_hash) -> Case:
+    """A rerun of the trained workdir that must keep (or retrain) the dense teacher."""
+    return Case("trained", name, args, expect=expect, setup=setup, check=teacher(kept))
+
   long_finetune = ("--config.finetune.epochs=300", "--config.overwrite=True")
   return [
     Case("trained", "truncated manifest", setup=truncate),
@@ -420,52 +424,34 @@ def trained_cases() -> list[Case]:
     ),
     Case("trained", "other dense epochs", ("--config.dense.epochs=2",)),
     Case("trained", "other fine-tune lr", ("--config.finetune.optim.learning_rate=0.5",)),
-    Case(
-      "trained",
+    teacher_case(
       "other fine-tune lr + overwrite (teacher kept)",
       ("--config.finetune.optim.learning_rate=0.5", "--config.overwrite=True"),
-      expect="ok",
-      setup=dense_hash,
-      check=teacher(kept=True),
+      kept=True,
     ),
-    Case(
-      "trained",
+    teacher_case(
       "config.json deleted, other dense epochs + overwrite (teacher retrained)",
       ("--config.dense.epochs=2", "--config.overwrite=True"),
-      expect="ok",
+      kept=False,
       setup=lambda w: (no_config(w), dense_hash(w)),
-      check=teacher(kept=False),
     ),
-    Case(
-      "trained",
-      "only an analysis value changed",
-      ("--config.analysis.permutations=500",),
-      expect="ok",
-      setup=dense_hash,
-      check=teacher(kept=True),
-    ),
-    Case(
-      "trained",
+    teacher_case("only an analysis value changed", ("--config.analysis.permutations=500",), True),
+    teacher_case(
       "nan loss with overwrite (teacher kept)",
       ("--config.finetune.optim.learning_rate=1e30", "--config.overwrite=True"),
-      setup=dense_hash,
-      check=teacher(kept=True),
+      kept=True,
+      expect="refused",
     ),
     Case("trained", "SIGINT during fine-tuning", long_finetune, interrupt=(20.0, signal.SIGINT)),
+  ] + [
     Case(
       "trained",
-      "SIGTERM during fine-tuning, then rerun",
+      f"{sig.name} during fine-tuning, then rerun",
       ("--config.finetune.epochs=30", "--config.overwrite=True"),
-      interrupt=(15.0, signal.SIGTERM),
+      interrupt=(15.0, sig),
       rerun=True,
-    ),
-    Case(
-      "trained",
-      "SIGKILL during fine-tuning, then rerun",
-      ("--config.finetune.epochs=30", "--config.overwrite=True"),
-      interrupt=(15.0, signal.SIGKILL),
-      rerun=True,
-    ),
+    )
+    for sig in (signal.SIGTERM, signal.SIGKILL)
   ]
 
 
@@ -512,7 +498,7 @@ def main() -> int:
   for g in groups:
     cases += [c for c in builders[g]() if re.search(args.match, c.name)]
   trained = None
-  if "trained" in groups:
+  if any(c.group == "trained" for c in cases):
     trained = base / "trained-source"
     print(f"training the shared tiny workdir {trained} ...", flush=True)
     proc = _run(_command(Case("setup", "setup", expect="ok"), trained))

@@ -102,13 +102,8 @@ def test_masks_roundtrip_and_bad_input(resnet20_params):
   assert set(METHODS) == {"l1_filter", "global_magnitude", "layer_magnitude", "random"}
 
 
-@pytest.mark.parametrize("method", ["l1_filter", "global_magnitude"])
-def test_sparsity_unchanged_after_50_sgd_momentum_wd_steps(method):
-  model = get_model("small_cnn", 10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  masks = prune(variables["params"], method, 0.7)
-  params = apply_masks(variables["params"], masks)
-  before = sparsity_report(params)
+def _sgd_momentum_wd():
+  """SGD with momentum 0.9 and weight decay: both push on weights whose gradient is zero."""
   import ml_collections
 
   opt_cfg = ml_collections.ConfigDict(
@@ -122,7 +117,17 @@ def test_sparsity_unchanged_after_50_sgd_momentum_wd_steps(method):
       decay_factor=0.1,
     )
   )
-  optimizer = make_optimizer(opt_cfg, steps_per_epoch=10, epochs=5)
+  return make_optimizer(opt_cfg, steps_per_epoch=10, epochs=5)
+
+
+@pytest.mark.parametrize("method", ["l1_filter", "global_magnitude"])
+def test_sparsity_unchanged_after_50_sgd_momentum_wd_steps(method):
+  model = get_model("small_cnn", 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  masks = prune(variables["params"], method, 0.7)
+  params = apply_masks(variables["params"], masks)
+  before = sparsity_report(params)
+  optimizer = _sgd_momentum_wd()
   step = make_train_step(
     model, optimizer, mean=(0.5,), std=(0.25,), crop_padding=1, flip=False, kd=False
   )
@@ -146,25 +151,13 @@ def test_momentum_and_weight_decay_cannot_revive_weights_pruned_mid_training():
   Dense steps first (momentum builds up everywhere), then prune keeping the optimizer state,
   then more steps: the pruned weights must stay exactly zero, which only the re-masking after
   the update guarantees (their gradient is zero, but their momentum and decay are not)."""
-  import ml_collections
   import optax
 
   from prunebias_jax.pruning import dense_masks
 
   model = get_model("small_cnn", 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  opt_cfg = ml_collections.ConfigDict(
-    dict(
-      learning_rate=0.1,
-      momentum=0.9,
-      nesterov=False,
-      weight_decay=5e-4,
-      schedule="constant",
-      decay_epochs=(),
-      decay_factor=0.1,
-    )
-  )
-  optimizer = make_optimizer(opt_cfg, steps_per_epoch=10, epochs=5)
+  optimizer = _sgd_momentum_wd()
   step = make_train_step(
     model, optimizer, mean=(0.5,), std=(0.25,), crop_padding=0, flip=False, kd=False
   )
