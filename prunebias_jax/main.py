@@ -189,11 +189,15 @@ def _returned(error: BaseException) -> str | None:
     if frame.f_code.co_name == "_parse" and "config_flags" in frame.f_code.co_filename:
       config = frame.f_locals.get("config", ml_collections.ConfigDict())
       if not isinstance(config, ml_collections.ConfigDict):
-        return (
-          f"get_config() returned {type(config).__name__} {one_line(repr(config), 80)}, "
-          "not an ml_collections.ConfigDict"
-        )
+        return _not_a_config(config)
   return None
+
+
+def _not_a_config(config: Any) -> str:
+  return (
+    f"get_config() returned {type(config).__name__} {one_line(repr(config), 80)}, "
+    "not an ml_collections.ConfigDict"
+  )
 
 
 def loaded_config(flag: Any) -> ml_collections.ConfigDict:
@@ -206,10 +210,7 @@ def loaded_config(flag: Any) -> ml_collections.ConfigDict:
     if hasattr(config, "to_dict"):  # config_flags defers some load errors until first use
       config.to_dict()
     if not isinstance(config, ml_collections.ConfigDict):
-      _fail(
-        f"cannot load --config {_CONFIG_PATH[0]}: get_config() returned "
-        f"{type(config).__name__} {one_line(repr(config), 80)}, not an ml_collections.ConfigDict"
-      )
+      _fail(f"cannot load --config {_CONFIG_PATH[0]}: {_not_a_config(config)}")
   except SystemExit as e:  # ours (_fail), or sys.exit() inside the config file
     if _lines_in(e, _CONFIG_PATH[0]):
       _fail(config_problem(e, _CONFIG_PATH[0]))
