@@ -536,6 +536,18 @@ def _reset_peak() -> bool:
     return False
 
 
+def peak_rss_increase_mb(fn: Callable[[], Any]) -> tuple[Any, float | None]:
+  """``(fn(), MB)``: how far the process's peak resident set rose above its resident set before
+  the call (the kernel's high-water mark is reset first). MB is None where the kernel does not
+  let the process reset it (``/proc/self/clear_refs``), rather than a peak of some earlier call."""
+  gc.collect()
+  base = _rss_kb("VmRSS")
+  ok = _reset_peak()
+  value = fn()
+  peak = _rss_kb("VmHWM")
+  return value, ((peak - base) / 1024 if ok else None)
+
+
 def metrics_child(
   n: int, d: int, num_classes: int, repeats: int, gram_max_n: int, out: str
 ) -> None:
@@ -569,15 +581,8 @@ def metrics_child(
   values = {"jax": impls["jax"]()}  # compile
   res["jax_first_call_s"] = time.perf_counter() - t0
   for name, fn in impls.items():
-    gc.collect()
-    base = _rss_kb("VmRSS")
-    ok = _reset_peak()
-    values[name] = fn()
-    peak = _rss_kb("VmHWM")
-    res["variants"][name] = {
-      "peak_rss_increase_mb": (peak - base) / 1024 if ok else None,
-      "values": values[name],
-    }
+    values[name], mb = peak_rss_increase_mb(fn)
+    res["variants"][name] = {"peak_rss_increase_mb": mb, "values": values[name]}
   times = interleaved(impls, repeats)
   for name, v in times.items():
     res["variants"][name]["seconds_median"] = statistics.median(v)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -32,8 +33,30 @@ def test_similarity_by_layer_identity_and_difference():
   assert set(same["layer_cka"]) == {"features", "stage1", "logits"}
   assert all(v == pytest.approx(1.0, abs=1e-5) for v in same["layer_cka"].values())
   assert all(v == pytest.approx(0.0, abs=1e-4) for v in same["layer_svcca"].values())
-  other = records.similarity_by_layer(ref, outputs(preds, rng, 4), index)
-  assert other["layer_cka"]["features"] < 0.3 and other["svcca"] >= 0
+  model = outputs(preds, rng, 4)
+  other = records.similarity_by_layer(ref, model, index)
+  layers = {"logits": (ref.logits, model.logits)} | {
+    k: (v, model.layers[k]) for k, v in ref.layers.items()
+  }
+  # CKA of every test example (NumPy closed form); SVCCA of the `index` examples only, the
+  # logits' SVCCA being the record's headline 'svcca'.
+  assert other["layer_cka"] == {
+    k: pytest.approx(_numpy_linear_cka(x, y), abs=2e-6) for k, (x, y) in layers.items()
+  }
+  want_svcca = {  # the default rule, 'anatome'
+    k: float(metrics.svcca_distance(x[index], y[index], anatome_compat=True))
+    for k, (x, y) in layers.items()
+  }
+  assert other["layer_svcca"] == {k: pytest.approx(v, abs=2e-6) for k, v in want_svcca.items()}
+  assert other["svcca"] == other["layer_svcca"]["logits"]
+  everything = float(metrics.svcca_distance(ref.logits, model.logits, anatome_compat=True))
+  assert abs(everything - want_svcca["logits"]) > 1e-3  # so the subset is what was checked
+
+
+def _numpy_linear_cka(x, y):
+  x = np.asarray(x, np.float64) - np.mean(x, 0)
+  y = np.asarray(y, np.float64) - np.mean(y, 0)
+  return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
 
 
 def test_binary_fairness_matches_fairlearn():
@@ -49,29 +72,59 @@ def test_binary_fairness_matches_fairlearn():
   assert fair["eod_mean"] == pytest.approx(
     equalized_odds_difference(y, p, sensitive_features=g, agg="mean"), abs=1e-5
   )
-  multi = records.fairness(
-    rng.integers(0, 5, 300), g, rng.integers(0, 5, 300), num_classes=5, num_groups=3
-  )
-  assert {"dpd", "eod", "dpd_classmean", "eod_classmean"} <= set(multi)
-  assert multi["dpd_classmean"] <= multi["dpd"]
+  ym, pm_ = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+  multi = records.fairness(ym, g, pm_, num_classes=5, num_groups=3)
+  # one-vs-rest per class with fairlearn, then max and mean over the 5 classes
+  per_class = {
+    "dpd": [
+      demographic_parity_difference(ym == c, pm_ == c, sensitive_features=g) for c in range(5)
+    ],
+    "eod": [equalized_odds_difference(ym == c, pm_ == c, sensitive_features=g) for c in range(5)],
+    "eod_mean": [
+      equalized_odds_difference(ym == c, pm_ == c, sensitive_features=g, agg="mean")
+      for c in range(5)
+    ],
+  }
+  want = {k: np.max(v) for k, v in per_class.items()}
+  want |= {f"{k}_classmean": np.mean(v) for k, v in per_class.items()}
+  assert multi == {k: pytest.approx(v, abs=2e-6) for k, v in want.items()}
 
 
-def test_bootstrap_intervals_bracket_a_plausible_range():
+def test_bootstrap_intervals_are_the_percentiles_of_each_statistic_on_its_resamples():
+  """Each interval is recomputed here from its own resamples (`bootstrap_indices` with the key
+  the record derives: fold_in(key(seed), 0/1) for CEV/SDE, 10/11 for DPD/EOD), the statistic
+  of each resample taken one at a time (fairlearn for DPD/EOD), then NumPy's percentiles: a
+  swapped key, array, statistic or interval rule in the record's wiring changes the numbers."""
   rng = np.random.default_rng(2)
-  y = rng.integers(0, 5, 400)
-  ref = np.where(rng.random(400) < 0.8, y, rng.integers(0, 5, 400))
-  pred = np.where(rng.random(400) < 0.6, y, rng.integers(0, 5, 400))
+  n, R = 400, 64
+  y = rng.integers(0, 2, n)
+  ref = np.where(rng.random(n) < 0.8, y, 1 - y)
+  pred = np.where(rng.random(n) < 0.6, y, 1 - y)
+  g = rng.integers(0, 2, n)
   cfg = base_config()
-  cfg.analysis.bootstrap_resamples = 64
-  out = records.bootstrap_intervals(
-    y, ref, pred, rng.integers(0, 2, 400), 5, 2, cfg.analysis, cfg.metrics, seed=0
-  )
-  for name in ("cev_ci", "sde_ci", "dpd_ci", "eod_ci"):
-    lo, hi = out[name]
-    assert lo is not None and hi is not None and lo <= hi, name
+  cfg.analysis.bootstrap_resamples = R
+  cfg.analysis.bootstrap_interval = "percentile"
+  cfg.analysis.confidence = 0.9
+  out = records.bootstrap_intervals(y, ref, pred, g, 2, 2, cfg.analysis, cfg.metrics, seed=7)
+  assert set(out) == {"cev_ci", "sde_ci", "dpd_ci", "eod_ci"}
+  key = jax.random.key(7)
+  kw = dict(num_classes=2, zero_rate=cfg.metrics.zero_rate, convention=cfg.metrics.convention)
+  per_resample = {
+    "cev_ci": (0, lambda i: metrics.combined_error_variance(y[i], ref[i], pred[i], **kw)),
+    "sde_ci": (1, lambda i: metrics.symmetric_distance_error(y[i], ref[i], pred[i], **kw)),
+    "dpd_ci": (10, lambda i: demographic_parity_difference(y[i], pred[i], sensitive_features=g[i])),
+    "eod_ci": (11, lambda i: equalized_odds_difference(y[i], pred[i], sensitive_features=g[i])),
+  }
+  for name, (fold, statistic) in per_resample.items():
+    idx = np.asarray(metrics.bootstrap_indices(jax.random.fold_in(key, fold), n, R))
+    values = np.array([float(statistic(i)) for i in idx])
+    # records hold 6 decimals
+    want = np.percentile(values, [5, 95])
+    np.testing.assert_allclose(out[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert out[name][0] < out[name][1], name  # 64 distinct resamples: a real spread
   cfg.analysis.bootstrap_resamples = 0
   assert (
-    records.bootstrap_intervals(y, ref, pred, None, 5, 0, cfg.analysis, cfg.metrics, seed=0) == {}
+    records.bootstrap_intervals(y, ref, pred, None, 2, 0, cfg.analysis, cfg.metrics, seed=0) == {}
   )
 
 
@@ -88,7 +141,13 @@ def test_cell_analysis_cie_and_significance():
   cfg.permutations = 500
   cfg.classwise_statistic = "accuracy"
   out, order = records.cell_analysis(labels, dense, pruned, 4, cfg, seed=0)
-  assert out["num_cie"] >= 50 and out["cie_per_class"][2] == 50
+  # CIE by hand: no label is modal in both populations (dense: every model predicts the label)
+  votes = np.stack([np.bincount(col, minlength=4) for col in np.stack(pruned).T])
+  modal = votes == votes.max(1, keepdims=True)
+  cie = ~modal[np.arange(200), labels]
+  assert out["num_cie"] == cie.sum() and out["num_cie"] >= 50
+  assert out["cie_per_class"] == np.bincount(labels[cie], minlength=4).tolist()
+  assert out["cie_per_class"][2] == 50
   assert out["dense_accuracy_on_cie"] == pytest.approx(1.0)
   assert out["pruned_accuracy_on_cie"] < 0.2
   sig = out["significance"]

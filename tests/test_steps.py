@@ -1,0 +1,121 @@
+"""`make_eval_fn`: the one compiled pass over the test set gives what a plain `model.apply` of
+the masked model gives, batch by batch (logits, pooled stage outputs, spatial maps)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prunebias_jax.models import get_model
+from prunebias_jax.train.steps import make_eval_fn
+
+MEAN, STD = 0.3, 0.2  # per channel, one channel
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = get_model("small_cnn", 5)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(3, 4, 8, 8, 1), dtype=np.uint8)  # 3 batches of 4
+  # a mask that zeroes half of conv2's kernel and all of fc's first 64 inputs
+  masks = jax.tree.map(lambda p: None, variables["params"], is_leaf=lambda x: x is None)
+  masks["conv2"]["kernel"] = jnp.asarray(
+    rng.random(variables["params"]["conv2"]["kernel"].shape) < 0.5
+  )
+  fc = np.ones(variables["params"]["fc"]["kernel"].shape, bool)
+  fc[:64] = False
+  masks["fc"]["kernel"] = jnp.asarray(fc)
+  return model, variables, images, masks
+
+
+def _masked(variables, masks):
+  params = jax.tree.map(
+    lambda p, m: p if m is None else p * np.asarray(m, np.float32),
+    variables["params"],
+    masks,
+    is_leaf=lambda x: x is None,
+  )
+  return {**variables, "params": params}
+
+
+def _by_hand(model, variables, images):
+  """Per batch: normalise in NumPy, apply, read the sown intermediates."""
+  logits, inter = [], []
+  for batch in images:
+    x = (batch.astype(np.float32) / 255.0 - MEAN) / STD
+    out, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    logits.append(np.asarray(out))
+    inter.append({k: np.asarray(v[0]) for k, v in state["intermediates"].items()})
+  joined = {k: np.concatenate([b[k] for b in inter]) for k in inter[0]}
+  return np.concatenate(logits), joined
+
+
+def _adaptive_pool(maps, out):
+  """adaptive_avg_pool2d bins: bin i of an axis of length L is [floor(iL/out), ceil((i+1)L/out))."""
+  n, h, w, c = maps.shape
+  oh, ow = min(out, h), min(out, w)
+  res = np.zeros((n, oh, ow, c), np.float32)
+  for i in range(oh):
+    for j in range(ow):
+      r0, r1 = (i * h) // oh, -((-(i + 1) * h) // oh)
+      c0, c1 = (j * w) // ow, -((-(j + 1) * w) // ow)
+      res[:, i, j] = maps[:, r0:r1, c0:c1].mean(axis=(1, 2))
+  return res
+
+
+def test_eval_fn_equals_masked_apply_batch_by_batch(setup):
+  model, variables, images, masks = setup
+  logits, layers = make_eval_fn(model, mean=(MEAN,), std=(STD,))(variables, masks, images)
+  want_logits, inter = _by_hand(model, _masked(variables, masks), images)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  assert logits.dtype == jnp.float32 and logits.shape == (12, 5)
+  assert set(layers) == {"stage1", "stage2", "features"}
+  np.testing.assert_allclose(layers["features"], inter["features"], rtol=1e-5, atol=1e-5)
+  for stage in ("stage1", "stage2"):  # spatial maps averaged to (n, channels)
+    np.testing.assert_allclose(layers[stage], inter[stage].mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+  # the mask matters: the unmasked model's logits are not these
+  plain, _ = _by_hand(model, variables, images)
+  assert np.abs(plain - want_logits).max() > 1e-2
+
+
+def test_eval_fn_spatial_maps_are_adaptive_average_pooled(setup):
+  model, variables, images, masks = setup
+  _, layers = make_eval_fn(model, mean=(MEAN,), std=(STD,), map_size=3)(variables, masks, images)
+  _, inter = _by_hand(model, _masked(variables, masks), images)
+  assert set(layers) == {"stage1", "stage2"}  # maps only: 'features' has no spatial axes
+  assert layers["stage1"].shape == (12, 3, 3, 64) and layers["stage2"].shape == (12, 3, 3, 128)
+  for stage in ("stage1", "stage2"):
+    np.testing.assert_allclose(layers[stage], _adaptive_pool(inter[stage], 3), rtol=1e-5, atol=1e-5)
+  # a map smaller than map_size is kept whole: 8x8 → 4x4 after pooling, so map_size=6 keeps 4x4
+  _, big = make_eval_fn(model, mean=(MEAN,), std=(STD,), map_size=6)(variables, masks, images)
+  assert big["stage2"].shape == (12, 4, 4, 128)
+  np.testing.assert_allclose(big["stage2"], inter["stage2"], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_fn_population_is_each_member_on_its_own(setup):
+  model, variables, images, masks = setup
+  other = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), variables, other)
+  no_mask = jax.tree.map(
+    lambda m: None if m is None else jnp.ones_like(m), masks, is_leaf=lambda x: x is None
+  )
+  stacked_masks = jax.tree.map(
+    lambda a, b: None if a is None else jnp.stack([a, b]),
+    masks,
+    no_mask,
+    is_leaf=lambda x: x is None,
+  )
+  fn = make_eval_fn(model, mean=(MEAN,), std=(STD,), population=2, shared_masks=False)
+  logits, layers = fn(stacked, stacked_masks, images)
+  assert logits.shape == (2, 12, 5)
+  for k, member in enumerate((_masked(variables, masks), other)):
+    want, inter = _by_hand(model, member, images)
+    np.testing.assert_allclose(logits[k], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers["features"][k], inter["features"], rtol=1e-5, atol=1e-5)
+  shared = make_eval_fn(model, mean=(MEAN,), std=(STD,), population=2)(stacked, masks, images)[0]
+  np.testing.assert_allclose(shared[0], logits[0], rtol=1e-5, atol=1e-5)
+  want_other, _ = _by_hand(model, _masked(other, masks), images)
+  np.testing.assert_allclose(shared[1], want_other, rtol=1e-5, atol=1e-5)
