@@ -146,6 +146,7 @@ _CONFIG_PATH: list[str | None] = [None]  # the --config file, for messages raise
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's parser, but a bad flag, config override or config file is one line and exit 2."""
   path = _CONFIG_PATH[0] = _config_path(argv)
+  _refuse_repeated_overrides(argv)
   # config_flags warns when get_config() returns None, which the one line below says too; a
   # warning before the flags are parsed also makes absl print a line of its own.
   absl_logger = std_logging.getLogger("absl")
@@ -178,6 +179,30 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
   finally:
     absl_logger.setLevel(level)
   return []
+
+
+def _refuse_repeated_overrides(argv: list[str]) -> None:
+  """A --config.<key> override given twice is refused: ml_collections applies both, so a
+  repeated tuple field is the concatenation of the two (('random',) then ('l1_filter',) runs
+  both methods), not the last one, which is what a command built by appending expects."""
+  seen: dict[str, list[str]] = {}
+  args = argv[1:]
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    if not arg.startswith("--config."):
+      continue
+    key, eq, value = arg[len("--config.") :].partition("=")
+    if not eq:  # --config.key value
+      value = args[i + 1] if i + 1 < len(args) else ""
+    seen.setdefault(key, []).append(value)
+  for key, values in seen.items():
+    if len(values) > 1:
+      given = ", ".join(one_line(v, 60) for v in values)
+      _fail(
+        f"--config.{key} is given {len(values)} times ({given}); give each override once "
+        "(ml_collections would apply every one: repeated tuples are joined, not replaced)"
+      )
 
 
 def _returned(error: BaseException) -> str | None:

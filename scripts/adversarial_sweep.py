@@ -106,9 +106,16 @@ def _command(case: Case, workdir: Path) -> list[str]:
     "prunebias_jax.main",
     *cfg,
     f"--workdir={workdir}",
-    *TINY,
-    *case.args,
+    *_merged(TINY, case.args),
   ]
+
+
+def _merged(base: tuple[str, ...], args: tuple[str, ...]) -> list[str]:
+  """`base` with a case's own --config.key=value in place of the base's value of that key
+  (the CLI refuses an override given twice)."""
+  key = lambda a: a.split("=", 1)[0] if a.startswith("--config.") else None
+  own = {key(a) for a in args} - {None}
+  return [a for a in base if key(a) not in own] + list(args)
 
 
 def _run(cmd: list[str], interrupt: tuple[float, int] | None = None) -> subprocess.CompletedProcess:

@@ -120,6 +120,26 @@ def _parse(
   return config, err.getvalue(), None
 
 
+@pytest.mark.parametrize(
+  "argv,key",
+  [
+    (
+      ["--config.pruning.methods=('random',)", "--config.pruning.methods=('l1_filter',)"],
+      "pruning.methods",
+    ),
+    (["--config.seed=1", "--config.dense.epochs=2", "--config.seed", "2"], "seed"),
+  ],
+)
+def test_an_override_given_twice_is_refused_not_joined(argv, key):
+  """ml_collections applies both: the two tuples above would run ('random', 'l1_filter')."""
+  config, err, code = _parse(argv)
+  assert code == 2 and config is None
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: --config.{key} is given 2 times"), err
+  once, err, code = _parse(argv[:1])
+  assert code is None and err == "", err
+
+
 @settings(
   max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),
   deadline=None,
@@ -589,7 +609,7 @@ def test_cli_damaged_checkpoint_is_one_line_without_orbax_noise(trained_dense, t
     for f in sorted(p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"):
       f.write_bytes(np.random.default_rng(0).bytes(200))
   before = _tree_hash(workdir / "checkpoints")
-  proc = _cli(workdir, "--config.dense.epochs=1", "--config.progress_seconds=1e9")
+  proc = _cli(workdir, "--config.progress_seconds=1e9")
   lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("I1", "W1"))]
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert len(lines) == 1 and "cannot be used by this run" in lines[0], lines[:5]
