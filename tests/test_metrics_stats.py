@@ -738,3 +738,31 @@ def test_seed_interval_against_scipy_t():
   m1, lo1, hi1 = seed_interval([0.5])
   assert m1 == 0.5 and np.isnan(lo1) and np.isnan(hi1)
   assert all(np.isnan(seed_interval([])))
+
+
+def _distinct_count(x):
+  """Distinct values of the sample: a resample of n >= 30 values almost never has all n."""
+  return 1.0 + jnp.sum(jnp.diff(jnp.sort(x)) > 0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_bca_has_no_interval_when_every_resample_is_on_one_side(sign):
+  """Every resample strictly below (sign=1) or above (-1) the estimate: z0 = -+inf, so BCa
+  has no interval (NaN), while the percentile interval exists."""
+  x = jnp.arange(40.0)
+  fn = lambda v: sign * _distinct_count(v)
+  idx = np.asarray(bootstrap_indices(KEY, 40, 64))
+  assert all(len(set(row.tolist())) < 40 for row in idx)  # strictly one side, on these resamples
+  est, lo, hi = bootstrap_ci(fn, x, key=KEY, num_resamples=64, method="bca")
+  assert float(est) == sign * 40.0 and np.isnan(float(lo)) and np.isnan(float(hi))
+  _, plo, phi = bootstrap_ci(fn, x, key=KEY, num_resamples=64, method="percentile")
+  assert np.isfinite(float(plo)) and np.isfinite(float(phi))
+
+
+@pytest.mark.parametrize(
+  "test", [welch_t_test, lambda a, b: permutation_test(a, b, key=KEY, num_permutations=10)]
+)
+def test_two_sample_tests_refuse_a_scalar_sample_by_name(test):
+  for a, b in ((1.0, [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], 1.0)):
+    with pytest.raises(ValueError, match=r"must have shapes \(\.\.\., Ka\)"):
+      test(a, b)

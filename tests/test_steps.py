@@ -119,3 +119,58 @@ def test_eval_fn_population_is_each_member_on_its_own(setup):
   np.testing.assert_allclose(shared[0], logits[0], rtol=1e-5, atol=1e-5)
   want_other, _ = _by_hand(model, _masked(other, masks), images)
   np.testing.assert_allclose(shared[1], want_other, rtol=1e-5, atol=1e-5)
+
+
+def _one_step(params, skip_nonfinite=None):
+  import ml_collections
+
+  from prunebias_jax.train import create_state, make_optimizer, make_train_step
+
+  model = get_model("small_cnn", 5)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  opt = make_optimizer(
+    ml_collections.ConfigDict(
+      dict(
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=0.0,
+        schedule="constant",
+        decay_epochs=(),
+        decay_factor=0.1,
+      )
+    ),
+    steps_per_epoch=1,
+    epochs=1,
+  )
+  kw = {} if skip_nonfinite is None else {"skip_nonfinite": skip_nonfinite}
+  step = make_train_step(
+    model, opt, mean=(MEAN,), std=(STD,), crop_padding=0, flip=False, kd=False, **kw
+  )
+  state = create_state(params(variables["params"]), variables["batch_stats"], opt)
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(4, dtype=np.int32)
+  before = jax.tree.map(np.asarray, state.params)
+  new, metrics = step(
+    state, images, labels, jax.random.key(0), None, jnp.float32(0), jnp.float32(1)
+  )
+  return before, jax.tree.map(np.asarray, new.params), metrics
+
+
+def _poisoned(params):
+  """A NaN in the head's bias: a NaN logit, so the loss and every gradient are NaN."""
+  params = jax.tree.map(jnp.array, params)
+  params["head"]["bias"] = params["head"]["bias"].at[0].set(jnp.nan)
+  return params
+
+
+def test_a_nonfinite_step_is_applied_by_default_and_skipped_only_when_asked():
+  before, after, metrics = _one_step(_poisoned)  # the default: skip_nonfinite=False
+  assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+  assert np.isnan(after["head"]["kernel"]).all()  # the NaN update was applied
+  before, after, metrics = _one_step(_poisoned, skip_nonfinite=True)
+  assert int(metrics["nonfinite"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, after, before)  # every parameter as it was
+  _, after, metrics = _one_step(lambda p: p, skip_nonfinite=True)
+  assert int(metrics["nonfinite"]) == 0 and np.isfinite(after["head"]["kernel"]).all()
+  assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])  # it moves
