@@ -396,3 +396,14 @@ def test_save_cie_grid_writes_png(tmp_path):
   assert epath.read_bytes()[:8] == PNG_SIGNATURE
   with pytest.raises(ValueError):
     save_cie_grid(tmp_path / "bad.png", images.astype(np.float32), [0], ref, comp, labels, None)
+
+
+def test_modal_label_sets_honours_num_classes_and_names_bad_predictions():
+  preds = np.array([[0, 1, 2], [0, 2, 2]])
+  sets = np.asarray(modal_label_sets(preds, num_classes=5))
+  assert sets.shape == (3, 5)  # the given C, not the 3 labels seen
+  np.testing.assert_array_equal(sets[:, 3:], False)
+  np.testing.assert_array_equal(sets[:, :3], [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+  assert np.asarray(modal_label_sets(preds)).shape == (3, 3)  # inferred: max label + 1
+  with pytest.raises(ValueError, match=r"^predictions must have shape \(models, examples\)"):
+    modal_label_sets(np.zeros((2, 2, 2), np.int32))

@@ -254,3 +254,46 @@ def test_bad_options_raise():
 def test_no_groups_present_is_nan():
   out = demographic_parity_difference(jnp.array([1, 0]), jnp.array([0, 1]), weights=jnp.zeros(2))
   assert np.isnan(float(out))
+
+
+def test_group_rates_index_by_position_and_name_and_name_a_bad_dtype():
+  y = np.array([0, 1, 1, 0, 1, 0], np.int32)
+  p = np.array([0, 1, 0, 0, 1, 1], np.int32)
+  g = np.array([0, 0, 0, 1, 1, 1], np.int32)
+  rates = group_rates(y, p, g, num_groups=2, num_classes=2)
+  for i, field in enumerate(rates._fields):  # a NamedTuple: position i is field i
+    np.testing.assert_array_equal(rates[i], getattr(rates, field))
+    np.testing.assert_array_equal(rates[field], getattr(rates, field))
+  assert len(rates[1:]) == len(rates._fields) - 1
+  with pytest.raises(KeyError, match="'tpr_x' is not a field of GroupRates"):
+    rates["tpr_x"]
+  for name, args in (
+    ("labels", (y.astype(np.float32), p, g)),
+    ("predictions", (y, p.astype(np.float32), g)),
+    ("groups", (y, p, g.astype(np.float32))),
+  ):
+    with pytest.raises(TypeError, match=f"^{name} must hold integer ids, got dtype float32"):
+      group_rates(*args, num_groups=2, num_classes=2)
+
+
+@pytest.mark.parametrize(
+  "call,name",
+  [
+    (
+      lambda y, p, g: demographic_parity_difference_multiclass(p, g, 3, aggregate="sum"),
+      "aggregate",
+    ),
+    (
+      lambda y, p, g: equalized_odds_difference_multiclass(y, p, g, 3, aggregate="sum"),
+      "aggregate",
+    ),
+    (lambda y, p, g: equalized_odds_difference_multiclass(y, p, g, 3, agg="sum"), "agg"),
+    (lambda y, p, g: equalized_odds_difference(y % 2, p % 2, g, agg="sum"), "agg"),
+  ],
+)
+def test_a_bad_option_is_refused_by_its_name(call, name):
+  y, p, g = np.array([0, 1, 2, 1]), np.array([0, 2, 2, 1]), np.array([0, 0, 1, 1])
+  with pytest.raises(
+    ValueError, match=rf"^{name} must be one of \('[a-z_]+', '[a-z_]+'\), got 'sum'$"
+  ):
+    call(y, p, g)

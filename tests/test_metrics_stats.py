@@ -766,3 +766,36 @@ def test_two_sample_tests_refuse_a_scalar_sample_by_name(test):
   for a, b in ((1.0, [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], 1.0)):
     with pytest.raises(ValueError, match=r"must have shapes \(\.\.\., Ka\)"):
       test(a, b)
+
+
+def test_classwise_significance_indexes_by_position_and_name():
+  rng = np.random.default_rng(0)
+  out = classwise_significance(rng.random((4, 3)), rng.random((4, 3)), key=KEY, num_permutations=50)
+  for i, field in enumerate(out._fields):
+    assert out[i] is getattr(out, field) and out[field] is getattr(out, field)
+  assert out[-1] is out.can_reject and len(out[:2]) == 2
+  with pytest.raises(KeyError, match="'p' is not a field of ClasswiseSignificance"):
+    out["p"]
+
+
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(k_compared=0, k_reference=3, num_permutations=10), "k_compared"),
+    (dict(k_compared=3, k_reference=0, num_permutations=10), "k_reference"),
+    (dict(k_compared=3, k_reference=3, num_permutations=0), "num_permutations"),
+  ],
+)
+def test_min_attainable_p_names_the_bad_argument(kwargs, name):
+  with pytest.raises(ValueError, match=f"^{name} must be a positive int, got 0$"):
+    min_attainable_permutation_p(kwargs.pop("k_compared"), kwargs.pop("k_reference"), **kwargs)
+
+
+def test_per_class_accuracy_weights_drop_examples():
+  labels = np.array([0, 0, 0, 1, 1, 2])
+  pred = np.array([0, 1, 1, 1, 0, 2])
+  weights = np.array([1, 1, 0, 1, 0, 1])  # drops one wrong 0 and the wrong 1
+  np.testing.assert_allclose(per_class_accuracy(labels, pred, 3), [1 / 3, 1 / 2, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    per_class_accuracy(labels, pred, 3, weights), [1 / 2, 1.0, 1.0], rtol=1e-6
+  )
