@@ -407,3 +407,13 @@ def test_modal_label_sets_honours_num_classes_and_names_bad_predictions():
   assert np.asarray(modal_label_sets(preds)).shape == (3, 3)  # inferred: max label + 1
   with pytest.raises(ValueError, match=r"^predictions must have shape \(models, examples\)"):
     modal_label_sets(np.zeros((2, 2, 2), np.int32))
+
+
+def test_cie_report_modes_are_integer_labels():
+  ref = np.array([[0, 1, 2, 2], [0, 1, 2, 1]])
+  comp = np.array([[1, 1, 0, 2], [1, 1, 0, 2]])
+  report = cie_report(np.array([0, 1, 2, 2]), ref, comp, num_classes=3)
+  for key in ("reference_modes", "compressed_modes"):
+    assert report[key].dtype == np.int64, key
+  np.testing.assert_array_equal(report["compressed_modes"], [1, 1, 0, 2])
+  np.testing.assert_array_equal(report["reference_modes"], [0, 1, 2, 1])  # tie 1/2: smallest

@@ -297,3 +297,19 @@ def test_a_bad_option_is_refused_by_its_name(call, name):
     ValueError, match=rf"^{name} must be one of \('[a-z_]+', '[a-z_]+'\), got 'sum'$"
   ):
     call(y, p, g)
+
+
+def test_binary_metrics_drop_rows_whose_values_are_not_0_or_1():
+  """A -1 padding label or a prediction of 2 (any value but 0/1) drops its row: each metric
+  equals fairlearn's on the remaining rows."""
+  rng = np.random.default_rng(5)
+  y, p, g = rng.integers(0, 2, 60), rng.integers(0, 2, 60), rng.integers(0, 3, 60)
+  y[:5], p[5:10] = -1, 2
+  by_p = p != 2  # DPD reads the predictions only
+  both = by_p & (y != -1)
+  assert float(demographic_parity_difference(p, g, num_groups=3)) == pytest.approx(
+    fl_dpd(y[by_p], p[by_p], sensitive_features=g[by_p]), abs=1e-6
+  )
+  assert float(equalized_odds_difference(y, p, g, num_groups=3)) == pytest.approx(
+    fl_eod(y[both], p[both], sensitive_features=g[both]), abs=1e-6
+  )
