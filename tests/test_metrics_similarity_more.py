@@ -361,3 +361,15 @@ def test_adaptive_avg_pool_uses_pytorch_bins():
   got = np.asarray(adaptive_avg_pool(jnp.asarray(maps), 3, 2))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert adaptive_avg_pool(jnp.asarray(maps), 7, 5).shape == maps.shape  # no-op at full size
+
+
+@pytest.mark.parametrize("anatome_compat", [False, True])
+def test_svcca_keep_count_is_clipped_to_the_numerical_rank(anatome_compat):
+  """Directions below the rank tolerance are never kept, even when the cumulative-sum rule
+  would reach past them (threshold 1: every ratio below 1 counts)."""
+  from prunebias_jax.metrics.similarity import _keep_count
+
+  s = jnp.array([1.0, 1.0, 1e-5, 1e-5], jnp.float32)  # numerical rank 2 at tolerance 1e-4
+  assert int(_keep_count(s, 1.0, anatome_compat, jnp.float32(1e-4))) == 2
+  assert int(_keep_count(s, 1.0, anatome_compat, jnp.float32(1e-6))) == 4 - anatome_compat
+  assert int(_keep_count(s, 0.4, anatome_compat, jnp.float32(1e-4))) == 1  # and at least 1
