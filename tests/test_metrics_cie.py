@@ -417,3 +417,12 @@ def test_cie_report_modes_are_integer_labels():
     assert report[key].dtype == np.int64, key
   np.testing.assert_array_equal(report["compressed_modes"], [1, 1, 0, 2])
   np.testing.assert_array_equal(report["reference_modes"], [0, 1, 2, 1])  # tie 1/2: smallest
+
+
+def test_float_predictions_are_taken_when_integral_and_refused_otherwise():
+  ints = np.array([[0, 1, 2], [0, 2, 2]])
+  np.testing.assert_array_equal(
+    modal_label_sets(ints.astype(np.float32), num_classes=3), modal_label_sets(ints, num_classes=3)
+  )
+  with pytest.raises(ValueError, match="^predictions must hold integer labels$"):
+    modal_label_sets(np.array([[0.0, 1.5, 2.0]]), num_classes=3)
