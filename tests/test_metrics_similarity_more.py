@@ -373,3 +373,16 @@ def test_svcca_keep_count_is_clipped_to_the_numerical_rank(anatome_compat):
   assert int(_keep_count(s, 1.0, anatome_compat, jnp.float32(1e-4))) == 2
   assert int(_keep_count(s, 1.0, anatome_compat, jnp.float32(1e-6))) == 4 - anatome_compat
   assert int(_keep_count(s, 0.4, anatome_compat, jnp.float32(1e-4))) == 1  # and at least 1
+
+
+def test_unbiased_hsic_parts_returns_the_estimate_and_its_terms_magnitude():
+  """n(n-3) HSIC_1 = cross - n/(n-2) a.b + (sum a)(sum b)/((n-1)(n-2)), and the sum of the
+  three terms' absolute values (the scale of its rounding error), by hand."""
+  from prunebias_jax.metrics.similarity import _unbiased_hsic_parts
+
+  a, b, n, cross = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([2.0, 0.0, 1.0, 3.0, 1.0]), 5, 4.0
+  t2 = n / (n - 2) * a @ b  # 5/3 * 22
+  t3 = a.sum() * b.sum() / ((n - 1) * (n - 2))  # 15 * 7 / 12
+  h, magnitude = _unbiased_hsic_parts(jnp.float32(cross), jnp.asarray(a), jnp.asarray(b), n)
+  assert float(h) == pytest.approx(cross - t2 + t3, rel=1e-6)
+  assert float(magnitude) == pytest.approx(abs(cross) + abs(t2) + abs(t3), rel=1e-6)

@@ -187,3 +187,17 @@ def test_momentum_and_weight_decay_cannot_revive_weights_pruned_mid_training():
     kernel = np.asarray(masks_to_flat(state.params)[name])
     assert np.all(kernel[~mask] == 0.0), name
   assert sparsity_report(state.params)["global"] == pytest.approx(0.7, abs=0.02)
+
+
+def test_sparsity_report_counts_exact_zeros_per_prunable_kernel():
+  params = {
+    "conv1": {"kernel": np.array([[0.0, 1.0], [0.0, 2.0]]), "bias": np.zeros(2)},
+    "fc": {"kernel": np.array([[0.0, 0.0, 0.0, 3.0]])},
+    "head": {"kernel": np.zeros((4, 2))},  # the classifier is never pruned: not counted
+  }
+  report = sparsity_report(params)
+  assert report == {
+    "global": pytest.approx(5 / 8),
+    "per_layer": {"conv1/kernel": 0.5, "fc/kernel": 0.75},
+  }
+  assert sparsity_report({"head": {"kernel": np.zeros((4, 2))}}) == {"global": 0.0, "per_layer": {}}

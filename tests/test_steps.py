@@ -174,3 +174,40 @@ def test_a_nonfinite_step_is_applied_by_default_and_skipped_only_when_asked():
   _, after, metrics = _one_step(lambda p: p, skip_nonfinite=True)
   assert int(metrics["nonfinite"]) == 0 and np.isfinite(after["head"]["kernel"]).all()
   assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])  # it moves
+
+
+def test_kd_step_loss_is_the_kd_objective_of_student_and_teacher_on_the_same_batch():
+  """KD: the teacher (other weights, inference mode) sees the student's batch; the reported
+  loss is (1-a) CE + a T^2 KL of those logits, computed here with SciPy-free NumPy."""
+  import ml_collections
+
+  from prunebias_jax.train import create_state, make_optimizer, make_train_step
+
+  model = get_model("small_cnn", 5)
+  student = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  teacher = model.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), train=False)
+  cfg = dict(learning_rate=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
+  cfg |= dict(schedule="constant", decay_epochs=(), decay_factor=0.1)
+  opt = make_optimizer(ml_collections.ConfigDict(cfg), steps_per_epoch=1, epochs=1)
+  step = make_train_step(model, opt, mean=(MEAN,), std=(STD,), crop_padding=0, flip=False, kd=True)
+  images = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+  labels = np.array([0, 1, 2, 3, 4, 0], np.int32)
+  state = create_state(student["params"], student["batch_stats"], opt)
+  alpha, temp = 0.7, 3.0
+  _, metrics = step(
+    state, images, labels, jax.random.key(0), teacher, jnp.float32(alpha), jnp.float32(temp)
+  )
+  x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+  s_logits, _ = model.apply(student, x, train=True, mutable=["batch_stats"])  # as trained
+  t_logits = model.apply(teacher, x, train=False)
+  s, t = np.asarray(s_logits, np.float64), np.asarray(t_logits, np.float64)
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+  ce = -log_softmax(s)[np.arange(6), labels].mean()
+  pt = np.exp(log_softmax(t / temp))
+  kl = (pt * (log_softmax(t / temp) - log_softmax(s / temp))).sum(-1).mean()
+  assert float(metrics["ce"]) == pytest.approx(ce, rel=1e-5)
+  assert float(metrics["loss"]) == pytest.approx((1 - alpha) * ce + alpha * temp**2 * kl, rel=1e-5)
