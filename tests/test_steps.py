@@ -211,3 +211,45 @@ def test_kd_step_loss_is_the_kd_objective_of_student_and_teacher_on_the_same_bat
   kl = (pt * (log_softmax(t / temp) - log_softmax(s / temp))).sum(-1).mean()
   assert float(metrics["ce"]) == pytest.approx(ce, rel=1e-5)
   assert float(metrics["loss"]) == pytest.approx((1 - alpha) * ce + alpha * temp**2 * kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("shared_masks", [True, False])
+def test_population_step_is_each_members_own_step(shared_masks):
+  """population=2: one vmapped step equals the single-member step of each member (its own
+  params, batch and rng; masks shared or per member)."""
+  import ml_collections
+
+  from prunebias_jax.pruning import prune
+  from prunebias_jax.train import create_state, make_optimizer, make_train_step
+
+  model = get_model("small_cnn", 5)
+  members = [model.init(jax.random.key(i), jnp.zeros((1, 8, 8, 1)), train=False) for i in (0, 1)]
+  masks = [prune(m["params"], "global_magnitude", 0.5) for m in members]
+  cfg = dict(learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4)
+  cfg |= dict(schedule="constant", decay_epochs=(), decay_factor=0.1)
+  opt = make_optimizer(ml_collections.ConfigDict(cfg), steps_per_epoch=1, epochs=1)
+  kw = dict(mean=(MEAN,), std=(STD,), crop_padding=1, flip=True, kd=False)
+  single = make_train_step(model, opt, **kw)
+  pop = make_train_step(model, opt, population=2, shared_masks=shared_masks, **kw)
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (2, 4, 8, 8, 1), dtype=np.uint8)
+  labels = rng.integers(0, 5, (2, 4)).astype(np.int32)
+  keys = jax.random.split(jax.random.key(3), 2)
+  member_masks = [masks[0], masks[0]] if shared_masks else masks
+  states = [
+    create_state(m["params"], m["batch_stats"], opt, masks=mk)
+    for m, mk in zip(members, member_masks)
+  ]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  if shared_masks:
+    stacked = stacked.replace(masks=masks[0])
+  a, b = jnp.float32(0), jnp.float32(1)
+  want = [single(s, images[k], labels[k], keys[k], None, a, b) for k, s in enumerate(states)]
+  got, metrics = pop(stacked, images, labels, keys, None, a, b)
+  for k, (state_k, metrics_k) in enumerate(want):
+    np.testing.assert_allclose(metrics["loss"][k], metrics_k["loss"], rtol=1e-5)
+    jax.tree.map(
+      lambda g, w: np.testing.assert_allclose(g[k], w, rtol=1e-4, atol=1e-6),
+      got.params,
+      state_k.params,
+    )
