@@ -12,6 +12,7 @@ from prunebias_jax.pruning import (
   METHODS,
   apply_masks,
   mask_sparsity,
+  masks,
   masks_from_flat,
   masks_to_flat,
   prunable_layers,
@@ -201,3 +202,30 @@ def test_sparsity_report_counts_exact_zeros_per_prunable_kernel():
     "per_layer": {"conv1/kernel": 0.5, "fc/kernel": 0.75},
   }
   assert sparsity_report({"head": {"kernel": np.zeros((4, 2))}}) == {"global": 0.0, "per_layer": {}}
+
+
+def test_random_pruning_is_seeded_layerwise_and_not_magnitude():
+  model = get_model("small_cnn", 10)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+  flat = lambda m: np.concatenate([np.asarray(v).ravel() for v in masks_to_flat(m).values()])
+  a, again, other = (prune(params, "random", 0.5, seed=s) for s in (1, 1, 2))
+  magnitude = prune(params, "layer_magnitude", 0.5)
+  np.testing.assert_array_equal(flat(a), flat(again))  # the seed decides
+  assert (flat(a) != flat(other)).mean() > 0.3  # another seed, other weights
+  assert (flat(a) != flat(magnitude)).mean() > 0.3  # not the magnitude ranking
+  for name, m in masks_to_flat(a).items():  # layer by layer, half of each kernel
+    assert abs(1 - np.asarray(m).mean() - 0.5) < 0.01, name
+
+
+def test_layer_names_and_prunability_of_any_pytree_path():
+  tree = {
+    "blocks": [{"conv": {"kernel": np.ones((3, 3, 2, 4))}}],
+    "head": {"kernel": np.ones((4, 2))},
+  }
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert [masks.layer_name(p) for p in paths] == ["blocks/[0]/conv/kernel", "head/kernel"]
+  assert [masks.is_prunable(p, leaf) for p, leaf in zip(paths, (np.ones((3, 3, 2, 4)), None))] == [
+    True,
+    False,
+  ]
+  assert masks.is_prunable(paths[0], 1.0) is False  # a scalar leaf named kernel: not a kernel
