@@ -502,3 +502,19 @@ def test_zero_rate_rules_on_a_hand_worked_case(rule, convention):
   assert int(change.num_zero_rate_classes) == 1  # class 0; the absent class 3 is not counted
   assert float(combined_error_variance(labels, ref, cmp, 4, **kw)) == pytest.approx(cev, rel=1e-5)
   assert float(symmetric_distance_error(labels, ref, cmp, 4, **kw)) == pytest.approx(sde, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+  "call,name,value",
+  [
+    (lambda y: relative_rate_change(y, y, y, 3, convention="paper"), "convention", "paper"),
+    (lambda y: relative_rate_change(y, y, y, 3, zero_rate="skip"), "zero_rate", "skip"),
+    (lambda y: combined_error_variance(y, y, y, 3, convention="paper"), "convention", "paper"),
+    (lambda y: symmetric_distance_error(y, y, y, 3, zero_rate="skip"), "zero_rate", "skip"),
+    (lambda y: cev_from_changes(np.ones(3), np.ones(3), convention="paper"), "convention", "paper"),
+    (lambda y: sde_from_changes(np.ones(3), np.ones(3), convention="paper"), "convention", "paper"),
+  ],
+)
+def test_a_bad_rule_or_convention_is_refused_by_its_name(call, name, value):
+  with pytest.raises(ValueError, match=rf"^{name} must be one of \(.*\), got '{value}'$"):
+    call(np.array([0, 1, 2, 1]))
