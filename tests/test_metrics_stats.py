@@ -799,3 +799,23 @@ def test_per_class_accuracy_weights_drop_examples():
   np.testing.assert_allclose(
     per_class_accuracy(labels, pred, 3, weights), [1 / 2, 1.0, 1.0], rtol=1e-6
   )
+
+
+def test_partial_correlation_is_undefined_when_x_is_a_linear_function_of_z():
+  """x = 3 z + 1 in float32: the residual of x on z is rounding noise, not signal, so the
+  partial correlation is NaN (plain and cluster-bootstrap estimate) instead of noise."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(50, 1)).astype(np.float32)
+  x = (3 * z[:, 0] + 1).astype(np.float32)
+  y = rng.normal(size=50).astype(np.float32)
+  assert np.isnan(float(partial_correlation(x, y, z)))
+  est, _, _ = partial_correlation_ci(x, y, z, key=KEY, num_resamples=8, clusters=np.arange(50) // 2)
+  assert np.isnan(float(est))
+  # the guard is relative: a genuinely partial relation is still measured
+  assert np.isfinite(float(partial_correlation(x + rng.normal(size=50).astype(np.float32), y, z)))
+
+
+def test_correlation_ci_names_a_bad_batch_size():
+  x = np.arange(10.0)
+  with pytest.raises(ValueError, match="^batch_size must be a positive int, got 0$"):
+    correlation_ci(x, x[::-1], key=KEY, num_resamples=8, batch_size=0)
