@@ -817,5 +817,6 @@ def test_partial_correlation_is_undefined_when_x_is_a_linear_function_of_z():
 
 def test_correlation_ci_names_a_bad_batch_size():
   x = np.arange(10.0)
-  with pytest.raises(ValueError, match="^batch_size must be a positive int, got 0$"):
-    correlation_ci(x, x[::-1], key=KEY, num_resamples=8, batch_size=0)
+  for clusters in (None, np.arange(10) // 2):  # the plain and the cluster bootstrap
+    with pytest.raises(ValueError, match="^batch_size must be a positive int, got 0$"):
+      correlation_ci(x, x[::-1], key=KEY, num_resamples=8, batch_size=0, clusters=clusters)
