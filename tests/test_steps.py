@@ -253,3 +253,26 @@ def test_population_step_is_each_members_own_step(shared_masks):
       got.params,
       state_k.params,
     )
+
+
+def test_eval_fn_averages_every_axis_between_examples_and_channels():
+  """A sown (n, L, C) value (a sequence model's stage) is averaged over L, like maps over
+  (H, W): layers are (n, channels) whatever the model."""
+  import flax.linen as nn
+
+  class Seq(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      h = nn.Dense(3)(x.reshape(x.shape[0], 8, 8))  # (n, 8, 3)
+      self.sow("intermediates", "stage1", h)
+      feats = h.mean(axis=1)
+      self.sow("intermediates", "features", feats)
+      return nn.Dense(2)(feats)
+
+  model = Seq()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  images = np.random.default_rng(0).integers(0, 256, (1, 4, 8, 8, 1), dtype=np.uint8)
+  _, layers = make_eval_fn(model, mean=(MEAN,), std=(STD,))(variables, None, images)
+  _, inter = _by_hand(model, variables, images)
+  assert layers["stage1"].shape == (4, 3)
+  np.testing.assert_allclose(layers["stage1"], inter["stage1"].mean(axis=1), rtol=1e-5, atol=1e-6)
