@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) scripts/benchmark.py --json docs/benchmarks.json --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 # `make mutate`: mutation testing of the core against its fast unit tests (not part of `make
-# test`: ~30 min for the default sample of 500 mutants on 2 cores) → docs/mutation.md.
+# test`: ~45 min for the default sample of 300 mutants on 2 cores) → docs/mutation.md.
 MUTATE_ARGS ?=
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[mutate]'
