@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from prunebias_jax.models import get_model
+from prunebias_jax.pruning import prune
+from prunebias_jax.train import create_state, make_optimizer, make_train_step
 from prunebias_jax.train.steps import make_eval_fn
 
 MEAN, STD = 0.3, 0.2  # per channel, one channel
@@ -121,28 +124,17 @@ def test_eval_fn_population_is_each_member_on_its_own(setup):
   np.testing.assert_allclose(shared[1], want_other, rtol=1e-5, atol=1e-5)
 
 
+def _sgd(momentum: float, weight_decay: float = 0.0):
+  """SGD at a constant learning rate of 0.1 (the optimizers of the step tests below)."""
+  cfg = dict(learning_rate=0.1, momentum=momentum, nesterov=False, weight_decay=weight_decay)
+  cfg |= dict(schedule="constant", decay_epochs=(), decay_factor=0.1)
+  return make_optimizer(ml_collections.ConfigDict(cfg), steps_per_epoch=1, epochs=1)
+
+
 def _one_step(params, skip_nonfinite=None):
-  import ml_collections
-
-  from prunebias_jax.train import create_state, make_optimizer, make_train_step
-
   model = get_model("small_cnn", 5)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  opt = make_optimizer(
-    ml_collections.ConfigDict(
-      dict(
-        learning_rate=0.1,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=0.0,
-        schedule="constant",
-        decay_epochs=(),
-        decay_factor=0.1,
-      )
-    ),
-    steps_per_epoch=1,
-    epochs=1,
-  )
+  opt = _sgd(momentum=0.9)
   kw = {} if skip_nonfinite is None else {"skip_nonfinite": skip_nonfinite}
   step = make_train_step(
     model, opt, mean=(MEAN,), std=(STD,), crop_padding=0, flip=False, kd=False, **kw
@@ -179,16 +171,10 @@ def test_a_nonfinite_step_is_applied_by_default_and_skipped_only_when_asked():
 def test_kd_step_loss_is_the_kd_objective_of_student_and_teacher_on_the_same_batch():
   """KD: the teacher (other weights, inference mode) sees the student's batch; the reported
   loss is (1-a) CE + a T^2 KL of those logits, computed here with SciPy-free NumPy."""
-  import ml_collections
-
-  from prunebias_jax.train import create_state, make_optimizer, make_train_step
-
   model = get_model("small_cnn", 5)
   student = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
   teacher = model.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), train=False)
-  cfg = dict(learning_rate=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
-  cfg |= dict(schedule="constant", decay_epochs=(), decay_factor=0.1)
-  opt = make_optimizer(ml_collections.ConfigDict(cfg), steps_per_epoch=1, epochs=1)
+  opt = _sgd(momentum=0.0)
   step = make_train_step(model, opt, mean=(MEAN,), std=(STD,), crop_padding=0, flip=False, kd=True)
   images = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
   labels = np.array([0, 1, 2, 3, 4, 0], np.int32)
@@ -217,17 +203,10 @@ def test_kd_step_loss_is_the_kd_objective_of_student_and_teacher_on_the_same_bat
 def test_population_step_is_each_members_own_step(shared_masks):
   """population=2: one vmapped step equals the single-member step of each member (its own
   params, batch and rng; masks shared or per member)."""
-  import ml_collections
-
-  from prunebias_jax.pruning import prune
-  from prunebias_jax.train import create_state, make_optimizer, make_train_step
-
   model = get_model("small_cnn", 5)
   members = [model.init(jax.random.key(i), jnp.zeros((1, 8, 8, 1)), train=False) for i in (0, 1)]
   masks = [prune(m["params"], "global_magnitude", 0.5) for m in members]
-  cfg = dict(learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4)
-  cfg |= dict(schedule="constant", decay_epochs=(), decay_factor=0.1)
-  opt = make_optimizer(ml_collections.ConfigDict(cfg), steps_per_epoch=1, epochs=1)
+  opt = _sgd(momentum=0.9, weight_decay=5e-4)
   kw = dict(mean=(MEAN,), std=(STD,), crop_padding=1, flip=True, kd=False)
   single = make_train_step(model, opt, **kw)
   pop = make_train_step(model, opt, population=2, shared_masks=shared_masks, **kw)
