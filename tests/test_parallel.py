@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared_runs import env
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -49,11 +50,6 @@ def test_train_and_eval_steps_match_on_one_and_four_devices():
 
 
 def run(workdir: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
-  env = {
-    **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    "JAX_PLATFORMS": "cpu",
-  }
   cmd = [
     sys.executable,
     "-m",
@@ -64,7 +60,9 @@ def run(workdir: Path, devices: int, *extra: str) -> subprocess.CompletedProcess
     *ARGS,
     *extra,
   ]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    cmd, cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=600
+  )
 
 
 @pytest.fixture(scope="module")
