@@ -17,7 +17,9 @@ from prunebias_jax.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base_config()  # the schema's defaults are this experiment's values
+  config = base_config()  # the schema's defaults are this experiment's values, but for:
+  config.data.imbalance.classes = (3, 5, 8)  # the paper's imbalanced fine-tuning split
+  config.data.imbalance.keep_fractions = (0.1, 0.15, 0.2)
   config.runlocal_overrides = (
     ("dense.epochs", 3),
     ("finetune.epochs", 1),

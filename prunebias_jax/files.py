@@ -1,27 +1,61 @@
-"""Atomic file writes: a reader (or a run killed mid-write) never sees a half-written file."""
+"""Atomic file writes: a reader (or a run killed mid-write) never sees a half-written file.
+
+A written file gets the mode a plain ``open(path, "w")`` would give it (``0o666`` less the
+umask: 0644 under the usual umask 022), not the 0600 of a temporary file, so colleagues on a
+shared cluster can read results, plots and caches.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prunebias_jax.faults import crash_point
 
 TMP_SUFFIX = ".tmp"
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-  """Writes to a temporary file in the same directory, fsyncs, then renames over `path`."""
+def current_umask() -> int:
+  """The process's umask. Linux reports it in /proc (read-only); elsewhere it is read by
+  setting and restoring it, which is not atomic but runs before any writer thread exists."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def default_file_mode() -> int:
+  """The mode `open(path, "w")` creates a file with: 0o666 less the umask."""
+  return 0o666 & ~current_umask()
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+  """A binary file that becomes `path` only when the block ends without an exception.
+
+  It is a temporary file in the same directory (so the rename is atomic), given the default
+  file mode, fsynced, then renamed over `path`; on an exception it is deleted and `path` keeps
+  its old contents.
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  payload = data.encode() if isinstance(data, str) else data
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(payload)
+      # mkstemp creates 0600 whatever the umask; give the file the mode open() would.
+      os.fchmod(f.fileno(), default_file_mode())
+      yield f
       f.flush()
       os.fsync(f.fileno())
     crash_point(f"write:{path.name}")  # tests: a kill here must leave the old `path` intact
@@ -29,6 +63,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes `data` to `path` through :func:`atomic_writer`."""
+  with atomic_writer(path) as f:
+    f.write(data.encode() if isinstance(data, str) else data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

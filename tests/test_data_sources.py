@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prunebias_jax.config import ConfigError, base_config, validate_against_dataset, validate_config
+from prunebias_jax.config import ConfigError, base_config, validate_config
 from prunebias_jax.data import SOURCES, DataError, image_folder, load_dataset
 
 CIFAR10_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10").resolve()
@@ -411,13 +411,22 @@ def test_image_folder_with_imbalance(tmp_path):
   assert ds.train.class_counts(3).tolist() == [10, 3, 10]
   assert ds.teacher_train.class_counts(3).tolist() == [10, 10, 10]
   assert ds.test.class_counts(3).tolist() == [2, 2, 2]
-  # A class index the dataset does not have: the config validator (the one place of config
-  # rules) refuses it, before any training.
-  full = base_config()
-  full.data = cfg
-  full.data.imbalance.classes = (3,)
-  with pytest.raises(ConfigError, match=r"data\.imbalance\.classes=3 .*class indices in \[0, 2\]"):
-    validate_against_dataset(full, ds.num_classes, len(ds.teacher_train), len(ds.train))
+  # Classes by name: the same subset as by index.
+  cfg.imbalance.classes = ("b",)
+  by_name = load_dataset(cfg)
+  np.testing.assert_array_equal(by_name.train.labels, ds.train.labels)
+  np.testing.assert_array_equal(by_name.train.images, ds.train.images)
+  # A class the dataset does not have, by index or by name, is refused when the dataset is
+  # known (before any training), naming what is allowed.
+  cfg.imbalance.classes = (3,)
+  with pytest.raises(DataError, match=r"data\.imbalance\.classes has 3; .*\[0, 2\] or class names"):
+    load_dataset(cfg)
+  cfg.imbalance.classes = ("d",)
+  with pytest.raises(DataError, match=r"names 'd', .* classes are 'a', 'b', 'c'"):
+    load_dataset(cfg)
+  cfg.imbalance.classes = (1, "b")
+  with pytest.raises(DataError, match=r"names a class twice"):
+    load_dataset(cfg)
 
 
 def test_image_folder_errors(tmp_path):

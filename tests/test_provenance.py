@@ -13,16 +13,17 @@ import shutil
 import numpy as np
 import pytest
 
+from configs.default import get_config as default_config
 from prunebias_jax import experiment, provenance, stages
 from prunebias_jax import workdir as workdir_lib
 from prunebias_jax.checkpoint import IdentityMismatch, ModelCheckpoint, digest
-from prunebias_jax.config import base_config, resolve_config
+from prunebias_jax.config import resolve_config
 from prunebias_jax.data import load_dataset
 from prunebias_jax.errors import Interrupted
 
 
 def _tiny():
-  cfg = base_config()
+  cfg = default_config()  # the demo's data: its imbalanced fine-tuning split
   cfg.dense.epochs = 1
   cfg.finetune.epochs = 1
   cfg.pruning.methods = ("random",)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.default import get_config as default_config
 from prunebias_jax.checkpoint import StageCheckpoint
 from prunebias_jax.config import base_config
 from prunebias_jax.data import load_dataset
@@ -34,7 +35,7 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def setup():
-  data = load_dataset(base_config().data)
+  data = load_dataset(default_config().data)
   model = get_model("small_cnn", data.num_classes)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + data.image_shape), train=False)
   optimizer = make_optimizer(

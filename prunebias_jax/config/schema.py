@@ -75,7 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_split = "train"
   config.data.test_split = "test"
   config.data.label_attribute = "Blond_Hair"  # celeb_a: the binary attribute used as label
-  config.data.group_attribute = placeholder(str)  # sensitive attribute (celeb_a: e.g. 'Male')
+  # Sensitive attribute(s) for DPD/EOD: a name or a tuple of names (intersectional groups);
+  # celeb_a: attributes (None: 'Male'); tfds: scalar features; image_folder: table columns.
+  config.data.group_attribute = placeholder(object)
+  # image_folder: the attributes table (None: attributes.csv or attributes.jsonl at data.dir).
+  config.data.attributes = placeholder(str)
   config.data.image_size = placeholder(int)  # resize to image_size² (None: keep)
   config.data.train_examples = 0  # >0: a seeded stratified subset of the training split
   config.data.test_examples = 0  # >0: a seeded stratified subset of the test split
@@ -86,8 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.crop_padding = 1  # random crop after zero padding (0 = off)
   config.data.flip = False  # random horizontal flip
   config.data.imbalance = ml_collections.ConfigDict()
-  config.data.imbalance.classes = (3, 5, 8)
-  config.data.imbalance.keep_fractions = (0.1, 0.15, 0.2)
+  # Classes (indices or names) whose fine-tuning images are subsampled; none by default (the
+  # digits demo and the CIFAR configs set the paper's).
+  config.data.imbalance.classes = ()
+  config.data.imbalance.keep_fractions = ()
   config.data.imbalance.seed = 0
   config.data.imbalance.apply_to_dense = False  # paper: the teacher trains on balanced data
 

@@ -243,7 +243,38 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     f"one fraction per class in data.imbalance.classes ({len(classes)})",
   )
   for c in classes:
-    _require(_is_int(c) and c >= 0, "data.imbalance.classes", c, "class indices >= 0")
+    _require(
+      (_is_int(c) and c >= 0) or (isinstance(c, str) and c != ""),
+      "data.imbalance.classes",
+      c,
+      "class indices >= 0 or class names",
+    )
+  _distinct(classes, "data.imbalance.classes")
+  group = cfg.data.group_attribute
+  names = (group,) if isinstance(group, str) else group
+  _require(
+    group is None
+    or isinstance(group, str)  # '' is unset (a None field cannot be set from the command line)
+    or (
+      isinstance(names, (tuple, list))
+      and len(names) > 0
+      and all(isinstance(n, str) and n.strip() for n in names)
+    ),
+    "data.group_attribute",
+    group,
+    "None, an attribute name, or a tuple of names (intersectional groups), e.g. "
+    "\"('race','gender')\"",
+  )
+  if group is not None and not isinstance(group, str):
+    _distinct(tuple(group), "data.group_attribute")
+  attributes = cfg.data.attributes
+  _require(
+    attributes is None or (cfg.data.source == "image_folder" and attributes.strip() != ""),
+    "data.attributes",
+    attributes,
+    "None, or the path of an attributes table with data.source='image_folder' (TFDS datasets "
+    "carry their attributes)",
+  )
   for f in fracs:
     _require(_is_real(f) and 0 < f <= 1, "data.imbalance.keep_fractions", f, "fractions in (0, 1]")
 
@@ -412,10 +443,6 @@ def validate_against_dataset(
       cfg.data.test_examples,
       f"a test split of at least 2 examples (this one has {test_size}{_made_by(cfg, 'test')}; "
       "SVCCA and every comparison need two)",
-    )
-  for c in cfg.data.imbalance.classes:
-    _require(
-      c < num_classes, "data.imbalance.classes", c, f"class indices in [0, {num_classes - 1}]"
     )
   for stage, size in (("dense", teacher_train_size), ("finetune", finetune_train_size)):
     own = cfg[stage].batch_size

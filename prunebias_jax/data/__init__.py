@@ -17,20 +17,28 @@
   split_seed      seed of the digits train/test split and of the subsets
   test_fraction   digits only
   label_attribute celeb_a: binary attribute used as the label (default Blond_Hair)
-  group_attribute celeb_a: sensitive attribute stored in Split.groups (default Male); other
-                  tfds datasets: an existing scalar feature used as groups
-  imbalance       the paper's per-class subsampling of the fine-tuning split
+  group_attribute sensitive attribute(s) stored in Split.groups, named in Dataset.group_names;
+                  several give intersectional groups (data.groups). celeb_a: attributes
+                  (default Male); other tfds datasets: scalar features; image_folder: columns
+                  of the attributes table. The digits carry none.
+  attributes      image_folder: the attributes table (None: attributes.csv or .jsonl at the root)
+  imbalance       the paper's per-class subsampling of the fine-tuning split; classes by index
+                  or by name
 
 A source that cannot be read raises `DataError` (one line) before training.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import ml_collections
 import numpy as np
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
 from prunebias_jax.data.embedded import load_digits
+from prunebias_jax.data.groups import attribute_names
 from prunebias_jax.data.image_folder import (
   load_image_folder,
   resize_array,
@@ -91,6 +99,11 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     split_seed=d.split_seed,
   )
   if d.source == "digits":
+    if attribute_names(d.group_attribute):
+      raise DataError(
+        f"data.group_attribute={d.group_attribute!r}: the embedded digits have no sensitive "
+        "attributes; use an image folder with an attributes table or a TFDS dataset"
+      )
     ds = _digits(d)
   elif d.source == "tfds":
     ds = load_tfds(
@@ -101,24 +114,45 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
       **common,
     )
   elif d.source == "image_folder":
-    ds = load_image_folder(d.dir, cache_dir=d.cache_dir, **common)
+    ds = load_image_folder(
+      d.dir,
+      cache_dir=d.cache_dir,
+      attributes=d.attributes,
+      group_attribute=d.group_attribute,
+      **common,
+    )
   else:
     raise DataError(f"unknown data.source {d.source!r}; allowed: {', '.join(SOURCES)}")
   imb = data_config.imbalance
-  if imb.classes:  # class indices are checked against the dataset by the config validator
+  if imb.classes:
     full = ds.train
-    reduced = subsample_classes(full, dict(zip(imb.classes, imb.keep_fractions)), seed=imb.seed)
-    ds = Dataset(
-      name=ds.name,
-      train=reduced,
-      test=ds.test,
-      num_classes=ds.num_classes,
-      class_names=ds.class_names,
-      mean=ds.mean,
-      std=ds.std,
-      dense_train=None if imb.apply_to_dense else full,
-    )
+    classes = class_indices(imb.classes, ds.class_names)
+    reduced = subsample_classes(full, dict(zip(classes, imb.keep_fractions)), seed=imb.seed)
+    ds = dataclasses.replace(ds, train=reduced, dense_train=None if imb.apply_to_dense else full)
   return ds
+
+
+def class_indices(classes: Sequence[int | str], class_names: Sequence[str]) -> tuple[int, ...]:
+  """`data.imbalance.classes` (indices or class names) as class indices of the dataset."""
+  out = []
+  for c in classes:
+    if isinstance(c, str):
+      if c not in class_names:
+        raise DataError(
+          f"data.imbalance.classes names {c!r}, which is not a class of this dataset; its "
+          f"classes are {', '.join(map(repr, class_names))}"
+        )
+      out.append(list(class_names).index(c))
+    else:
+      if not 0 <= c < len(class_names):
+        raise DataError(
+          f"data.imbalance.classes has {c!r}; allowed: class indices in "
+          f"[0, {len(class_names) - 1}] or class names"
+        )
+      out.append(int(c))
+  if len(set(out)) != len(out):
+    raise DataError(f"data.imbalance.classes {tuple(classes)} names a class twice")
+  return tuple(out)
 
 
 __all__ = [
@@ -127,6 +161,7 @@ __all__ = [
   "Split",
   "SOURCES",
   "channel_stats",
+  "class_indices",
   "load_dataset",
   "load_image_folder",
   "load_tfds",

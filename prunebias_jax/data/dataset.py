@@ -64,6 +64,8 @@ class Dataset:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   dense_train: Split | None = None
+  # The name of each group id in the splits' `groups` (data.group_attribute), None without.
+  group_names: tuple[str, ...] | None = None
 
   @property
   def teacher_train(self) -> Split:

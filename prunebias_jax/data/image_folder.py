@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -37,7 +36,15 @@ from absl import logging
 from PIL import Image
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
+from prunebias_jax.data.groups import (
+  ATTRIBUTE_TABLES,
+  PATH_COLUMN,
+  attribute_names,
+  find_table,
+  folder_groups,
+)
 from prunebias_jax.errors import DataError, one_line, printable
+from prunebias_jax.files import atomic_writer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow modes that carry a single intensity channel (decoded as 'L').
@@ -264,26 +271,13 @@ def _load_cache(path: Path, key: str):
 
 
 def _save_cache(path: Path, key: str, images: np.ndarray, labels: np.ndarray) -> None:
-  """Atomically writes the cache (temp file in the same folder + os.replace); a cache that cannot
-  be written only costs a re-decode next time, so failures are logged, not raised."""
-  tmp_name = None
+  """Atomically writes the cache (`files.atomic_writer`: readable as the umask allows); a cache
+  that cannot be written only costs a re-decode next time, so failures are logged, not raised."""
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-      dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
-    ) as f:
-      tmp_name = f.name
+    with atomic_writer(path) as f:
       np.savez(f, key=np.asarray(key), images=images, labels=labels)
-    os.replace(tmp_name, path)
-    tmp_name = None
   except OSError as e:
     logging.warning("could not write image-folder cache %s: %s", path, one_line(e, 200))
-  finally:
-    if tmp_name is not None:
-      try:
-        os.unlink(tmp_name)
-      except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,9 +353,24 @@ def load_image_folder(
   split_seed: int = 0,
   cache_dir=None,
   num_workers: int | None = None,
+  attributes: str | None = None,
+  group_attribute: str | Sequence[str] | None = None,
 ) -> Dataset:
-  """The image folder at `root` as a Dataset (see the module docstring for layout and caching)."""
+  """The image folder at `root` as a Dataset (see the module docstring for layout and caching).
+
+  `group_attribute` names columns of the folder's attributes table (`attributes`, or
+  attributes.csv / attributes.jsonl at the root; see `data.groups`): the splits' groups are
+  their value combinations. Checked before anything is decoded.
+  """
   path = _check_root(root, train_split, test_split)
+  group_columns = attribute_names(group_attribute)
+  table = find_table(path, attributes)
+  if group_columns and table is None:
+    raise DataError(
+      f"data.group_attribute={group_columns} needs an attributes table, but {path} has neither "
+      f"{' nor '.join(ATTRIBUTE_TABLES)}; add one (a {PATH_COLUMN!r} column and one column per "
+      "attribute) or set data.attributes=PATH"
+    )
   cache_base = _cache_base(cache_dir, path)
 
   class_names = _class_folders(path / train_split)
@@ -409,6 +418,12 @@ def load_image_folder(
     np.int32
   )
   n_train = len(selections[0])
+  group_ids, group_names = [None, None], None
+  if group_columns:
+    rel = [[lst.rel_paths[i] for i in sel] for lst, sel in zip(listings, selections)]
+    group_ids, group_names = folder_groups(
+      table, group_columns, ((train_split, rel[0]), (test_split, rel[1]))
+    )
   key = _cache_key(path, selected, image_size)
   cache_file = cache_base / f"image_folder-{path.name}-{key[:24]}.npz"
   desc = f"image folder {printable(str(path))}"
@@ -429,8 +444,8 @@ def load_image_folder(
     images = _decode_all(paths, image_size, num_workers or default_num_workers(), desc)
     _save_cache(cache_file, key, images, labels)
 
-  train = Split(images[:n_train], labels[:n_train])
-  test = Split(images[n_train:], labels[n_train:])
+  train = Split(images[:n_train], labels[:n_train], group_ids[0])
+  test = Split(images[n_train:], labels[n_train:], group_ids[1])
   mean, std = channel_stats(train.images)
   return Dataset(
     name=f"image_folder:{path.name}",
@@ -440,4 +455,5 @@ def load_image_folder(
     class_names=tuple(class_names),
     mean=mean,
     std=std,
+    group_names=group_names,
   )

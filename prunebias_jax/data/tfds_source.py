@@ -25,12 +25,13 @@ import dataclasses
 import difflib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import logging
 
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
+from prunebias_jax.data.groups import SEPARATOR, attribute_names, encode_groups
 from prunebias_jax.data.image_folder import (
   default_num_workers,
   resize_array,
@@ -53,7 +54,9 @@ class _Task:
 
   class_names: tuple[str, ...]
   label_of: Callable[[dict], int]
-  group_of: Callable[[dict], int] | None
+  # A record's values of the group attributes (ints), and a name for each attribute's value.
+  group_of: Callable[[dict], tuple[int, ...]] | None
+  group_value_names: tuple[Callable[[int], str], ...] = ()
 
 
 def _base_name(name: str) -> str:
@@ -139,27 +142,34 @@ def _open(tfds, builder, name: str, data_dir, split: str, field: str, decoders=N
 
 
 def _task(name: str, features, label_attribute, group_attribute) -> _Task:
-  """The label/group extraction and class names for dataset `name` with `features`."""
+  """The label/group extraction and class names for dataset `name` with `features`.
+
+  A group attribute that is not a scalar feature of the dataset stops the run (DataError): a
+  fairness study without its groups must not run as if it had them."""
   keys = list(features.keys())
   if "image" not in keys:
     raise DataError(
       f"TFDS dataset {name!r} has no 'image' feature (features: {', '.join(keys)}); "
       "only image-classification datasets are supported"
     )
+  group_attributes = attribute_names(group_attribute)
   if _base_name(name) == CELEB_A:
     attrs = list(features["attributes"].keys())
     label_attribute = label_attribute or DEFAULT_LABEL_ATTRIBUTE
-    group_attribute = group_attribute or DEFAULT_GROUP_ATTRIBUTE
-    for field, attr in (("label_attribute", label_attribute), ("group_attribute", group_attribute)):
+    group_attributes = group_attributes or (DEFAULT_GROUP_ATTRIBUTE,)
+    for field, attr in [("label_attribute", label_attribute)] + [
+      ("group_attribute", g) for g in group_attributes
+    ]:
       if attr not in attrs:
         raise DataError(
           f"data.{field}={attr!r} is not a CelebA attribute; valid attributes: {', '.join(attrs)}"
         )
-    la, ga = label_attribute, group_attribute
+    la, gas = label_attribute, group_attributes
     return _Task(
       class_names=(f"not_{la}", la),
       label_of=lambda rec: int(bool(rec["attributes"][la])),
-      group_of=lambda rec: int(bool(rec["attributes"][ga])),
+      group_of=lambda rec: tuple(int(bool(rec["attributes"][g])) for g in gas),
+      group_value_names=tuple((lambda v, g=g: g if v else f"not_{g}") for g in group_attributes),
     )
 
   if "label" not in keys:
@@ -178,33 +188,39 @@ def _task(name: str, features, label_attribute, group_attribute) -> _Task:
     logging.warning(
       "data.label_attribute=%r is ignored for %s (only celeb_a uses it)", label_attribute, name
     )
-  group_of = None
-  if group_attribute:
-    if group_attribute in keys:
-      feature = features[group_attribute]
-      get = lambda rec, g=group_attribute: rec[g]
-    elif "attributes" in keys and group_attribute in features["attributes"].keys():
-      feature = features["attributes"][group_attribute]
-      get = lambda rec, g=group_attribute: rec["attributes"][g]
+  getters, value_names = [], []
+  for g in group_attributes:
+    if g in keys:
+      feature = features[g]
+      getters.append(lambda rec, g=g: rec[g])
+    elif "attributes" in keys and g in features["attributes"].keys():
+      feature = features["attributes"][g]
+      getters.append(lambda rec, g=g: rec["attributes"][g])
     else:
-      feature = None
-      logging.warning(
-        "data.group_attribute=%r is not a feature of %s (features: %s); no groups",
-        group_attribute,
-        name,
-        ", ".join(keys),
+      scalars = [k for k in keys if k not in ("image", "label")]
+      raise DataError(
+        f"data.group_attribute={g!r} is not a feature of TFDS dataset {name!r}; its other "
+        f"features are: {', '.join(scalars) or 'none'}"
       )
-    if feature is not None:
-      if tuple(getattr(feature, "shape", ())) != ():
-        raise DataError(
-          f"data.group_attribute={group_attribute!r} of TFDS dataset {name!r} is not a scalar "
-          "feature; use a class label or boolean attribute"
-        )
-      group_of = lambda rec: int(np.asarray(get(rec)))
+    if tuple(getattr(feature, "shape", ())) != ():
+      raise DataError(
+        f"data.group_attribute={g!r} of TFDS dataset {name!r} is not a scalar "
+        "feature; use a class label or boolean attribute"
+      )
+    labels = getattr(feature, "names", None)
+    value_names.append(
+      (lambda v, n=tuple(labels): n[v] if 0 <= v < len(n) else str(v))
+      if labels
+      else (lambda v, g=g: f"{g}={v}")
+    )
+  group_of = None
+  if getters:
+    group_of = lambda rec: tuple(int(np.asarray(get(rec))) for get in getters)
   return _Task(
     class_names=tuple(str(n) for n in names),
     label_of=lambda rec: int(rec["label"]),
     group_of=group_of,
+    group_value_names=tuple(value_names),
   )
 
 
@@ -234,14 +250,16 @@ def _read_labels(src, task: _Task, desc: str) -> np.ndarray:
 
 def _read_split(
   src, indices: np.ndarray, image_size: int | None, task: _Task, desc: str, num_workers: int
-) -> Split:
-  """Records `indices` of `src` as a Split, read in batches by a thread pool."""
+) -> tuple[Split, np.ndarray | None]:
+  """Records `indices` of `src` as a Split, read in batches by a thread pool, and their group
+  attribute values ((n, attributes) ints; None without group attributes)."""
   n = len(indices)
   first_key = int(indices[0])
   shape = _as_hwc(src[first_key]["image"], desc, first_key, image_size).shape
   images = np.empty((n,) + shape, np.uint8)
   labels = np.empty((n,), np.int32)
-  groups = None if task.group_of is None else np.empty((n,), np.int32)
+  # The raw values of the group attributes; `load_tfds` turns them into group ids.
+  groups = None if task.group_of is None else np.empty((n, len(task.group_value_names)), np.int64)
 
   def work(start: int, stop: int) -> None:
     keys = [int(k) for k in indices[start:stop]]
@@ -279,7 +297,7 @@ def _read_split(
       f"{desc}: labels span {labels.min()}..{labels.max()} but the dataset names "
       f"{num_classes} classes"
     )
-  return Split(images, labels, groups)
+  return Split(images, labels), groups
 
 
 def load_tfds(
@@ -293,7 +311,7 @@ def load_tfds(
   test_examples: int = 0,
   split_seed: int = 0,
   label_attribute: str | None = None,
-  group_attribute: str | None = None,
+  group_attribute: str | Sequence[str] | None = None,
   num_workers: int | None = None,
 ) -> Dataset:
   """The prepared TFDS dataset `name` as a Dataset (see the module docstring)."""
@@ -310,6 +328,7 @@ def load_tfds(
   workers = num_workers or default_num_workers()
 
   splits: list[Split] = []
+  group_values: list[np.ndarray | None] = []
   task = None
   for k, (split, field) in enumerate(((train_split, "train_split"), (test_split, "test_split"))):
     src = _open(tfds, builder, name, data_dir, split, field)
@@ -336,7 +355,9 @@ def load_tfds(
           desc,
         )
       indices = np.arange(n)
-    splits.append(_read_split(src, indices, image_size, task, desc, workers))
+    split_data, values = _read_split(src, indices, image_size, task, desc, workers)
+    splits.append(split_data)
+    group_values.append(values)
 
   train, test = splits
   if train.images.shape[1:] != test.images.shape[1:]:
@@ -344,6 +365,16 @@ def load_tfds(
       f"TFDS {name}: {train_split!r} images are {train.images.shape[1:]} but {test_split!r} "
       f"images are {test.images.shape[1:]}; set data.image_size to resize both to one size"
     )
+  group_names = None
+  if task.group_of is not None:
+    ids, group_names = encode_groups(
+      [[tuple(v) for v in values.tolist()] for values in group_values],
+      attribute_names(group_attribute) or (DEFAULT_GROUP_ATTRIBUTE,),
+      f"TFDS {name}",
+      name_of=lambda combo: SEPARATOR.join(f(v) for f, v in zip(task.group_value_names, combo)),
+    )
+    train = Split(train.images, train.labels, ids[0])
+    test = Split(test.images, test.labels, ids[1])
   mean, std = channel_stats(train.images)
   return Dataset(
     name=name,
@@ -353,4 +384,5 @@ def load_tfds(
     class_names=task.class_names,
     mean=mean,
     std=std,
+    group_names=group_names,
   )
