@@ -7,7 +7,8 @@
          student_kd = fine-tune(teacher ⊙ masks, (1−α)·CE + α·T²·KL)   (per KD temperature)
          every model evaluated on the full test set; a record against the dense teacher
     per-cell records (seeds as populations) and similarity–bias correlations
-    results.jsonl, cells.jsonl, correlations.jsonl, results.md, plots/, timings.json
+    results.jsonl, cells.jsonl, correlations.jsonl, results.md, plots/, timings.json,
+    predictions.npz (every model's test predictions and logits, for audits and re-analysis)
 
 `stages.py` trains and evaluates, `records.py` computes what the records say, `report.py`
 writes what people read, `workdir.py` owns the workdir. A rerun of the same command restores
@@ -57,7 +58,7 @@ def run(
     test.labels, test.groups, data.num_classes, dense_outputs[0], a.svcca_examples, cfg.seed
   )
   base = {"model": cfg.model, "dataset": data.name, "num_test_examples": len(data.test)}
-  records = []
+  records, evaluated = [], []  # evaluated[i]: the outputs behind records[i]
   for (seed, model), out in zip(dense, dense_outputs):
     identity = {"method": "dense", "sparsity": 0.0, "kd": False, "temperature": None}
     identity.update(seed=seed, reference=seed == cfg.seed)
@@ -65,6 +66,7 @@ def run(
     records.append(
       rec.full_record(ref, out, {**base, **identity}, cfg, params, None, model.training)
     )
+    evaluated.append(out)
     logging.info("dense model (seed %d): test accuracy %.4f", seed, records[-1]["accuracy"])
 
   t = time.perf_counter()
@@ -81,6 +83,7 @@ def run(
           rec.full_record(ref, out, identity, cfg, params, member.masks, member.training)
         )
         outputs.setdefault(cell.key, []).append(out.without_maps())
+        evaluated.append(outputs[cell.key][-1])
         _log_model(i, len(groups), cell, seed, records[-1])
   timings["pruned_models"] = time.perf_counter() - t
 
@@ -92,6 +95,9 @@ def run(
   if ctx.writer:
     showcase = rec.showcase(ref, cells, cie_indices, outputs)
     table = report.write_report(ctx.workdir, cfg, data, records, cells, correlations, showcase)
+    report.write_predictions(
+      ctx.workdir, data, [o.predictions for o in evaluated], [o.logits for o in evaluated]
+    )
     print(table, flush=True)
   timings["report"] = time.perf_counter() - t
   timings["total"] = time.perf_counter() - start

@@ -49,13 +49,14 @@ class Outputs:
   """One model's evaluation on the full test set (host arrays; `device` uploads them once)."""
 
   predictions: np.ndarray  # (n,) int32
-  logits: np.ndarray  # (n, C)
+  logits: np.ndarray | None  # (n, C); None for an audit of predictions alone
   layers: dict[str, np.ndarray]  # name → (n, d); 'features' is the penultimate layer
   # analysis.svcca_conv: stage name → (m, h, w, c) maps of the m SVCCA examples, pooled.
   maps: dict[str, np.ndarray] | None = None
 
   def similarity_layers(self) -> dict[str, np.ndarray]:
-    return {**self.layers, "logits": self.logits}
+    logits = {} if self.logits is None else {"logits": self.logits}
+    return {**self.layers, **logits}
 
   def without_maps(self) -> Outputs:
     """The same outputs without the spatial maps: what a run keeps once the model's record
@@ -166,24 +167,36 @@ def model_record(
 ) -> Record:
   """Metrics of one model against the dense teacher (all on the full test set)."""
   crash_point("compare")
-  preds = model.device["predictions"]
-  rates = pm.per_class_rates(ref.device_labels, preds, ref.num_classes)
-  change = bias(ref, preds, config.metrics)
-  record = {
-    "accuracy": number(np.mean(model.predictions == ref.labels)),
-    **change,
+  return {
+    **prediction_record(ref, model.predictions, seed, config),
     "cka": number(pm.linear_cka(ref.outputs.device["features"], model.device["features"])),
-    "agreement": number(pm.prediction_agreement(ref.outputs.device["predictions"], preds)),
-    "per_class_recall": number(1.0 - np.asarray(rates.fnr)),
-    "fpr": number(rates.fpr),
-    "fnr": number(rates.fnr),
     **similarity_by_layer(ref.outputs, model, ref.svcca_index, config.analysis.svcca_rule),
     "svcca_examples_per_class": np.bincount(
       ref.labels[ref.svcca_index], minlength=ref.num_classes
     ).tolist(),
   }
+
+
+def prediction_record(
+  ref: Reference, predictions: np.ndarray, seed: int, config: ml_collections.ConfigDict
+) -> Record:
+  """What one model's test predictions alone give against the reference: accuracy, per-class
+  rates and their changes, CEV/SDE (both zero-rate rules), agreement, DPD/EOD with their change
+  (with groups) and the bootstrap intervals (resamples drawn from `seed`). A run's records and
+  an audit of predictions from elsewhere (`prunebias_jax.audit`) both come from here."""
+  predictions = np.asarray(predictions)
+  preds = jnp.asarray(predictions)
+  rates = pm.per_class_rates(ref.device_labels, preds, ref.num_classes)
+  record = {
+    "accuracy": number(np.mean(predictions == ref.labels)),
+    **bias(ref, preds, config.metrics),
+    "agreement": number(pm.prediction_agreement(ref.outputs.device["predictions"], preds)),
+    "per_class_recall": number(1.0 - np.asarray(rates.fnr)),
+    "fpr": number(rates.fpr),
+    "fnr": number(rates.fnr),
+  }
   if ref.groups is not None:
-    fair = fairness(ref.labels, ref.groups, model.predictions, ref.num_classes, ref.num_groups)
+    fair = fairness(ref.labels, ref.groups, predictions, ref.num_classes, ref.num_groups)
     record.update(fair)
     record.update(
       {
@@ -197,7 +210,7 @@ def model_record(
     bootstrap_intervals(
       ref.labels,
       ref.outputs.predictions,
-      model.predictions,
+      predictions,
       ref.groups,
       ref.num_classes,
       ref.num_groups,

@@ -22,7 +22,7 @@ import numpy as np
 
 from prunebias_jax.data import Dataset
 from prunebias_jax.errors import printable
-from prunebias_jax.files import write_atomic, write_json_atomic
+from prunebias_jax.files import atomic_writer, write_atomic, write_json_atomic
 from prunebias_jax.records import Showcase, model_name, student_label
 
 Record = dict[str, Any]
@@ -46,18 +46,48 @@ def write_run_description(workdir: Path, config: ml_collections.ConfigDict, data
   """config.json (the resolved config) and dataset.json (class counts, normalisation)."""
   write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
   C = data.num_classes
-  write_json_atomic(
-    workdir / "dataset.json",
-    {
-      "name": data.name,
-      "class_names": list(data.class_names),
-      "image_shape": list(data.image_shape),
-      "teacher_train_class_counts": data.teacher_train.class_counts(C).tolist(),
-      "finetune_train_class_counts": data.train.class_counts(C).tolist(),
-      "test_class_counts": data.test.class_counts(C).tolist(),
-      "normalization": {"mean": list(data.mean), "std": list(data.std)},
-    },
-  )
+  description = {
+    "name": data.name,
+    "class_names": list(data.class_names),
+    "image_shape": list(data.image_shape),
+    "teacher_train_class_counts": data.teacher_train.class_counts(C).tolist(),
+    "finetune_train_class_counts": data.train.class_counts(C).tolist(),
+    "test_class_counts": data.test.class_counts(C).tolist(),
+    "normalization": {"mean": list(data.mean), "std": list(data.std)},
+  }
+  if data.test.groups is not None:  # data.group_attribute: the groups DPD/EOD compare
+    G = int(data.test.groups.max()) + 1
+    names = data.group_names or tuple(str(g) for g in range(G))
+    description["group_names"] = list(names)
+    for key, split in (
+      ("teacher_train", data.teacher_train),
+      ("finetune_train", data.train),
+      ("test", data.test),
+    ):
+      if split.groups is not None:
+        counts = np.bincount(split.groups, minlength=len(names)).tolist()
+        description[f"{key}_group_counts"] = counts
+  write_json_atomic(workdir / "dataset.json", description)
+
+
+def write_predictions(
+  workdir: Path, data: Dataset, predictions: Sequence[np.ndarray], logits: Sequence[np.ndarray]
+) -> None:
+  """predictions.npz: every evaluated model's test predictions (M, n) and logits (M, n, C),
+  row i for line i of results.jsonl, with the test labels (and groups): what an audit
+  (`prunebias_jax.audit`) or a re-analysis needs without the checkpoints."""
+  arrays = {
+    "labels": data.test.labels.astype(np.int32),
+    "predictions": np.stack(predictions).astype(np.int32),
+    "logits": np.stack(logits).astype(np.float32),
+    "class_names": np.array(data.class_names, dtype=str),
+  }
+  if data.test.groups is not None:
+    arrays["groups"] = data.test.groups.astype(np.int32)
+    if data.group_names is not None:
+      arrays["group_names"] = np.array(data.group_names, dtype=str)
+  with atomic_writer(workdir / "predictions.npz") as f:
+    np.savez(f, **arrays)
 
 
 def write_jsonl(path: Path, rows: Sequence[Record]) -> None:

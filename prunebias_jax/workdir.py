@@ -47,6 +47,7 @@ RUN_FILES = (
   "timings.json",
   "dataset.json",
   "config.json",
+  "predictions.npz",
 )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -50,7 +52,11 @@ def finished_run(tmp_path_factory):
   cfg.pruning.sparsities = (0.7,)
   cfg.pruning.control = False  # these tests count the pruned cells (the control has its own)
   workdir = tmp_path_factory.mktemp("run")
-  records = experiment.run(cfg, workdir)
+  old_umask = os.umask(0o022)  # the usual umask: files must come out 0644 (shared clusters)
+  try:
+    records = experiment.run(cfg, workdir)
+  finally:
+    os.umask(old_umask)
   return cfg, workdir, records
 
 
@@ -76,6 +82,9 @@ def test_outputs_written(finished_run):
   lines = (workdir / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(records) == 1 + 2 * 1 * 2  # dense + methods × sparsities × {CE, KD}
   assert not list(workdir.glob("**/*.tmp"))  # atomic writes leave no temporaries
+  for path in workdir.rglob("*"):  # results and plots readable by colleagues (umask 022)
+    if path.is_file() and "checkpoints" not in path.relative_to(workdir).parts:
+      assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
   table = (workdir / "results.md").read_text()
   assert "| l1_filter | 0.7 |" in table and "CEV KD" in table
   assert (
@@ -312,3 +321,30 @@ def test_cells_carry_seed_intervals_and_paired_tests(gradual_two_seed_run):
       assert vs_ce["computed"] and vs_ce["paired"] and vs_ce["against"] == "ce"
       assert vs_ce["min_attainable_p"] == pytest.approx(0.5, abs=1e-6)  # 2 pairs: 2 / 2²
       assert vs_ce["statistic"] == "normalized_recall"
+
+
+def test_an_audit_of_the_runs_predictions_reproduces_its_records(finished_run):
+  from prunebias_jax.audit import PREDICTION_FIELDS, audit
+
+  cfg, workdir, records = finished_run
+  with np.load(workdir / "predictions.npz") as z:
+    saved = {k: z[k] for k in z.keys()}
+  assert saved["predictions"].shape == (len(records), len(saved["labels"]))
+  np.testing.assert_array_equal(saved["predictions"], saved["logits"].argmax(-1))
+  names = {i: f"model{i}" for i in range(1, len(records))}  # results.jsonl line i ↔ row i
+  report = audit(
+    saved["labels"],
+    saved["logits"][0],
+    {names[i]: saved["logits"][i] for i in names},
+    class_names=saved["class_names"].tolist(),
+    config=resolve_config(cfg),
+    seeds={names[i]: [records[i]["seed"]] for i in names},
+  )
+  pairs = [(report.reference[0], records[0])] + list(zip(report.records, records[1:]))
+  compared = 0
+  for audited, run in pairs:
+    for field in PREDICTION_FIELDS:
+      if field in run:
+        assert audited[field] == run[field], field
+        compared += 1
+  assert compared >= len(pairs) * 13  # the bias fields and the intervals of every model

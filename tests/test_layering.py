@@ -34,6 +34,7 @@ RANKS = {
   "report": 7,
   "stages": 7,
   "experiment": 8,
+  "audit": 8,
   "main": 9,
 }
 PLOTTING = ("matplotlib", "PIL")
