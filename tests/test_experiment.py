@@ -348,3 +348,24 @@ def test_an_audit_of_the_runs_predictions_reproduces_its_records(finished_run):
         assert audited[field] == run[field], field
         compared += 1
   assert compared >= len(pairs) * 13  # the bias fields and the intervals of every model
+
+
+def test_load_run_gives_every_model_back_with_the_runs_predictions(finished_run):
+  from prunebias_jax.data import load_dataset
+  from prunebias_jax.load import load_run
+
+  cfg, workdir, records = finished_run
+  run = load_run(workdir)
+  assert run.records == records and run.config.model == cfg.model
+  assert len(run.model_names()) == len(records)  # one checkpoint per record, none partial
+  images = load_dataset(resolve_config(cfg).data).test.images
+  with np.load(workdir / "predictions.npz") as z:
+    logits, predictions = z["logits"], z["predictions"]
+  for i, record in enumerate(records):
+    model = run.model(record)
+    assert (model.masks is None) == (record["method"] == "dense")
+    got = model.apply(images)
+    np.testing.assert_allclose(got, logits[i], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got.argmax(-1), predictions[i])
+  with pytest.raises(CheckpointError, match="has no model 'nope'; its models: dense"):
+    run.model("nope")

@@ -35,6 +35,7 @@ RANKS = {
   "stages": 7,
   "experiment": 8,
   "audit": 8,
+  "load": 8,
   "main": 9,
 }
 PLOTTING = ("matplotlib", "PIL")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,8 +266,21 @@ def test_an_analysis_change_reanalyses_without_training(finished, tmp_path, monk
   workdir = tmp_path / "w"
   shutil.copytree(source, workdir)
   monkeypatch.setattr(stages, "fit", lambda *a, **k: pytest.fail("a model was retrained"))
+  checkpoints = _files(workdir / "checkpoints")
   changed = cfg.copy_and_resolve_references()
   changed.analysis.bootstrap_resamples = 20
+  changed.metrics.zero_rate = "exclude"
   records = experiment.run(changed, workdir)
   assert all("cev_ci" in r for r in records)  # the new analysis ran
+  assert all(r["cev"] == r["cev_exclude"] for r in records)  # under the new metrics rule
   assert json.loads((workdir / "config.json").read_text())["analysis"]["bootstrap_resamples"] == 20
+  assert _files(workdir / "checkpoints") == checkpoints  # not one checkpoint byte touched
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+  """Every file under `directory` by relative path, with its bytes."""
+  return {
+    str(p.relative_to(directory)): p.read_bytes()
+    for p in sorted(directory.rglob("*"))
+    if p.is_file()
+  }
