@@ -198,6 +198,9 @@ def prediction_record(
   if ref.groups is not None:
     fair = fairness(ref.labels, ref.groups, predictions, ref.num_classes, ref.num_groups)
     record.update(fair)
+    record["per_group_accuracy"] = per_group_accuracy(
+      ref.labels, predictions, ref.groups, ref.num_groups
+    )
     record.update(
       {
         f"{k}_change": None
@@ -220,6 +223,15 @@ def prediction_record(
     )
   )
   return record
+
+
+def per_group_accuracy(
+  labels: np.ndarray, predictions: np.ndarray, groups: np.ndarray, num_groups: int
+) -> list[float | None]:
+  """Accuracy on the test examples of each group (None for a group without examples)."""
+  correct = np.bincount(groups, weights=predictions == labels, minlength=num_groups)
+  sizes = np.bincount(groups, minlength=num_groups)
+  return [number(c / n) if n else None for c, n in zip(correct, sizes)]
 
 
 def student_label(record: Record) -> str:
@@ -522,6 +534,14 @@ def cell_records(
       config.seed + i,
     )
     cell.update(extra)
+    if ref.groups is not None:  # where the accuracy and the CIE fall, group by group
+      accs = np.array(
+        [[np.nan if v is None else v for v in r["per_group_accuracy"]] for r in members]
+      )
+      cell["per_group_accuracy"] = number(accs.mean(axis=0))
+      cell["cie_per_group"] = np.bincount(
+        ref.groups[cie_indices[key]], minlength=ref.num_groups
+      ).tolist()
     if kd:
       ce_key = (method, sparsity, False, None)
       if ce_key in outputs:
@@ -557,7 +577,7 @@ def cell_records(
   return cells, cie_indices
 
 
-SEED_INTERVAL_FIELDS = ("accuracy", "cev", "sde")
+SEED_INTERVAL_FIELDS = ("accuracy", "cev", "sde", "dpd", "eod")
 
 
 def _key(record: Record) -> CellKey:

@@ -130,7 +130,12 @@ def write_report(
   notes += skipped_notes(records)
   main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
   dense = next(r for r in records if r["method"] == "dense")
-  extra = analysis_sections(cells, correlations, data.test.groups is not None, cfg)
+  groups = None
+  if data.test.groups is not None:
+    G = int(data.test.groups.max()) + 1
+    groups = data.group_names or tuple(str(g) for g in range(G))
+  extra = group_section(records, cells, groups, data.test.groups, cfg)
+  extra += analysis_sections(cells, correlations, cfg)
   extra += conv_svcca_section(records, cfg)
   title = f"prunebias_jax: {cfg.model} on {printable(data.name)}"
   flagged = {(r["method"], r["sparsity"]) for r in records if r.get("every_step_skipped")}
@@ -141,6 +146,8 @@ def write_report(
   shown = [r for r in records if r["method"] != "dense" or r.get("reference")]
   write_plots(plots, shown, main_cells, data.class_names)
   write_similarity_scatter(plots / "similarity_vs_bias.png", records)
+  if groups is not None:
+    write_group_plot(plots / "group_gaps_vs_sparsity.png", records, main_cells)
   top = showcase.cell
   write_cie_grid(
     plots / "cie_grid.png",
@@ -245,6 +252,51 @@ def _savefig(fig, path: Path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
   write_atomic(path, buf.getvalue())
+
+
+@_literal_text
+def write_group_plot(path: Path, records: Sequence[Record], cells: Sequence[Record]) -> None:
+  """group_gaps_vs_sparsity.png: DPD and EOD vs sparsity, a colour per method, CE solid, KD
+  dashed, error bars the std over seeds, the dense model's value as a line."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  dense = next(r for r in records if r["method"] == "dense")
+  methods = list(dict.fromkeys(c["method"] for c in cells))
+  colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, field in zip(axes, ("dpd", "eod")):
+    for m in methods:
+      for kd, style in ((False, "-"), (True, "--")):
+        pts = sorted(
+          (c["sparsity"], c.get(f"{field}_seed_mean"), c.get(f"{field}_seed_std") or 0.0)
+          for c in cells
+          if c["method"] == m and c["kd"] == kd and c.get(f"{field}_seed_mean") is not None
+        )
+        if pts:
+          xs, ys, err = zip(*pts)
+          ax.errorbar(
+            xs,
+            ys,
+            yerr=err,
+            fmt=style,
+            marker="^" if kd else "o",
+            color=colors[m],
+            capsize=2,
+            label=f"{m} {'KD' if kd else 'CE'}",
+          )
+    if dense.get(field) is not None:
+      ax.axhline(dense[field], color="k", lw=1, label="dense")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"{field.upper()} (mean ± std over seeds)")
+    ax.set_title(f"{field.upper()} vs sparsity (solid CE, dashed KD)")
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  _savefig(fig, path)
+  plt.close(fig)
 
 
 @_literal_text
@@ -442,28 +494,68 @@ def statistics_section(cells: Sequence[Record], config: ml_collections.ConfigDic
   return out
 
 
+def group_section(
+  records: Sequence[Record],
+  cells: Sequence[Record],
+  group_names: Sequence[str] | None,
+  test_groups: np.ndarray | None,
+  config: ml_collections.ConfigDict,
+) -> str:
+  """'## Group fairness': DPD and EOD of every cell with an interval, their change vs the dense
+  model, the accuracy of each group and where the CIEs fall ('' without groups)."""
+  if group_names is None:
+    return ""
+  sizes = np.bincount(test_groups, minlength=len(group_names)).tolist()
+  listing = ", ".join(f"{printable(n)} ({k})" for n, k in zip(group_names, sizes))
+  attribute = config.data.group_attribute
+  dense = next(r for r in records if r["method"] == "dense")
+  single = {(r["method"], r["sparsity"], r["kd"], r["temperature"]): r for r in records}
+
+  def interval(c: Record, field: str) -> str:
+    # ≥ 2 seeds: the t-interval over seeds; one seed: that model's bootstrap interval.
+    ci = c.get(f"{field}_seed_ci")
+    if ci is None and len(c["seeds"]) == 1:
+      ci = single[(c["method"], c["sparsity"], c["kd"], c["temperature"])].get(f"{field}_ci")
+    return _fmt(c.get(f"{field}_seed_mean")) + ("" if not ci else f" {_interval(ci, '.3g')}")
+
+  accs = lambda values: " / ".join(_fmt(v, ".3f") for v in values)
+  out = [
+    f"## Group fairness (test set, data.group_attribute = {printable(str(attribute))})",
+    "",
+    f"Groups (test examples): {listing}. DPD: the largest difference between groups in the "
+    "rate of predicting a class; EOD: the largest difference in its TPR or FPR (max over "
+    f"classes one-vs-rest with more than 2 classes; docs/metrics.md). [interval]: "
+    f"{config.analysis.confidence:.0%} t-interval over seeds, or with one seed the model's "
+    f"{config.analysis.bootstrap_interval} bootstrap interval over test examples. CIE per "
+    "group: how many of the cell's CIEs are in each group (Hooker et al.: compression error "
+    "concentrates on under-represented groups).",
+    "",
+    "| method | sparsity | student | DPD | EOD | ΔDPD vs dense | ΔEOD vs dense | "
+    f"accuracy per group ({' / '.join(printable(n) for n in group_names)}) | CIE per group |",
+    "|---|---|---|---|---|---|---|---|---|",
+    f"| dense | 0 | – | {_fmt(dense.get('dpd'))} | {_fmt(dense.get('eod'))} | – | – | "
+    f"{accs(dense.get('per_group_accuracy', []))} | – |",
+  ]
+  for c in cells:
+    changes = " | ".join(_fmt(c.get(f"{f}_seed_mean")) for f in ("dpd_change", "eod_change"))
+    out.append(
+      f"| {c['method']} | {c['sparsity']:g} | {student_label(c)} | {interval(c, 'dpd')} | "
+      f"{interval(c, 'eod')} | {changes} | {accs(c.get('per_group_accuracy', []))} | "
+      f"{' / '.join(map(str, c.get('cie_per_group', [])))} |"
+    )
+  return "\n".join(out + [""]) + "\n"
+
+
 def analysis_sections(
   cells: Sequence[Record],
   correlation_rows: Sequence[Record],
-  has_groups: bool,
   config: ml_collections.ConfigDict,
 ) -> str:
-  """Markdown sections after the main table: per-cell statistics, group fairness, CIE, the KD
-  temperature study (when several temperatures ran), similarity–bias correlations."""
+  """Markdown sections after the main table: per-cell statistics, CIE, the KD temperature
+  study (when several temperatures ran), similarity–bias correlations."""
   label = student_label
   row = lambda c: f"| {c['method']} | {c['sparsity']:g} | {label(c)} |"
   out = statistics_section(cells, config)
-  if has_groups:
-    out += [
-      "## Group fairness (test set, by the sensitive attribute)",
-      "",
-      "| method | sparsity | student | DPD | EOD | ΔDPD vs dense | ΔEOD vs dense |",
-      "|---|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-      values = (c.get(f"{f}_seed_mean") for f in ("dpd", "eod", "dpd_change", "eod_change"))
-      out.append(f"{row(c)} " + " | ".join(_fmt(v) for v in values) + " |")
-    out.append("")
   out += [
     "## Compression Identified Exemplars",
     "",

@@ -16,6 +16,7 @@ from PIL import Image
 
 from configs.default import get_config as default_config
 from prunebias_jax import records, stages
+from prunebias_jax.audit import audit
 from prunebias_jax.config import ConfigError, validate_config
 from prunebias_jax.data import DataError, load_dataset
 from prunebias_jax.errors import UserError
@@ -304,5 +305,28 @@ def test_cli_runs_with_intersectional_groups_and_refuses_a_bad_column_in_one_lin
   assert good.returncode == 0, good.stderr[-3000:]
   recs = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
   assert all(r["dpd"] is not None and r["eod"] is not None for r in recs)
-  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  run = tmp_path / "run"
+  config = json.loads((run / "config.json").read_text())
   assert config["data"]["group_attribute"] == ["race", "age"]
+  described = json.loads((run / "dataset.json").read_text())
+  with np.load(run / "predictions.npz") as z:
+    saved = {k: z[k] for k in z.keys()}
+  names = described["group_names"]
+  assert saved["group_names"].tolist() == names and len(names) == 12  # 3 races × 4 ages
+  assert np.bincount(saved["groups"], minlength=12).tolist() == described["test_group_counts"]
+  # Per-group accuracy, recomputed from the saved predictions; CIEs counted once per group.
+  y, g = saved["labels"], saved["groups"]
+  for i, r in enumerate(recs):
+    want = [np.mean(saved["predictions"][i][g == k] == y[g == k]) for k in range(12)]
+    np.testing.assert_allclose(r["per_group_accuracy"], want, atol=1e-6)
+  cells = [json.loads(l) for l in (run / "cells.jsonl").read_text().splitlines()]
+  for c in cells:
+    assert sum(c["cie_per_group"]) == c["num_cie"] and len(c["per_group_accuracy"]) == 12
+  # The audit of the run's predictions with its groups gives the run's DPD/EOD.
+  report = audit(y, saved["logits"][0], {"m": saved["logits"][1:2]}, groups=g, config=None)
+  cfg_analysis = report.records[0]
+  assert cfg_analysis["dpd"] == recs[1]["dpd"] and cfg_analysis["eod"] == recs[1]["eod"]
+  text = (run / "results.md").read_text()
+  assert "## Group fairness (test set, data.group_attribute = ('race', 'age'))" in text
+  assert "asian/20 (" in text and "| l1_filter | 0.5 | CE |" in text.split("## Group")[1]
+  assert (run / "plots" / "group_gaps_vs_sparsity.png").stat().st_size > 0
