@@ -58,7 +58,7 @@ def run(
     test.labels, test.groups, data.num_classes, dense_outputs[0], a.svcca_examples, cfg.seed
   )
   base = {"model": cfg.model, "dataset": data.name, "num_test_examples": len(data.test)}
-  records, evaluated = [], []  # evaluated[i]: the outputs behind records[i]
+  records, evaluated = [], list(dense_outputs)  # evaluated[i]: the outputs behind records[i]
   for (seed, model), out in zip(dense, dense_outputs):
     identity = {"method": "dense", "sparsity": 0.0, "kd": False, "temperature": None}
     identity.update(seed=seed, reference=seed == cfg.seed)
@@ -66,7 +66,6 @@ def run(
     records.append(
       rec.full_record(ref, out, {**base, **identity}, cfg, params, None, model.training)
     )
-    evaluated.append(out)
     logging.info("dense model (seed %d): test accuracy %.4f", seed, records[-1]["accuracy"])
 
   t = time.perf_counter()
@@ -77,8 +76,7 @@ def run(
     for cell in stages.variants(cfg, method, sparsity):
       members = stages.finetune(ctx, teacher, cell, seeds, masks)
       for seed, member, out in zip(seeds, members, stages.evaluate_members(ctx, members)):
-        identity = {**base, **cell.identity, "seed": seed}
-        params = member.variables["params"]
+        identity, params = {**base, **cell.identity, "seed": seed}, member.variables["params"]
         records.append(
           rec.full_record(ref, out, identity, cfg, params, member.masks, member.training)
         )
@@ -94,9 +92,8 @@ def run(
   t = time.perf_counter()
   if ctx.writer:
     showcase = rec.showcase(ref, cells, cie_indices, outputs)
-    table = report.write_report(ctx.workdir, cfg, data, records, cells, correlations, showcase)
-    report.write_predictions(
-      ctx.workdir, data, [o.predictions for o in evaluated], [o.logits for o in evaluated]
+    table = report.write_report(
+      ctx.workdir, cfg, data, records, cells, correlations, showcase, evaluated
     )
     print(table, flush=True)
   timings["report"] = time.perf_counter() - t

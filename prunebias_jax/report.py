@@ -23,7 +23,7 @@ import numpy as np
 from prunebias_jax.data import Dataset
 from prunebias_jax.errors import printable
 from prunebias_jax.files import atomic_writer, write_atomic, write_json_atomic
-from prunebias_jax.records import Showcase, model_name, student_label
+from prunebias_jax.records import Outputs, Showcase, model_name, student_label
 
 Record = dict[str, Any]
 
@@ -103,9 +103,11 @@ def write_report(
   cells: Sequence[Record],
   correlations: Sequence[Record],
   showcase: Showcase,
+  evaluated: Sequence[Outputs],
 ) -> str:
-  """results.jsonl, cells.jsonl, correlations.jsonl, results.md and plots/; returns the main
-  table (the caller prints it)."""
+  """results.jsonl, cells.jsonl, correlations.jsonl, predictions.npz (`evaluated[i]`: the
+  outputs behind `records[i]`), results.md and plots/; returns the main table (the caller
+  prints it)."""
   cfg = config
   for name, rows in (
     ("results.jsonl", records),
@@ -113,6 +115,9 @@ def write_report(
     ("correlations.jsonl", correlations),
   ):
     write_jsonl(workdir / name, rows)
+  write_predictions(
+    workdir, data, [o.predictions for o in evaluated], [o.logits for o in evaluated]
+  )
   notes = [
     f"CEV in %², SDE in % (convention {cfg.metrics.convention!r}, zero reference rates: "
     f"{cfg.metrics.zero_rate!r}); both measure how unevenly the per-class FPR/FNR changed "
