@@ -82,7 +82,7 @@ def run(
         )
         outputs.setdefault(cell.key, []).append(out.without_maps())
         evaluated.append(outputs[cell.key][-1])
-        _log_model(i, len(groups), cell, seed, records[-1])
+        _log_model(i, len(groups), cell, seed, records[-1], t)
   timings["pruned_models"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -104,10 +104,16 @@ def run(
   return records
 
 
-def _log_model(i: int, total: int, cell: stages.Cell, seed: int, record: Record) -> None:
+def _log_model(
+  i: int, total: int, cell: stages.Cell, seed: int, record: Record, since: float
+) -> None:
+  """One line per evaluated student, with the sweep's ETA: the time per pruning group so far
+  times the groups left (`since`: when the first group started)."""
+  elapsed = time.perf_counter() - since
+  eta = elapsed / (i + 1) * (total - i - 1)
   logging.info(
     "[%d/%d] %-16s s=%-5g %-8s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f SVCCA %.4f "
-    "realised sparsity %.4f",
+    "realised sparsity %.4f; sweep %s elapsed, ETA %s",
     i + 1,
     total,
     cell.method,
@@ -120,7 +126,16 @@ def _log_model(i: int, total: int, cell: stages.Cell, seed: int, record: Record)
     _or_nan(record["cka"]),
     _or_nan(record["svcca"]),
     record["realized_sparsity"],
+    _duration(elapsed),
+    _duration(eta) if i + 1 < total else "0s",
   )
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _or_nan(v: float | None) -> float:
@@ -128,6 +143,13 @@ def _or_nan(v: float | None) -> float:
 
 
 def _log_disk(workdir: Path) -> None:
+  """The run's last lines: where to look, and what the workdir holds on disk."""
+  logging.info(
+    "done: %s (tables), %s (figures), results.jsonl / cells.jsonl / predictions.npz (data), "
+    "metrics.jsonl (training curves)",
+    workdir / "results.md",
+    workdir / "plots",
+  )
   logging.info(
     "workdir %s: %s on disk (checkpoints %s; keep fewer with checkpoint.keep, or delete "
     "checkpoints/ once results are final)",

@@ -42,6 +42,7 @@ from prunebias_jax.data import Dataset, load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch
 from prunebias_jax.faults import crash_point
 from prunebias_jax.models import get_model
+from prunebias_jax.monitor import StepLog
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.provenance import dense_identity, fingerprint, stage_identity, student_identity
 from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
@@ -51,6 +52,7 @@ from prunebias_jax.train import (
   create_state,
   evaluate,
   fit,
+  learning_rate_schedule,
   make_eval_fn,
   make_optimizer,
   make_train_step,
@@ -310,20 +312,33 @@ def _fit(ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, **kwarg
   partial = wd.stage_checkpoint(
     ctx.workdir, stage, cfg.checkpoint, ctx.expect, ctx.identities[stage]
   )
-  state, summary = fit(
-    state,
-    step,
+  split, batch_size, epochs = (
     _split(ctx, stage_cfg),
-    stage=stage,
-    batch_size=_batch_size(ctx, stage_cfg),
-    epochs=cfg[stage_cfg].epochs,
-    seed=seed,
-    parallel=ctx.parallel,
-    progress_seconds=cfg.progress_seconds,
-    checkpoint=partial,
-    nonfinite=cfg.nonfinite,
-    **kwargs,
+    _batch_size(ctx, stage_cfg),
+    cfg[stage_cfg].epochs,
   )
+  step_log = StepLog(ctx.workdir, stage, cfg.monitor.every_steps, enabled=ctx.writer)
+  try:
+    state, summary = fit(
+      state,
+      step,
+      split,
+      stage=stage,
+      batch_size=batch_size,
+      epochs=epochs,
+      seed=seed,
+      parallel=ctx.parallel,
+      progress_seconds=cfg.progress_seconds,
+      checkpoint=partial,
+      nonfinite=cfg.nonfinite,
+      step_log=step_log,
+      learning_rate=learning_rate_schedule(
+        cfg[stage_cfg].optim, steps_per_epoch(len(split), batch_size), epochs
+      ),
+      **kwargs,
+    )
+  finally:
+    step_log.close()
   return state, summary, partial
 
 

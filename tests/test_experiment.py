@@ -93,6 +93,13 @@ def test_outputs_written(finished_run):
   )
   cells = [json.loads(l) for l in (workdir / "cells.jsonl").read_text().splitlines()]
   assert all("cie_fraction" in c and "significance" in c for c in cells)  # 1 dense model, 1 seed
+  # Training curves: every stage of the run, KD terms only in KD stages, TensorBoard beside.
+  steps = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  stages_logged = {r["stage"] for r in steps}
+  assert "dense" in stages_logged and len(stages_logged) == 1 + 2 * 2  # dense + 2 cells × CE/KD
+  assert all(("kd_loss" in r) == ("_kd" in r["stage"]) for r in steps)
+  assert all(r["learning_rate"] > 0 and 0 <= r["train_accuracy"] <= 1 for r in steps)
+  assert len(list((workdir / "tensorboard").glob("*/events.out.tfevents.*"))) == 5
 
 
 def test_records_are_consistent(finished_run):

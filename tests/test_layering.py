@@ -19,6 +19,7 @@ RANKS = {
   "errors": 0,
   "faults": 0,
   "files": 1,
+  "monitor": 2,
   "metrics": 2,
   "models": 2,
   "parallel": 2,

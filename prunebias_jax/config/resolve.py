@@ -21,6 +21,7 @@ COSMETIC_KEYS = (
   "process_id",
   "checkpoint.every_steps",
   "checkpoint.keep",
+  "monitor.every_steps",
 )
 
 

@@ -122,6 +122,12 @@ def base_config() -> ml_collections.ConfigDict:
   # digits demo stays a demo of the compressed cells.
   config.pruning.control = False
 
+  # Watching a run (prunebias_jax.monitor): training scalars of every `every_steps`-th step of
+  # each stage (and its last) in metrics.jsonl, and TensorBoard events with tensorboardX
+  # installed. 0: none. Fetched at the progress syncs, so logging never stalls the device.
+  config.monitor = ml_collections.ConfigDict()
+  config.monitor.every_steps = 10
+
   config.kd = ml_collections.ConfigDict()
   config.kd.alpha = 0.9  # loss = (1-α)·CE + α·T²·KL(teacher_T ‖ student_T)
   config.kd.temperature = 4.0

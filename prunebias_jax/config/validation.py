@@ -391,6 +391,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     "an integer >= 0 (0 = only finished models)",
   )
   _positive_int(cfg, "checkpoint.keep")
+  every = cfg.monitor.every_steps
+  _require(
+    _is_int(every) and 0 <= every <= MAX_STEPS,
+    "monitor.every_steps",
+    every,
+    f"an integer in [0, {MAX_STEPS}] (0 = no metrics.jsonl)",
+  )
   for field in ("data.split_seed", "data.imbalance.seed"):  # NumPy seeds: the same range
     v = _get(cfg, field)
     _require(_is_int(v) and 0 <= v <= MAX_SEED, field, v, f"an integer in [0, {MAX_SEED}]")

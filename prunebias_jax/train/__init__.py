@@ -2,7 +2,13 @@
 
 from prunebias_jax.train.loop import NONFINITE_RULES, NonFiniteLossError, evaluate, fit
 from prunebias_jax.train.losses import cross_entropy, distillation_kl, kd_objective
-from prunebias_jax.train.state import SCHEDULES, TrainState, create_state, make_optimizer
+from prunebias_jax.train.state import (
+  SCHEDULES,
+  TrainState,
+  create_state,
+  learning_rate_schedule,
+  make_optimizer,
+)
 from prunebias_jax.train.steps import make_eval_fn, make_train_step
 
 __all__ = [
@@ -16,6 +22,7 @@ __all__ = [
   "evaluate",
   "fit",
   "kd_objective",
+  "learning_rate_schedule",
   "make_eval_fn",
   "make_optimizer",
   "make_train_step",

@@ -71,6 +71,8 @@ def fit(
   parallel: DataParallel | None = None,
   checkpoint: StageCheckpoint | None = None,
   nonfinite: str = "stop",
+  step_log: Any | None = None,
+  learning_rate: Callable[[int], float] | None = None,
 ) -> tuple[TrainState, dict]:
   """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
   (state, summary). The masks travel in `state.masks` (final masks: the returned state's).
@@ -93,6 +95,10 @@ def fit(
   NaN/Inf loss and the last finite loss (checked at every progress line and before every
   checkpoint, so a poisoned state is never saved); 'skip' needs a step built with
   `skip_nonfinite=True`, which leaves the state unchanged on such steps, and counts them.
+
+  `step_log` (a `monitor.StepLog`): the scalars of the steps it `wants`, kept as device arrays
+  and fetched at the next progress sync (no extra sync), with `learning_rate(i)` the rate step
+  i used (the optimizer's schedule).
   """
   if nonfinite not in NONFINITE_RULES:
     raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_RULES)}")
@@ -141,6 +147,10 @@ def fit(
     *(train_batches(split, batch_size, s, 0, epochs, skip=start_step) for s in seeds)
   )
   done = start_step
+  pending: list[tuple[int, int, dict]] = []  # (step, epoch, device metrics) for step_log
+  kd_alpha = float(alpha) if teacher_variables is not None else 0.0  # 0: no KD term to log
+  if step_log is not None:
+    step_log.start(start_step)
   try:
     for i, batches in enumerate(member_batches, start=start_step):
       epoch = batches[0][0]
@@ -166,6 +176,8 @@ def fit(
       window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
       window += 1
       done = i + 1
+      if step_log is not None and step_log.wants(done, total):
+        pending.append((done, epoch, metrics))
       save = checkpoint is not None and checkpoint.due(done, total)
       now = time.perf_counter()
       if now - last_log >= progress_seconds or done == total or save:
@@ -213,6 +225,9 @@ def fit(
           _format_eta(eta),
         )
         summary = {"train_loss": loss, "train_accuracy": acc}
+        if pending:
+          step_log.write(_step_rows(pending, seeds, population, kd_alpha, learning_rate, rate))
+          pending = []
         window_sums = fresh_window()
         window, window_start, last_log = 0, now, now
         if save:
@@ -237,6 +252,40 @@ def fit(
     nonfinite_steps=reported_bad,
   )
   return state, summary
+
+
+def _step_rows(
+  pending: list[tuple[int, int, dict]],
+  seeds: Sequence[int],
+  population: bool,
+  alpha: float,
+  learning_rate: Callable[[int], float] | None,
+  rate: float,
+) -> list[dict]:
+  """metrics.jsonl rows of the pending steps, one per step and member (`monitor`)."""
+  fetched = jax.device_get([m for _, _, m in pending])
+  rows = []
+  for (step, epoch, _), metrics in zip(pending, fetched):
+    for k, seed in enumerate(seeds):
+      value = lambda name: float(np.asarray(metrics[name]).reshape(-1)[k if population else 0])
+      loss, ce = value("loss"), value("ce")
+      row = {
+        "step": step,
+        "epoch": epoch + 1,
+        "seed": seed,
+        "loss": loss,
+        "ce_loss": ce,
+        "train_accuracy": value("accuracy"),
+        "images_per_second": round(rate, 1),
+        "nonfinite": int(value("nonfinite")),
+      }
+      if alpha > 0:  # the KD stage's α·T²·KL term: what the loss adds to (1 − α)·CE
+        row["kd_loss"] = loss - (1.0 - alpha) * ce
+      if learning_rate is not None:
+        row["learning_rate"] = float(learning_rate(step - 1))
+      finite = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None
+      rows.append({key: finite(v) for key, v in row.items()})
+  return rows
 
 
 def evaluate(
