@@ -82,7 +82,7 @@ def run(
         )
         outputs.setdefault(cell.key, []).append(out.without_maps())
         evaluated.append(outputs[cell.key][-1])
-        _log_model(i, len(groups), cell, seed, records[-1], t)
+        _log_model(cfg, i, groups, cell, seed, records, t)
   timings["pruned_models"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -91,7 +91,7 @@ def run(
   timings["analysis"] = time.perf_counter() - t
   t = time.perf_counter()
   if ctx.writer:
-    showcase = rec.showcase(ref, cells, cie_indices, outputs)
+    showcase = rec.showcase(ref, cells, cie_indices, outputs, cfg.report.cka_cell)
     table = report.write_report(
       ctx.workdir, cfg, data, records, cells, correlations, showcase, evaluated
     )
@@ -105,12 +105,21 @@ def run(
 
 
 def _log_model(
-  i: int, total: int, cell: stages.Cell, seed: int, record: Record, since: float
+  cfg: ml_collections.ConfigDict,
+  i: int,
+  groups: list,
+  cell: stages.Cell,
+  seed: int,
+  records: list[Record],
+  since: float,
 ) -> None:
-  """One line per evaluated student, with the sweep's ETA: the time per pruning group so far
-  times the groups left (`since`: when the first group started)."""
+  """One line per evaluated student (the last of `records`), with the sweep's ETA: the time
+  per student so far times the students left (`since`: when the first group started)."""
+  record, total = records[-1], len(groups)
+  students = sum(len(s) * len(stages.variants(cfg, m, sp)) for s, m, sp in groups)
+  done = sum(r["method"] != "dense" for r in records)
   elapsed = time.perf_counter() - since
-  eta = elapsed / (i + 1) * (total - i - 1)
+  eta = elapsed / done * (students - done)
   logging.info(
     "[%d/%d] %-16s s=%-5g %-8s seed %d: acc %.4f CEV %.4g SDE %.4g CKA %.4f SVCCA %.4f "
     "realised sparsity %.4f; sweep %s elapsed, ETA %s",
@@ -127,7 +136,7 @@ def _log_model(
     _or_nan(record["svcca"]),
     record["realized_sparsity"],
     _duration(elapsed),
-    _duration(eta) if i + 1 < total else "0s",
+    _duration(eta),
   )
 
 

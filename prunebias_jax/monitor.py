@@ -9,6 +9,9 @@ stopped for them. One JSON object per step and model, in `<workdir>/metrics.json
   train_accuracy (on that augmented training batch: not a test figure), images_per_second
   (the throughput of the progress window that fetched it), nonfinite (1: a NaN/Inf loss)
 
+With `monitor.test_accuracy` each epoch's end adds {"stage", "step", "epoch", "seed",
+"test_accuracy"}: the model at that point on the test set, one evaluation pass per epoch,
+only watched (the models a run keeps and reports are the last-epoch ones, never picked by it).
 When a stage resumes from a mid-stage checkpoint, its rows after that step (the interrupted
 run's) are dropped first, so the file reads as an uninterrupted run. With tensorboardX
 installed (`pip install tensorboardX`, or the `monitor` extra) the same scalars go to
@@ -92,7 +95,8 @@ class StepLog:
       writer = self._writer(writer_class, r.get("seed"))
       for key, value in r.items():
         if key not in ("step", "epoch", "seed") and value is not None:
-          writer.add_scalar(f"train/{key}", value, r["step"])
+          tag = "test/accuracy" if key == "test_accuracy" else f"train/{key}"
+          writer.add_scalar(tag, value, r["step"])
 
   def _writer(self, writer_class, seed):
     if seed not in self._writers:

@@ -728,14 +728,25 @@ def showcase(
   cells: Sequence[Record],
   cie_indices: Mapping[CellKey, np.ndarray],
   outputs: Mapping[CellKey, Sequence[Outputs]],
+  chosen: str = "",
 ) -> Showcase:
-  top = max(
+  """The cell the CIE grid and the layer CKA heatmap show: `chosen` (report.cka_cell,
+  'method,sparsity,ce|kd'), else the compressed cell with the most CIEs."""
+  want = chosen.split(",") if chosen else None  # checked by the config validator
+  pick = [
+    c
+    for c in cells
+    if want
+    and (c["method"], c["kd"]) == (want[0], want[2] == "kd")
+    and abs(c["sparsity"] - float(want[1])) < 1e-12
+  ]
+  top = (pick or [None])[0] or max(
     [c for c in cells if compressed(c)] or cells, key=lambda c: (c["num_cie"], c["sparsity"])
   )
   key = (top["method"], top["sparsity"], top["kd"], top["temperature"])
   members = outputs[key]
   modes = pm.modal_predictions(np.stack([o.predictions for o in members]), ref.num_classes)
-  names = sorted(ref.outputs.similarity_layers())
+  names = sorted(ref.outputs.similarity_layers(), key=depth_order)
   matrix = pm.cka_matrix(
     [ref.outputs.device[n] for n in names], [members[0].device[n] for n in names]
   )
@@ -747,6 +758,13 @@ def showcase(
     np.asarray(matrix),
     names,
   )
+
+
+def depth_order(layer: str) -> tuple:
+  """Sort key putting layers in network depth order: stage1, stage2, ..., features, logits."""
+  if layer.startswith("stage") and layer[5:].isdigit():
+    return (0, int(layer[5:]), "")
+  return ({"features": 1, "logits": 2}.get(layer, 0), 0, layer)
 
 
 # ------------------------------------------------------------------------------------ per run

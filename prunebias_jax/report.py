@@ -149,13 +149,14 @@ def write_report(
   )
   plots = workdir / "plots"
   shown = [r for r in records if r["method"] != "dense" or r.get("reference")]
-  write_plots(plots, shown, main_cells, data.class_names)
-  write_similarity_scatter(plots / "similarity_vs_bias.png", records)
+  ext = cfg.report.format
+  write_plots(plots, shown, main_cells, data.class_names, ext)
+  write_similarity_scatter(plots / f"similarity_vs_bias.{ext}", records)
   if groups is not None:
-    write_group_plot(plots / "group_gaps_vs_sparsity.png", records, main_cells)
+    write_group_plot(plots / f"group_gaps_vs_sparsity.{ext}", records, main_cells)
   top = showcase.cell
   write_cie_grid(
-    plots / "cie_grid.png",
+    plots / f"cie_grid.{ext}",
     data.test.images,
     showcase.cie_indices[: cfg.analysis.cie_grid_images],
     showcase.dense_predictions,
@@ -166,7 +167,7 @@ def write_report(
   )
   student = student_label(top)
   write_cka_heatmap(
-    plots / "cka_layers.png",
+    plots / f"cka_layers.{ext}",
     showcase.layer_cka,
     showcase.layer_names,
     showcase.layer_names,
@@ -253,9 +254,13 @@ def write_results_markdown(
   return table
 
 
+PLOT_FORMATS = ("png", "pdf", "svg")  # report.format: raster, or vector for a paper
+
+
 def _savefig(fig, path: Path) -> None:
+  """`path` in the format its suffix names (PLOT_FORMATS), atomically."""
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+  fig.savefig(buf, format=path.suffix[1:], dpi=120, bbox_inches="tight")
   write_atomic(path, buf.getvalue())
 
 
@@ -306,7 +311,11 @@ def write_group_plot(path: Path, records: Sequence[Record], cells: Sequence[Reco
 
 @_literal_text
 def write_plots(
-  plot_dir: Path, records: Sequence[Record], cells: Sequence[Record], class_names: Sequence[str]
+  plot_dir: Path,
+  records: Sequence[Record],
+  cells: Sequence[Record],
+  class_names: Sequence[str],
+  ext: str = "png",
 ) -> list[Path]:
   """bias_vs_sparsity.png (CEV, SDE; CE solid, KD dashed, a colour per method),
   accuracy_vs_sparsity.png, cka_vs_cev.png (every pruned model) and class_changes.png
@@ -355,7 +364,7 @@ def write_plots(
     ax.set_title(f"{field.upper()} vs sparsity (solid CE, dashed KD)")
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7, loc="best")
-  save(fig, "bias_vs_sparsity.png")
+  save(fig, f"bias_vs_sparsity.{ext}")
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for m in methods:
@@ -376,7 +385,7 @@ def write_plots(
   ax.set_ylabel("test accuracy (mean ± std over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  save(fig, "accuracy_vs_sparsity.png")
+  save(fig, f"accuracy_vs_sparsity.{ext}")
 
   fig, ax = plt.subplots(figsize=(6, 4))
   pruned = [r for r in records if r["method"] != "dense"]
@@ -392,7 +401,7 @@ def write_plots(
   ax.set_yscale("symlog", linthresh=1.0)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  save(fig, "cka_vs_cev.png")
+  save(fig, f"cka_vs_cev.{ext}")
 
   by_key = {(c["method"], c["sparsity"], c["kd"]): c for c in cells}
   fig, axes = plt.subplots(
@@ -409,9 +418,14 @@ def write_plots(
         cell = by_key.get((m, s, kd))
         if cell is None:
           continue
-        x, y = np.asarray(cell["dfpr"], float), np.asarray(cell["dfnr"], float)
+        x, y = (np.array([np.nan if v is None else v for v in cell[k]]) for k in ("dfpr", "dfnr"))
         ax.scatter(x, y, marker=marker, color=color, s=14, label="KD" if kd else "CE")
-        lim = max(lim, float(np.abs(np.concatenate([x, y])).max()))
+        if len(class_names) <= 20:  # few classes: name each point
+          for c, (px, py) in enumerate(zip(x, y)):
+            if np.isfinite(px) and np.isfinite(py):
+              ax.annotate(str(class_names[c]), (px, py), fontsize=4, color=color, alpha=0.8)
+        finite = np.abs(np.concatenate([x, y]))
+        lim = max(lim, float(np.nanmax(finite)) if np.isfinite(finite).any() else lim)
       ax.plot(
         [-lim, lim], [-lim, lim], "k-", lw=0.7
       )  # ΔFPR = ΔFNR: the line SDE measures distance to
@@ -424,10 +438,11 @@ def write_plots(
       if j == 0:
         ax.set_ylabel("ΔFNR (%)", fontsize=7)
   axes[0][0].legend(fontsize=6)
+  fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave the top for the suptitle: no overlap
   fig.suptitle(
     f"per-class change vs the dense model ({len(class_names)} classes; seeds averaged)", fontsize=9
   )
-  save(fig, "class_changes.png")
+  save(fig, f"class_changes.{ext}")
   return written
 
 
@@ -824,6 +839,6 @@ def write_cie_grid(
     ax.axis("off")
   fig.tight_layout()
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
+  fig.savefig(buf, format=path.suffix[1:], dpi=100)
   write_atomic(path, buf.getvalue())
   return m

@@ -335,11 +335,34 @@ def _fit(ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, **kwarg
       learning_rate=learning_rate_schedule(
         cfg[stage_cfg].optim, steps_per_epoch(len(split), batch_size), epochs
       ),
+      epoch_end=functools.partial(_test_accuracy, ctx, step_log, seed)
+      if cfg.monitor.every_steps and cfg.monitor.test_accuracy
+      else None,
       **kwargs,
     )
   finally:
     step_log.close()
   return state, summary, partial
+
+
+def _test_accuracy(ctx: RunContext, step_log: StepLog, seed, epoch: int, step: int, state) -> None:
+  """metrics.jsonl rows of the test accuracy after `epoch` (monitor.test_accuracy): watched,
+  never used to pick a model. Runs on every process (the pass is sharded); process 0 writes."""
+  seeds = [seed] if isinstance(seed, int) else list(seed)
+  k, masks = len(seeds), state.masks
+  if k > 1 and masks is not None:  # shared masks are one unbatched set: one per member here
+    params = jax.tree.leaves(state.params)[0]
+    if jax.tree.leaves(masks) and jax.tree.leaves(masks)[0].ndim < params.ndim:
+      masks = jax.tree.map(lambda m: jnp.broadcast_to(m, (k, *m.shape)), masks)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  logits, _ = _evaluate_pass(ctx, variables, masks, k, ctx.eval_images, 0)
+  accuracy = (logits.argmax(-1) == ctx.data.test.labels).mean(axis=1)
+  step_log.write(
+    [
+      {"step": step, "epoch": epoch, "seed": s, "test_accuracy": float(a)}
+      for s, a in zip(seeds, accuracy)
+    ]
+  )
 
 
 def _finish(stage: str, partial) -> None:

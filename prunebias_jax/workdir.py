@@ -85,7 +85,9 @@ def check_paths(workdir: Path, checkpoint_names: Collection[str]) -> None:
   dirs += [ckpts / n for n in checkpoint_names] + [ckpts / PARTIAL / n for n in checkpoint_names]
   files = [workdir / n for n in RUN_FILES]
   if (workdir / "plots").is_dir():
-    files += sorted((workdir / "plots").glob("*.png"))
+    files += sorted(
+      p for p in (workdir / "plots").iterdir() if p.suffix in (".png", ".pdf", ".svg")
+    )
   for path in dirs:
     _expect(path, directory=True)
   for path in files:

@@ -360,6 +360,12 @@ def test_config_file_returning_no_configdict_is_named_with_overrides_too(returne
     ("population", "100000000", "population=100000000"),
     ("analysis.svcca_conv_size", "0", "analysis.svcca_conv_size=0"),
     ("analysis.svcca_conv_size", "65", "analysis.svcca_conv_size=65"),
+    ("report.format", "jpeg", "report.format='jpeg' is not allowed; expected one of: png, pdf"),
+    ("report.cka_cell", "l1_filter,0.3,kd", "sparsities 0.5, 0.7, 0.9, 0.95, 0.98"),
+    ("report.cka_cell", "l1_filter,0.5", "report.cka_cell='l1_filter,0.5'"),
+    ("monitor.every_steps", "-1", "monitor.every_steps=-1"),
+    ("data.attributes", "t.csv", "data.attributes='t.csv'"),
+    ("data.imbalance.classes", "(3,3,5)", "expected distinct values (3 is repeated"),
   ],
 )
 def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):

@@ -97,8 +97,19 @@ def test_outputs_written(finished_run):
   steps = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   stages_logged = {r["stage"] for r in steps}
   assert "dense" in stages_logged and len(stages_logged) == 1 + 2 * 2  # dense + 2 cells × CE/KD
-  assert all(("kd_loss" in r) == ("_kd" in r["stage"]) for r in steps)
-  assert all(r["learning_rate"] > 0 and 0 <= r["train_accuracy"] <= 1 for r in steps)
+  train = [r for r in steps if "test_accuracy" not in r]
+  assert all(("kd_loss" in r) == ("_kd" in r["stage"]) for r in train)
+  assert all(r["learning_rate"] > 0 and 0 <= r["train_accuracy"] <= 1 for r in train)
+  # One test accuracy per epoch and stage; the last one is the kept model's own accuracy.
+  from prunebias_jax.load import load_run
+
+  run = load_run(workdir)
+  for record in records:
+    stage = run.checkpoint_name(record)
+    tested = [r for r in steps if r["stage"] == stage and "test_accuracy" in r]
+    epochs = 2 if record["method"] == "dense" else 1
+    assert [r["epoch"] for r in tested] == list(range(1, epochs + 1)), stage
+    assert tested[-1]["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
   assert len(list((workdir / "tensorboard").glob("*/events.out.tfevents.*"))) == 5
 
 

@@ -270,11 +270,26 @@ def test_an_analysis_change_reanalyses_without_training(finished, tmp_path, monk
   changed = cfg.copy_and_resolve_references()
   changed.analysis.bootstrap_resamples = 20
   changed.metrics.zero_rate = "exclude"
+  changed.report.format = "svg"  # vector figures for a paper: a report option, no training
   records = experiment.run(changed, workdir)
   assert all("cev_ci" in r for r in records)  # the new analysis ran
   assert all(r["cev"] == r["cev_exclude"] for r in records)  # under the new metrics rule
   assert json.loads((workdir / "config.json").read_text())["analysis"]["bootstrap_resamples"] == 20
   assert _files(workdir / "checkpoints") == checkpoints  # not one checkpoint byte touched
+  figures = sorted(p.name for p in (workdir / "plots").glob("*.svg"))
+  assert figures == [
+    f"{name}.svg"
+    for name in (
+      "accuracy_vs_sparsity",
+      "bias_vs_sparsity",
+      "cie_grid",
+      "cka_layers",
+      "cka_vs_cev",
+      "class_changes",
+      "similarity_vs_bias",
+    )
+  ]
+  assert all((workdir / "plots" / f).read_text().lstrip().startswith("<?xml") for f in figures)
 
 
 def _files(directory: Path) -> dict[str, bytes]:

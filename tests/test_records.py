@@ -498,3 +498,36 @@ def test_the_record_says_how_many_training_steps_were_skipped(training, skipped,
     ref, outputs(labels, rng, 3), identity, base_config(), params, None, training
   )
   assert r.get("nonfinite_steps") == skipped and r.get("every_step_skipped") == never
+
+
+def test_layers_are_shown_in_network_depth_order():
+  names = ["logits", "stage10", "features", "stage2", "stage1", "extra"]
+  assert sorted(names, key=records.depth_order) == [
+    "extra",
+    "stage1",
+    "stage2",
+    "stage10",
+    "features",
+    "logits",
+  ]
+
+
+def test_the_showcase_cell_is_the_chosen_one_or_the_one_with_most_cies():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 50)
+  ref = records.reference(labels, None, 3, outputs(labels, rng, 3))
+  cells, outs, cie = [], {}, {}
+  for method, sparsity, kd, num_cie in (
+    ("a", 0.5, False, 9),
+    ("a", 0.5, True, 2),
+    ("b", 0.9, True, 4),
+  ):
+    key = (method, sparsity, kd, 4.0 if kd else None)
+    cells.append(dict(zip(("method", "sparsity", "kd", "temperature"), key), num_cie=num_cie))
+    outs[key] = [outputs(rng.integers(0, 3, 50), rng, 3)]
+    cie[key] = np.arange(num_cie)
+  assert records.showcase(ref, cells, cie, outs).cell["num_cie"] == 9
+  chosen = records.showcase(ref, cells, cie, outs, "b,0.90,kd")
+  assert chosen.cell["method"] == "b" and len(chosen.cie_indices) == 4
+  assert chosen.layer_names == ["stage1", "features", "logits"]  # depth order
+  assert records.showcase(ref, cells, cie, outs, "a,0.5,kd").cell["num_cie"] == 2

@@ -22,6 +22,9 @@ COSMETIC_KEYS = (
   "checkpoint.every_steps",
   "checkpoint.keep",
   "monitor.every_steps",
+  "monitor.test_accuracy",
+  "report.format",
+  "report.cka_cell",
 )
 
 

@@ -127,6 +127,16 @@ def base_config() -> ml_collections.ConfigDict:
   # installed. 0: none. Fetched at the progress syncs, so logging never stalls the device.
   config.monitor = ml_collections.ConfigDict()
   config.monitor.every_steps = 10
+  # The test accuracy after every epoch in metrics.jsonl (one evaluation pass per epoch; only
+  # watched: the models kept are the last-epoch ones).
+  config.monitor.test_accuracy = True
+
+  # The figures: 'png', or 'pdf' / 'svg' (vector, for a paper).
+  config.report = ml_collections.ConfigDict()
+  config.report.format = "png"
+  # The cell of cka_layers and cie_grid, 'method,sparsity,ce|kd' (e.g. 'l1_filter,0.9,kd');
+  # '': the compressed cell with the most CIEs.
+  config.report.cka_cell = ""
 
   config.kd = ml_collections.ConfigDict()
   config.kd.alpha = 0.9  # loss = (1-α)·CE + α·T²·KL(teacher_T ‖ student_T)

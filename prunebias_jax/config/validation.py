@@ -391,6 +391,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     "an integer >= 0 (0 = only finished models)",
   )
   _positive_int(cfg, "checkpoint.keep")
+  _choice(cfg, "report.format", ("png", "pdf", "svg"))
+  _cka_cell(cfg)
   every = cfg.monitor.every_steps
   _require(
     _is_int(every) and 0 <= every <= MAX_STEPS,
@@ -404,6 +406,28 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for field in ("data.train_split", "data.test_split", "data.label_attribute"):
     v = _get(cfg, field)
     _require(isinstance(v, str) and v.strip() != "", field, v, "a non-empty string")
+
+
+def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
+  """report.cka_cell names a cell the run trains: 'method,sparsity,ce|kd' or ''."""
+  value = cfg.report.cka_cell
+  if value == "":
+    return
+  parts = value.split(",") if isinstance(value, str) else []
+  methods = list(cfg.pruning.methods) + (["none"] if cfg.pruning.control else [])
+  sparsities = list(cfg.pruning.sparsities) + ([0.0] if cfg.pruning.control else [])
+  ok = len(parts) == 3 and parts[0] in methods and parts[2] in ("ce", "kd")
+  try:
+    ok = ok and any(abs(float(parts[1]) - s) < 1e-12 for s in sparsities)
+  except ValueError:
+    ok = False
+  _require(
+    ok,
+    "report.cka_cell",
+    value,
+    "'' or 'method,sparsity,ce|kd' of a cell this run trains (methods "
+    f"{', '.join(methods)}; sparsities {', '.join(f'{s:g}' for s in sparsities)})",
+  )
 
 
 def _made_by(cfg: ml_collections.ConfigDict, split: str) -> str:

@@ -73,6 +73,7 @@ def fit(
   nonfinite: str = "stop",
   step_log: Any | None = None,
   learning_rate: Callable[[int], float] | None = None,
+  epoch_end: Callable[[int, int, TrainState], None] | None = None,
 ) -> tuple[TrainState, dict]:
   """Runs `epochs` epochs of `step_fn` over shuffled full batches of `split`; returns
   (state, summary). The masks travel in `state.masks` (final masks: the returned state's).
@@ -98,7 +99,8 @@ def fit(
 
   `step_log` (a `monitor.StepLog`): the scalars of the steps it `wants`, kept as device arrays
   and fetched at the next progress sync (no extra sync), with `learning_rate(i)` the rate step
-  i used (the optimizer's schedule).
+  i used (the optimizer's schedule). `epoch_end(epoch, step, state)` runs after the last step
+  of every epoch (1-based epoch; on every process: it may evaluate on the mesh).
   """
   if nonfinite not in NONFINITE_RULES:
     raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_RULES)}")
@@ -178,6 +180,8 @@ def fit(
       done = i + 1
       if step_log is not None and step_log.wants(done, total):
         pending.append((done, epoch, metrics))
+      if epoch_end is not None and done % per_epoch == 0:
+        epoch_end(done // per_epoch, done, state)
       save = checkpoint is not None and checkpoint.due(done, total)
       now = time.perf_counter()
       if now - last_log >= progress_seconds or done == total or save:
