@@ -284,24 +284,15 @@ def test_cli_runs_with_intersectional_groups_and_refuses_a_bad_column_in_one_lin
     "--config.pruning.sparsities=(0.5,)",
     "--config.analysis.bootstrap_resamples=0",
   ]
-  bad = subprocess.run(
-    base + [f"--workdir={tmp_path / 'bad'}", "--config.data.group_attribute=ethnicity"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  cli = lambda *extra: subprocess.run(
+    base + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=600
   )
+  bad = cli(f"--workdir={tmp_path / 'bad'}", "--config.data.group_attribute=ethnicity")
   lines = [l for l in bad.stderr.splitlines() if l.strip() and not l.startswith(("I", "W"))]
   assert bad.returncode == 2 and len(lines) == 1 and "'ethnicity'" in lines[0], bad.stderr[-2000:]
   assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
-  good = subprocess.run(
-    base + [f"--workdir={tmp_path / 'run'}", "--config.data.group_attribute=('race','age')"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  good = cli(f"--workdir={tmp_path / 'run'}", "--config.data.group_attribute=('race','age')")
   assert good.returncode == 0, good.stderr[-3000:]
   recs = [json.loads(l) for l in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
   assert all(r["dpd"] is not None and r["eod"] is not None for r in recs)
