@@ -350,10 +350,9 @@ def _test_accuracy(ctx: RunContext, step_log: StepLog, seed, epoch: int, step: i
   never used to pick a model. Runs on every process (the pass is sharded); process 0 writes."""
   seeds = [seed] if isinstance(seed, int) else list(seed)
   k, masks = len(seeds), state.masks
-  if k > 1 and masks is not None:  # shared masks are one unbatched set: one per member here
-    params = jax.tree.leaves(state.params)[0]
-    if jax.tree.leaves(masks) and jax.tree.leaves(masks)[0].ndim < params.ndim:
-      masks = jax.tree.map(lambda m: jnp.broadcast_to(m, (k, *m.shape)), masks)
+  if k > 1 and masks is not None and _shared(ctx.config, seeds):
+    # Shared masks are one unbatched set in the state; the evaluation takes one per member.
+    masks = jax.tree.map(lambda m: jnp.broadcast_to(m, (k, *m.shape)), masks)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   logits, _ = _evaluate_pass(ctx, variables, masks, k, ctx.eval_images, 0)
   accuracy = (logits.argmax(-1) == ctx.data.test.labels).mean(axis=1)

@@ -142,3 +142,29 @@ def test_tensorboard_gets_the_same_scalars(tmp_path):
     (2, "train/ce_loss", 1.25),
     (2, "train/loss", 1.5),
   ]
+
+
+def test_a_population_with_shared_masks_logs_each_members_test_accuracy(tmp_path):
+  from configs.default import get_config
+  from prunebias_jax import experiment
+  from prunebias_jax.load import load_run
+
+  cfg = get_config()
+  cfg.dense.epochs, cfg.finetune.epochs = 1, 2
+  cfg.pruning.methods, cfg.pruning.sparsities = ("l1_filter",), (0.5,)
+  cfg.seeds, cfg.population, cfg.population_masks = (0,), 2, "shared"
+  cfg.analysis.bootstrap_resamples = 0
+  records = experiment.run(cfg, tmp_path)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  run = load_run(tmp_path)
+  students = [r for r in records if r["method"] != "dense"]
+  assert len(students) == 4  # CE and KD, seeds 0 and 1, each trained as a population of 2
+  for record in students:
+    stage = run.checkpoint_name({**record, "seed": 0}) + "+1"  # the population's stage
+    tested = [
+      r
+      for r in rows
+      if r["stage"] == stage and r["seed"] == record["seed"] and "test_accuracy" in r
+    ]
+    assert [r["epoch"] for r in tested] == [1, 2]
+    assert tested[-1]["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
