@@ -34,9 +34,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prunebias_jax import metrics as pm
 from prunebias_jax import records as rec
 from prunebias_jax.config import base_config, validate_config
 from prunebias_jax.errors import EXIT_BAD_INPUT, UserError
@@ -306,6 +308,28 @@ def _groups(groups: Any, n: int, group_names: Sequence[str] | None) -> tuple:
   return values, names
 
 
+def _features(features: Mapping[str, Any], n: int, models: Mapping[str, int]) -> dict:
+  """{name: (models, n, d) float32} of the given features, checked against the sets."""
+  unknown = sorted(set(features) - set(models))
+  if unknown:
+    _fail(f"features for {unknown}, which are neither 'reference' nor a compressed set")
+  if features and "reference" not in features:
+    _fail("features of compressed models need the reference's features ('reference')")
+  out = {}
+  for name, array in features.items():
+    a = np.asarray(array)
+    a = a[None] if a.ndim == 2 else a
+    if a.ndim != 3 or a.shape[:2] != (models[name], n) or a.dtype.kind not in "fiu":
+      _fail(
+        f"features of {name!r}: shape {np.shape(array)} {np.asarray(array).dtype}; expected "
+        f"numbers of shape ({n}, d) or ({models[name]}, {n}, d)"
+      )
+    if not np.isfinite(a).all():
+      _fail(f"features of {name!r}: {int((~np.isfinite(a)).sum())} values are NaN or infinite")
+    out[name] = a.astype(np.float32)
+  return out
+
+
 # ------------------------------------------------------------------------------------ the audit
 def audit(
   labels: Any,
@@ -317,6 +341,7 @@ def audit(
   group_names: Sequence[str] | None = None,
   config: ml_collections.ConfigDict | None = None,
   seeds: Mapping[str, Sequence[int]] | None = None,
+  features: Mapping[str, Any] | None = None,
 ) -> BiasReport:
   """The bias of compressed models against a reference, from their test outputs.
 
@@ -330,6 +355,9 @@ def audit(
     config: the `metrics.*` / `analysis.*` rules (default: the schema's defaults).
     seeds: {set name: seed per model}, the bootstrap's seed of each model (default 0, 1, ...;
       a run's records use the model's training seed).
+    features: {'reference': (n, d), set name: (n, d') or (models, n, d')}: penultimate
+      features on the same examples; each model's record adds linear CKA (`cka`) and
+      debiased CKA (`cka_debiased`) with the first reference model's.
   """
   cfg = config if config is not None else base_config()
   validate_config(cfg)
@@ -352,6 +380,9 @@ def audit(
   ref_preds, ref_logits = model_predictions(reference, n, C, "reference")
   outs = {k: model_predictions(v, n, C, f"compressed {k!r}") for k, v in sets.items()}
   g, gnames = _groups(groups, n, group_names)
+  feats = _features(
+    features or {}, n, {"reference": len(ref_preds)} | {k: len(v[0]) for k, v in outs.items()}
+  )
 
   def outputs(preds, logits, i):
     return rec.Outputs(preds[i], None if logits is None else logits[i], {})
@@ -381,6 +412,10 @@ def audit(
       _fail(f"seeds for {name!r}: {len(model_seeds)} given for {len(preds)} models")
     for i, seed in enumerate(model_seeds):
       record = {**identity(name, i, int(seed)), **rec.prediction_record(ref, preds[i], seed, cfg)}
+      if name in feats:
+        x, y = jnp.asarray(feats["reference"][0]), jnp.asarray(feats[name][i])
+        record["cka"] = rec.number(pm.linear_cka(x, y))
+        record["cka_debiased"] = rec.debiased_cka(x, y)
       records.append(rec.note_undefined(record, f"{name} model {i}"))
     population[(name, None, False, None)] = [outputs(preds, logits, i) for i in range(len(preds))]
   cells, _ = rec.cell_records(ref, dense, records, population, cfg)
@@ -437,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--compressed", required=True, nargs="+", help="one file per compressed set")
   parser.add_argument("--names", nargs="+", help="a name per compressed file (default: file stems)")
   parser.add_argument("--groups", help="(n,) sensitive attribute per example")
+  parser.add_argument("--reference_features", help="(n, d) penultimate features: adds CKA")
+  parser.add_argument(
+    "--compressed_features", nargs="+", help="features per compressed file, in the same order"
+  )
   parser.add_argument("--class_names", help="a file (one name per line) or a comma-separated list")
   parser.add_argument("--group_names", help="names of integer group ids (file or list)")
   parser.add_argument("--bootstrap_resamples", type=int, help="analysis.bootstrap_resamples")
@@ -452,6 +491,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       cfg.analysis.bootstrap_resamples = args.bootstrap_resamples
     if args.zero_rate is not None:
       cfg.metrics.zero_rate = args.zero_rate
+    features = {}
+    if args.compressed_features and not args.reference_features:
+      _fail("--compressed_features needs --reference_features")
+    if args.reference_features:
+      features["reference"] = load_array(args.reference_features, "reference_features")
+      given = args.compressed_features or []
+      if len(given) != len(names):
+        _fail(
+          f"--compressed_features: one file per compressed file ({len(names)}), got {len(given)}"
+        )
+      for k, f in zip(names, given):
+        features[k] = load_array(f, "compressed_features")
     report = audit(
       load_array(args.labels, "labels"),
       load_array(args.reference, "reference"),
@@ -460,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       class_names=_read_names(args.class_names),
       group_names=_read_names(args.group_names),
       config=cfg,
+      features=features,
     )
     out = report.write(args.out, cfg)
   except UserError as e:

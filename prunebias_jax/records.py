@@ -316,7 +316,7 @@ def similarity_by_layer(
   out = {
     "layer_cka": layer_cka,
     "layer_svcca": layer_svcca,
-    "cka_debiased": _debiased_cka(ref_layers["features"], layers["features"]),
+    "cka_debiased": debiased_cka(ref_layers["features"], layers["features"]),
     "svcca": layer_svcca["logits"],
   }
   if reference.maps is not None and model.maps is not None:
@@ -330,7 +330,7 @@ def similarity_by_layer(
   return out
 
 
-def _debiased_cka(x: jax.Array, y: jax.Array) -> float | None:
+def debiased_cka(x: jax.Array, y: jax.Array) -> float | None:
   """Debiased CKA, or None (undefined, see UNDEFINED_REASONS) below the 4 examples its
   unbiased HSIC estimator needs."""
   return number(pm.debiased_linear_cka(x, y)) if x.shape[0] >= 4 else None

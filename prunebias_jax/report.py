@@ -358,8 +358,19 @@ def write_plots(
           color=colors[m],
           label=f"{m} {'KD' if kd else 'CE'}",
         )
+        band = sorted(  # where seeds give one: the t-interval of the per-seed values
+          (c["sparsity"], *c[f"{field}_seed_ci"])
+          for c in cells
+          if c["method"] == m and c["kd"] == kd and c.get(f"{field}_seed_ci")
+        )
+        if band and all(v is not None for b in band for v in b):
+          bx, low, high = zip(*band)
+          ax.fill_between(bx, low, high, color=colors[m], alpha=0.12, lw=0)
     ax.set_xlabel("sparsity")
-    ax.set_ylabel(label)
+    ax.set_ylabel(
+      label
+      + (" (bands: t-interval over seeds)" if any(f"{field}_seed_ci" in c for c in cells) else "")
+    )
     ax.set_yscale("symlog", linthresh=1.0)  # values span orders of magnitude across sparsities
     ax.set_title(f"{field.upper()} vs sparsity (solid CE, dashed KD)")
     ax.grid(alpha=0.3)

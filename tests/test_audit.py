@@ -93,6 +93,34 @@ def test_logits_strings_and_populations_give_the_same_records_as_predictions():
   assert list(table.index) == ["p"] and table.loc["p", "cev"] == cell["cev"]
 
 
+def test_features_add_linear_and_debiased_cka_against_the_reference():
+  y, ref, comp, _ = _case(4)
+  rng = np.random.default_rng(5)
+  f_ref = rng.normal(size=(N, 8)).astype(np.float32)
+  f_comp = np.stack([f_ref @ rng.normal(size=(8, 8)), rng.normal(size=(N, 8))]).astype(np.float32)
+  report = audit(
+    y, ref, {"p": comp[:2]}, config=_config(), features={"reference": f_ref, "p": f_comp}
+  )
+  for r, f in zip(report.records, f_comp):
+    assert r["cka"] == pytest.approx(
+      float(pm.linear_cka(jnp.asarray(f_ref), jnp.asarray(f))), abs=1e-6
+    )
+    assert r["cka_debiased"] == pytest.approx(
+      float(pm.debiased_linear_cka(jnp.asarray(f_ref), jnp.asarray(f))), abs=1e-6
+    )
+  assert report.records[0]["cka"] > 0.5 > report.records[1]["cka"]
+  with pytest.raises(AuditError, match=r"features of 'p': shape \(3, 400, 8\)"):
+    audit(
+      y,
+      ref,
+      {"p": comp[:2]},
+      config=_config(),
+      features={"reference": f_ref, "p": f_comp[[0, 1, 1]]},
+    )
+  with pytest.raises(AuditError, match=r"need the reference's features"):
+    audit(y, ref, {"p": comp[:2]}, config=_config(), features={"p": f_comp})
+
+
 BAD = [
   (
     "length",
@@ -155,6 +183,12 @@ def test_cli_writes_the_report_and_refuses_bad_files_in_one_line(tmp_path):
   cmd += ["--reference", str(tmp_path / "dense.npy"), "--groups", str(tmp_path / "g.npy")]
   cmd += ["--class_names", "a,b,c,d", "--bootstrap_resamples", "10"]
   good = cmd + ["--compressed", str(tmp_path / "pruned.npy"), f"{tmp_path / 'int8.npz'}:logits"]
+  features = np.random.default_rng(0).normal(size=(N, 5)).astype(np.float32)
+  np.save(tmp_path / "f_ref.npy", features)
+  np.save(tmp_path / "f_pruned.npy", np.stack([features] * 3))
+  np.save(tmp_path / "f_int8.npy", features[:, ::-1].copy())
+  good += ["--reference_features", str(tmp_path / "f_ref.npy"), "--compressed_features"]
+  good += [str(tmp_path / "f_pruned.npy"), str(tmp_path / "f_int8.npy")]
   proc = subprocess.run(
     good + ["--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600
   )
@@ -176,6 +210,8 @@ def test_cli_writes_the_report_and_refuses_bad_files_in_one_line(tmp_path):
     class_names=list("abcd"),
     config=_config(10),
   )
+  assert [r.pop("cka") for r in records[1:]] == pytest.approx([1.0, 1.0, 1.0, 1.0], abs=1e-5)
+  assert all(r.pop("cka_debiased") is not None for r in records[1:])
   assert records[1:] == json.loads(json.dumps(api.records))
   assert len((out / "cells.jsonl").read_text().splitlines()) == 2
   assert "| pruned | 3 |" in (out / "results.md").read_text()
