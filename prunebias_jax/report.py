@@ -28,6 +28,17 @@ from prunebias_jax.records import Outputs, Showcase, model_name, student_label
 Record = dict[str, Any]
 
 
+def _symlog(ax, axis: str, linthresh: float) -> None:
+  """A symmetric-log `axis` ('x' or 'y') with plain tick labels ('100', '1e+04'): its default
+  labels are mathtext, which `_literal_text` turns off (they would show as '$\\mathdefault…');
+  1000 and beyond as '1e3', so that the labels of a wide range do not run into each other."""
+  from matplotlib.ticker import FuncFormatter
+
+  getattr(ax, f"set_{axis}scale")("symlog", linthresh=linthresh)
+  compact = lambda v, _: f"{v:g}" if abs(v) < 1000 else f"{v:.0e}".replace("e+0", "e")
+  getattr(ax, f"{axis}axis").set_major_formatter(FuncFormatter(compact))
+
+
 def _literal_text(draw: Callable) -> Callable:
   """Draws with Matplotlib's mathtext off: a '$' in a class name is a dollar sign, not the
   start of a formula that fails to parse after the whole run has trained."""
@@ -371,7 +382,7 @@ def write_plots(
       label
       + (" (bands: t-interval over seeds)" if any(f"{field}_seed_ci" in c for c in cells) else "")
     )
-    ax.set_yscale("symlog", linthresh=1.0)  # values span orders of magnitude across sparsities
+    _symlog(ax, "y", 1.0)  # values span orders of magnitude across sparsities
     ax.set_title(f"{field.upper()} vs sparsity (solid CE, dashed KD)")
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7, loc="best")
@@ -409,7 +420,7 @@ def write_plots(
         )
   ax.set_xlabel("linear CKA with the dense model (penultimate features)")
   ax.set_ylabel("CEV (%²)")
-  ax.set_yscale("symlog", linthresh=1.0)
+  _symlog(ax, "y", 1.0)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   save(fig, f"cka_vs_cev.{ext}")
@@ -434,14 +445,14 @@ def write_plots(
         if len(class_names) <= 20:  # few classes: name each point
           for c, (px, py) in enumerate(zip(x, y)):
             if np.isfinite(px) and np.isfinite(py):
-              ax.annotate(str(class_names[c]), (px, py), fontsize=4, color=color, alpha=0.8)
+              ax.annotate(str(class_names[c]), (px, py), fontsize=5, color=color, alpha=0.8)
         finite = np.abs(np.concatenate([x, y]))
         lim = max(lim, float(np.nanmax(finite)) if np.isfinite(finite).any() else lim)
       ax.plot(
         [-lim, lim], [-lim, lim], "k-", lw=0.7
       )  # ΔFPR = ΔFNR: the line SDE measures distance to
-      ax.set_xscale("symlog", linthresh=10.0)
-      ax.set_yscale("symlog", linthresh=10.0)
+      _symlog(ax, "x", 10.0)
+      _symlog(ax, "y", 10.0)
       ax.set_title(f"{m} s={s:g}", fontsize=8)
       ax.tick_params(labelsize=6)
       if i == len(methods) - 1:
@@ -730,7 +741,7 @@ def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
         ax.scatter(*zip(*pts), marker=marker, color=color, s=18, label="KD" if kd else "CE")
     ax.set_xlabel(label)
     ax.set_ylabel("CEV (%²)")
-    ax.set_yscale("symlog", linthresh=1.0)
+    _symlog(ax, "y", 1.0)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   _savefig(fig, path)
