@@ -42,10 +42,12 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def _files(workdir: Path) -> list[str]:
+  """The run files, checkpoints and TensorBoard events aside (event file names carry the time
+  and host; the 1-process runs restore the teacher, so they log no dense stage)."""
   return sorted(
     str(p.relative_to(workdir))
     for p in workdir.rglob("*")
-    if p.is_file() and "checkpoints" not in p.relative_to(workdir).parts
+    if p.is_file() and not {"checkpoints", "tensorboard"} & set(p.relative_to(workdir).parts)
   )
 
 
@@ -98,6 +100,11 @@ def test_only_process_0_writes_files_of_record(runs):
     if p.name.endswith(".tmp") or ".write-check." in p.name or "orbax-checkpoint-tmp" in p.name
   ]
   assert not leftovers, leftovers
+  # One writer of the training curves too: one event file per model, rows not doubled.
+  events = sorted(p.parent.name for p in (multi / "tensorboard").rglob("events.out.tfevents.*"))
+  assert events == sorted(set(events)) and "dense_seed0" in events, events
+  rows = (multi / "metrics.jsonl").read_text().splitlines()
+  assert len(rows) == len(set(rows)) > 0
   lines = (multi / "results.jsonl").read_text().splitlines()
   assert len(lines) == len(set(lines)) == 3  # one writer: no duplicated or interleaved records
   # write_results prints the table: process 0 did, process 1 did not.
