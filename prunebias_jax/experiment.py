@@ -28,6 +28,7 @@ from absl import logging
 from prunebias_jax import records as rec
 from prunebias_jax import report, stages
 from prunebias_jax.files import directory_size, format_bytes
+from prunebias_jax.train.loop import format_duration
 
 Record = rec.Record
 
@@ -135,16 +136,9 @@ def _log_model(
     _or_nan(record["cka"]),
     _or_nan(record["svcca"]),
     record["realized_sparsity"],
-    _duration(elapsed),
-    _duration(eta),
+    format_duration(elapsed),
+    format_duration(eta),
   )
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  if seconds >= 3600:
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _or_nan(v: float | None) -> float:

@@ -66,9 +66,8 @@ def write_run_description(workdir: Path, config: ml_collections.ConfigDict, data
     "test_class_counts": data.test.class_counts(C).tolist(),
     "normalization": {"mean": list(data.mean), "std": list(data.std)},
   }
-  if data.test.groups is not None:  # data.group_attribute: the groups DPD/EOD compare
-    G = int(data.test.groups.max()) + 1
-    names = data.group_names or tuple(str(g) for g in range(G))
+  names = group_names(data)
+  if names is not None:  # data.group_attribute: the groups DPD/EOD compare
     description["group_names"] = list(names)
     for key, split in (
       ("teacher_train", data.teacher_train),
@@ -79,6 +78,14 @@ def write_run_description(workdir: Path, config: ml_collections.ConfigDict, data
         counts = np.bincount(split.groups, minlength=len(names)).tolist()
         description[f"{key}_group_counts"] = counts
   write_json_atomic(workdir / "dataset.json", description)
+
+
+def group_names(data: Dataset) -> tuple[str, ...] | None:
+  """The name of each test group id (its number where the source names none); None without
+  groups."""
+  if data.test.groups is None:
+    return None
+  return data.group_names or tuple(str(g) for g in range(int(data.test.groups.max()) + 1))
 
 
 def write_predictions(
@@ -146,10 +153,7 @@ def write_report(
   notes += skipped_notes(records)
   main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
   dense = next(r for r in records if r["method"] == "dense")
-  groups = None
-  if data.test.groups is not None:
-    G = int(data.test.groups.max()) + 1
-    groups = data.group_names or tuple(str(g) for g in range(G))
+  groups = group_names(data)
   extra = group_section(records, cells, groups, data.test.groups, cfg)
   extra += analysis_sections(cells, correlations, cfg)
   extra += conv_svcca_section(records, cfg)

@@ -25,7 +25,8 @@ PyTree = Any
 NONFINITE_RULES = ("stop", "skip")
 
 
-def _format_eta(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+  """'42s' or '12m05s': how progress lines give an ETA or an elapsed time."""
   seconds = int(max(0, seconds))
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
@@ -226,7 +227,7 @@ def fit(
           loss,
           acc,
           rate,
-          _format_eta(eta),
+          format_duration(eta),
         )
         summary = {"train_loss": loss, "train_accuracy": acc}
         if pending:
