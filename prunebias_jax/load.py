@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prunebias_jax import stages
 from prunebias_jax.checkpoint import ModelCheckpoint
 from prunebias_jax.data.pipeline import normalize
 from prunebias_jax.errors import CheckpointError, ConfigError
@@ -85,12 +86,7 @@ class Run(NamedTuple):
 
   def checkpoint_name(self, record: Mapping[str, Any]) -> str:
     """The checkpoint of the model a results.jsonl record describes."""
-    cfg, seed = self.config, record["seed"]
-    if record["method"] == "dense":
-      return "dense" if seed == cfg.seed else f"dense_seed{seed}"
-    kd, t = record["kd"], record.get("temperature")
-    suffix = f"_T{t:g}" if kd and t != cfg.kd.temperature else ""
-    return f"{record['method']}_s{record['sparsity']:g}_{'kd' if kd else 'ce'}{suffix}_seed{seed}"
+    return stages.checkpoint_name(self.config, record)
 
   def model(self, which: str | Mapping[str, Any]) -> LoadedModel:
     """The trained model named `which` (see `model_names`) or described by a record."""

@@ -250,6 +250,16 @@ def _dense_name(config: ml_collections.ConfigDict, seed: int) -> str:
   return "dense" if seed == config.seed else f"dense_seed{seed}"
 
 
+def checkpoint_name(config: ml_collections.ConfigDict, record: dict[str, Any]) -> str:
+  """The checkpoint of the model a results.jsonl record describes (as this module names it)."""
+  if record["method"] == "dense":
+    return _dense_name(config, record["seed"])
+  t = record.get("temperature")
+  swept = bool(record["kd"]) and t != config.kd.temperature  # as `variants` marks it
+  cell = Cell(record["method"], record["sparsity"], record["kd"], t, swept=swept)
+  return cell.checkpoint_name(record["seed"])
+
+
 def _stage_name(names: Sequence[str]) -> str:
   """One training stage per population: its mid-stage checkpoints' directory name."""
   return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
