@@ -396,6 +396,7 @@ def audit(
     "sparsity": None,
     "kd": False,
     "temperature": None,
+    "distill": None,
     "num_test_examples": n,
   }
   reference_records = [
@@ -417,7 +418,9 @@ def audit(
         record["cka"] = rec.number(pm.linear_cka(x, y))
         record["cka_debiased"] = rec.debiased_cka(x, y)
       records.append(rec.note_undefined(record, f"{name} model {i}"))
-    population[(name, None, False, None)] = [outputs(preds, logits, i) for i in range(len(preds))]
+    population[(name, None, False, None, None)] = [
+      outputs(preds, logits, i) for i in range(len(preds))
+    ]
   cells, _ = rec.cell_records(ref, dense, records, population, cfg)
   return BiasReport(records, cells, reference_records, names, gnames)
 

@@ -5,6 +5,7 @@
     for each seed group × pruning method × sparsity: prune once, then
          student    = fine-tune(teacher ⊙ masks, CE)
          student_kd = fine-tune(teacher ⊙ masks, (1−α)·CE + α·T²·KL)   (per KD temperature)
+         (and a student per feature distillation of distill.method: γ·CE [+ α'·T²·KL] + β·F)
          every model evaluated on the full test set; a record against the dense teacher
     per-cell records (seeds as populations) and similarity–bias correlations
     results.jsonl, cells.jsonl, correlations.jsonl, results.md, plots/, timings.json,
@@ -31,6 +32,8 @@ from prunebias_jax.files import directory_size, format_bytes
 from prunebias_jax.train.loop import format_duration
 
 Record = rec.Record
+DENSE_IDENTITY = {"method": "dense", "sparsity": 0.0, "kd": False, "temperature": None}
+DENSE_IDENTITY["distill"] = None  # not fine-tuned
 
 
 def run(
@@ -61,8 +64,7 @@ def run(
   base = {"model": cfg.model, "dataset": data.name, "num_test_examples": len(data.test)}
   records, evaluated = [], list(dense_outputs)  # evaluated[i]: the outputs behind records[i]
   for (seed, model), out in zip(dense, dense_outputs):
-    identity = {"method": "dense", "sparsity": 0.0, "kd": False, "temperature": None}
-    identity.update(seed=seed, reference=seed == cfg.seed)
+    identity = {**DENSE_IDENTITY, "seed": seed, "reference": seed == cfg.seed}
     params = model.variables["params"]
     records.append(
       rec.full_record(ref, out, {**base, **identity}, cfg, params, None, model.training)

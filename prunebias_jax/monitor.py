@@ -5,7 +5,8 @@ over that step's scalars, fetched at its next progress sync so the accelerator i
 stopped for them. One JSON object per step and model, in `<workdir>/metrics.jsonl`:
 
   stage, step (1-based), epoch (1-based), seed, loss (what the step minimised), ce_loss,
-  kd_loss (the α·T²·KL term, KD stages only), learning_rate (the one the step used),
+  kd_loss (the α·T²·KL term, KD stages only), feature_loss (β·F, feature distillations),
+  learning_rate (the one the step used),
   train_accuracy (on that augmented training batch: not a test figure), images_per_second
   (the throughput of the progress window that fetched it), nonfinite (1: a NaN/Inf loss)
 

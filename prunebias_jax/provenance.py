@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from prunebias_jax.checkpoint import Identity, digest
-from prunebias_jax.config import flatten
+from prunebias_jax.config import finetune_settings, flatten
 from prunebias_jax.data import Dataset, Split
 
 
@@ -42,17 +42,24 @@ def fingerprint(split: Split) -> str:
   return h.hexdigest()
 
 
-def _stage(config: ml_collections.ConfigDict, stage: str, split_fingerprint: str) -> Identity:
-  """The fields every model of `stage` ('dense' or 'finetune') shares."""
+def _stage(
+  config: ml_collections.ConfigDict, stage: str, split_fingerprint: str, method: str = "ce"
+) -> Identity:
+  """The fields every model of `stage` ('dense' or 'finetune', with the fine-tuning `method`'s
+  own learning rate and batch size: `config.finetune_settings`) shares."""
   cfg = config
-  optim = flatten(cfg[stage].optim.to_dict(), f"{stage}.optim.")
+  if stage == "finetune":
+    optim_cfg, batch_size, _ = finetune_settings(cfg, method)
+  else:
+    optim_cfg, batch_size = cfg[stage].optim, cfg[stage].batch_size or cfg.data.batch_size
+  optim = flatten(optim_cfg.to_dict(), f"{stage}.optim.")
   return {
     "model": cfg.model,
     "compute_dtype": cfg.compute_dtype,
     "data.fingerprint": split_fingerprint,
     "data.crop_padding": cfg.data.crop_padding,
     "data.flip": cfg.data.flip,
-    f"{stage}.batch_size": cfg[stage].batch_size or cfg.data.batch_size,
+    f"{stage}.batch_size": batch_size,
     f"{stage}.epochs": cfg[stage].epochs,
     **optim,
   }
@@ -84,13 +91,16 @@ def student_identity(
   seed: int,
   population: Sequence[int],
   split_fingerprint: str,
+  distill: str | None = None,
 ) -> Identity:
   """The identity of one fine-tuned student (`population`: the seeds trained with it;
-  `split_fingerprint`: of the fine-tuning split)."""
+  `split_fingerprint`: of the fine-tuning split; `distill`: its fine-tuning method, when a
+  feature distillation, with the weights and settings that method reads)."""
   together = len(population) > 1
-  return {
+  feature = distill not in (None, "ce", "kd")
+  identity = {
     "stage": "finetune",
-    **_stage(config, "finetune", split_fingerprint),
+    **_stage(config, "finetune", split_fingerprint, distill or "ce"),
     **_data_fields(data),
     "teacher": digest(teacher),
     "seed": int(seed),
@@ -99,11 +109,20 @@ def student_identity(
     # JSON object keys are strings: the epochs as a list of [epoch, sparsity] pairs.
     "pruning.plan": [[int(e), float(s)] for e, s in sorted(plan.items())],
     "kd": bool(kd),
-    "kd.alpha": config.kd.alpha if kd else None,
+    "kd.alpha": config.kd.alpha if kd and not feature else None,
     "kd.temperature": float(temperature) if kd else None,
     "population": [int(s) for s in population] if together else None,
     "population_masks": config.population_masks if together else None,
   }
+  if feature:  # CE and KD keep the identity they always had: their checkpoints stay valid
+    d, name = config.distill, distill.removesuffix("+kd")
+    identity["distill"] = distill
+    identity["distill.ce_weight"] = float(d.ce_weight)
+    identity["distill.kl_weight"] = float(d.kl_weight) if kd else None
+    identity["distill.weight"] = float(d.weights[name])
+    if name == "crd":
+      identity["distill.crd"] = {k: d.crd[k] for k in sorted(d.crd.keys())}
+  return identity
 
 
 def stage_identity(members: Sequence[Identity]) -> Identity:

@@ -234,9 +234,19 @@ def per_group_accuracy(
   return [number(c / n) if n else None for c, n in zip(correct, sizes)]
 
 
+def distill_of(record: Record) -> str | None:
+  """The record's fine-tuning method ('ce', 'kd', 'sp', 'sp+kd', ...; None for a dense or an
+  audited model; records written before the `distill` field were CE or KD)."""
+  if "distill" in record:
+    return record["distill"]
+  return "kd" if record["kd"] else "ce"
+
+
 def student_label(record: Record) -> str:
-  """'CE' or 'KD T=<t>': how logs, tables and plots name a record's fine-tuning."""
-  return f"KD T={record['temperature']:g}" if record["kd"] else "CE"
+  """'CE', 'KD T=<t>', 'SP' or 'SP+KD T=<t>': how logs, tables and plots name a record's
+  fine-tuning."""
+  name = (distill_of(record) or "ce").upper()
+  return f"{name} T={record['temperature']:g}" if record["kd"] else name
 
 
 def full_record(
@@ -485,7 +495,7 @@ SEED_FIELDS = (
   "dpd_change",
   "eod_change",
 )
-CellKey = tuple[str, float, bool, Any]  # (method, sparsity, kd, temperature)
+CellKey = tuple[str, float, bool, Any, str]  # (method, sparsity, kd, temperature, distill)
 
 
 def cell_records(
@@ -495,18 +505,20 @@ def cell_records(
   outputs: Mapping[CellKey, Sequence[Outputs]],
   config: ml_collections.ConfigDict,
 ) -> tuple[list[Record], dict[CellKey, np.ndarray]]:
-  """One record per (method, sparsity, kd, temperature), in the order of `outputs`: CEV/SDE
-  from the per-class rates averaged over the cell's seeds, mean ± std and a t-interval over
-  seeds of the per-model values, CIE against the dense population, class-wise significance
-  against the dense population and, for a KD cell, against its CE cell (paired by seed), and
-  the paired CE − KD differences of CEV and SDE with a sign test and a Wilcoxon test.
+  """One record per (method, sparsity, kd, temperature, distill), in the order of `outputs`:
+  CEV/SDE from the per-class rates averaged over the cell's seeds, mean ± std and a t-interval
+  over seeds of the per-model values, CIE against the dense population, class-wise
+  significance against the dense population and, for every cell fine-tuned otherwise than
+  with CE, against its CE cell (paired by seed), and the paired CE − this differences of CEV
+  and SDE with a sign test and a Wilcoxon test; a feature-distillation cell is also paired
+  with the KD cell at kd.temperature (`paired_vs_kd`: KD − this).
 
   Also returns each cell's CIE indices, strongest first (they feed the image grid)."""
   cells, cie_indices = [], {}
   dense_predictions = np.stack([o.predictions for o in dense_outputs])
   confidence = config.analysis.confidence
   for i, (key, outs) in enumerate(outputs.items()):
-    method, sparsity, kd, temperature = key
+    method, sparsity, kd, temperature, distill = key
     members = [r for r in records if _key(r) == key]
     preds = np.stack([o.predictions for o in outs])
     cell = {
@@ -514,6 +526,7 @@ def cell_records(
       "sparsity": sparsity,
       "kd": kd,
       "temperature": temperature,
+      "distill": distill,
       "seeds": [r["seed"] for r in members],
       **bias(ref, jnp.asarray(preds), config.metrics),
     }
@@ -542,8 +555,12 @@ def cell_records(
       cell["cie_per_group"] = np.bincount(
         ref.groups[cie_indices[key]], minlength=ref.num_groups
       ).tolist()
-    if kd:
-      ce_key = (method, sparsity, False, None)
+    kd_key = (method, sparsity, True, config.kd.temperature, "kd")
+    if distill not in ("ce", "kd") and kd_key in outputs:
+      kd_members = [r for r in records if _key(r) == kd_key]
+      cell["paired_vs_kd"] = paired_vs_ce(kd_members, members)
+    if distill != "ce":
+      ce_key = (method, sparsity, False, None, "ce")
       if ce_key in outputs:
         ce_preds = np.stack([o.predictions for o in outputs[ce_key]])
         ce_members = [r for r in records if _key(r) == ce_key]
@@ -581,12 +598,19 @@ SEED_INTERVAL_FIELDS = ("accuracy", "cev", "sde", "dpd", "eod")
 
 
 def _key(record: Record) -> CellKey:
-  return (record["method"], record["sparsity"], record["kd"], record["temperature"])
+  return (
+    record["method"],
+    record["sparsity"],
+    record["kd"],
+    record["temperature"],
+    distill_of(record),
+  )
 
 
 def paired_vs_ce(ce_members: Sequence[Record], kd_members: Sequence[Record]) -> Record:
-  """CE − KD per seed (same masks and data order), averaged, with an exact sign test and a
-  Wilcoxon signed-rank test of the per-seed differences (`n_pairs` seeds in both cells)."""
+  """Baseline − compared per seed (same masks and data order; CE − KD for a KD cell), averaged,
+  with an exact sign test and a Wilcoxon signed-rank test of the per-seed differences
+  (`n_pairs` seeds in both cells)."""
   ce = {r["seed"]: r for r in ce_members}
   pairs = [(ce[r["seed"]], r) for r in kd_members if r["seed"] in ce]
   out: Record = {"n_pairs": len(pairs)}
@@ -737,13 +761,13 @@ def showcase(
     c
     for c in cells
     if want
-    and (c["method"], c["kd"]) == (want[0], want[2] == "kd")
+    and (c["method"], distill_of(c)) == (want[0], want[2])
     and abs(c["sparsity"] - float(want[1])) < 1e-12
   ]
   top = (pick or [None])[0] or max(
     [c for c in cells if compressed(c)] or cells, key=lambda c: (c["num_cie"], c["sparsity"])
   )
-  key = (top["method"], top["sparsity"], top["kd"], top["temperature"])
+  key = _key(top)
   members = outputs[key]
   modes = pm.modal_predictions(np.stack([o.predictions for o in members]), ref.num_classes)
   names = sorted(ref.outputs.similarity_layers(), key=depth_order)

@@ -20,10 +20,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from prunebias_jax.config import distill_methods
 from prunebias_jax.data import Dataset
 from prunebias_jax.errors import printable
 from prunebias_jax.files import atomic_writer, write_atomic, write_json_atomic
-from prunebias_jax.records import Outputs, Showcase, model_name, student_label
+from prunebias_jax.records import Outputs, Showcase, distill_of, model_name, student_label
 
 Record = dict[str, Any]
 
@@ -151,11 +152,17 @@ def write_report(
     "(no test-set selection).",
   ]
   notes += skipped_notes(records)
-  main_cells = [c for c in cells if not c["kd"] or c["temperature"] == cfg.kd.temperature]
+  # The main table and its figures: CE and KD side by side; feature distillations (distill.
+  # method) get a section and a figure of their own, every method beside CE and KD.
+  main_records = [r for r in records if is_ce_or_kd(r)]
+  main_cells = [
+    c for c in cells if is_ce_or_kd(c) and (not c["kd"] or c["temperature"] == cfg.kd.temperature)
+  ]
   dense = next(r for r in records if r["method"] == "dense")
   groups = group_names(data)
   extra = group_section(records, cells, groups, data.test.groups, cfg)
   extra += analysis_sections(cells, correlations, cfg)
+  extra += distill_section(cells, cfg)
   extra += conv_svcca_section(records, cfg)
   title = f"prunebias_jax: {cfg.model} on {printable(data.name)}"
   flagged = {(r["method"], r["sparsity"]) for r in records if r.get("every_step_skipped")}
@@ -163,12 +170,14 @@ def write_report(
     workdir / "results.md", dense, main_cells, title, notes, extra, flagged
   )
   plots = workdir / "plots"
-  shown = [r for r in records if r["method"] != "dense" or r.get("reference")]
+  shown = [r for r in main_records if r["method"] != "dense" or r.get("reference")]
   ext = cfg.report.format
   write_plots(plots, shown, main_cells, data.class_names, ext)
   write_similarity_scatter(plots / f"similarity_vs_bias.{ext}", records)
   if groups is not None:
-    write_group_plot(plots / f"group_gaps_vs_sparsity.{ext}", records, main_cells)
+    write_group_plot(plots / f"group_gaps_vs_sparsity.{ext}", main_records, main_cells)
+  if any(not is_ce_or_kd(c) for c in cells):
+    write_distill_plot(plots / f"distill_methods.{ext}", records, cells, cfg.kd.temperature)
   top = showcase.cell
   write_cie_grid(
     plots / f"cie_grid.{ext}",
@@ -555,13 +564,14 @@ def group_section(
   listing = ", ".join(f"{printable(n)} ({k})" for n, k in zip(group_names, sizes))
   attribute = config.data.group_attribute
   dense = next(r for r in records if r["method"] == "dense")
-  single = {(r["method"], r["sparsity"], r["kd"], r["temperature"]): r for r in records}
+  key = lambda r: (r["method"], r["sparsity"], r["kd"], r["temperature"], distill_of(r))
+  single = {key(r): r for r in records}
 
   def interval(c: Record, field: str) -> str:
     # ≥ 2 seeds: the t-interval over seeds; one seed: that model's bootstrap interval.
     ci = c.get(f"{field}_seed_ci")
     if ci is None and len(c["seeds"]) == 1:
-      ci = single[(c["method"], c["sparsity"], c["kd"], c["temperature"])].get(f"{field}_ci")
+      ci = single[key(c)].get(f"{field}_ci")
     return _fmt(c.get(f"{field}_seed_mean")) + ("" if not ci else f" {_interval(ci, '.3g')}")
 
   accs = lambda values: " / ".join(_fmt(v, ".3f") for v in values)
@@ -601,7 +611,7 @@ def analysis_sections(
   study (when several temperatures ran), similarity–bias correlations."""
   label = student_label
   row = lambda c: f"| {c['method']} | {c['sparsity']:g} | {label(c)} |"
-  out = statistics_section(cells, config)
+  out = statistics_section([c for c in cells if is_ce_or_kd(c)], config)
   out += [
     "## Compression Identified Exemplars",
     "",
@@ -627,7 +637,7 @@ def analysis_sections(
   if reasons:
     out += ["", f"Class-wise significance vs dense not computed: {'; '.join(sorted(reasons))}."]
   out.append("")
-  temps = sorted({c["temperature"] for c in cells if c["kd"]})
+  temps = sorted({c["temperature"] for c in cells if distill_of(c) == "kd"})
   if len(temps) > 1:
     out += [
       "## KD temperature study",
@@ -636,7 +646,8 @@ def analysis_sections(
       "|---|---|---|---|---|---|---|---|",
     ]
     kd_cells = sorted(
-      (c for c in cells if c["kd"]), key=lambda c: (c["method"], c["sparsity"], c["temperature"])
+      (c for c in cells if distill_of(c) == "kd"),
+      key=lambda c: (c["method"], c["sparsity"], c["temperature"]),
     )
     for c in kd_cells:
       values = [_fmt(c["accuracy_seed_mean"], ".4f"), _fmt(c["cev"]), _fmt(c["sde"])]
@@ -724,6 +735,126 @@ def correlation_table(rows: Sequence[Record]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def is_ce_or_kd(row: Record) -> bool:
+  """A dense, CE or KD record or cell (not a feature distillation)."""
+  return distill_of(row) in (None, "ce", "kd")
+
+
+def _distill_styles(rows: Sequence[Record]) -> dict[str, tuple[str, Any]]:
+  """{fine-tuning method: (marker, colour)} in order of appearance: CE red circles and KD blue
+  triangles as in every figure, the feature methods after them."""
+  import matplotlib.pyplot as plt
+
+  fixed = {"ce": ("o", "tab:red"), "kd": ("^", "tab:blue")}
+  others = ("s", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+  names = list(dict.fromkeys(distill_of(r) for r in rows))
+  names = [n for n in ("ce", "kd") if n in names] + [n for n in names if n not in fixed]
+  styles, k = {}, 0
+  for n in names:
+    if n in fixed:
+      styles[n] = fixed[n]
+    else:
+      styles[n] = (others[k % len(others)], plt.cm.tab10((k + 2) % 10))
+      k += 1
+  return styles
+
+
+def distill_section(cells: Sequence[Record], config: ml_collections.ConfigDict) -> str:
+  """'## Distillation methods': every fine-tuning method of each (method, sparsity) with its
+  accuracy, CEV and SDE (seed intervals) and the seed-paired differences CE − it and KD − it
+  (positive: it has the lower value), with the sign-test p ('' without feature methods)."""
+  if all(is_ce_or_kd(c) for c in cells):
+    return ""
+  shown = [c for c in cells if distill_of(c) != "kd" or c["temperature"] == config.kd.temperature]
+  order = {n: i for i, n in enumerate(distill_methods(config))}
+  shown = sorted(
+    shown, key=lambda c: (c["method"], c["sparsity"], order.get(distill_of(c), len(order)))
+  )
+
+  def paired(c: Record, which: str, field: str) -> str:
+    p = c.get(which)
+    if not p or p.get(f"{field}_diff") is None:
+      return "–"
+    test = p.get(f"{field}_sign_test_p")
+    return f"{p[f'{field}_diff']:+.4g} (p {_fmt(test, '.3g')}; {p['n_pairs']})"
+
+  d = config.distill
+  weights = ", ".join(f"{m} {d.weights[m]:g}" for m in d.weights)
+  out = [
+    "## Distillation methods",
+    "",
+    f"Each feature method f fine-tunes with γ·CE + β_f·F_f (γ = {d.ce_weight:g}; β: {weights}); "
+    f"f+KD adds α'·T²·KL (α' = {d.kl_weight:g}, T = {config.kd.temperature:g}); KD is "
+    f"(1−α)·CE + α·T²·KL (α = {config.kd.alpha:g}). SP: the last stage's output; AT and hints: "
+    "every stage output; PKT and CRD: the pooled penultimate features (docs/metrics.md). "
+    "CE − it, KD − it: mean per-seed difference (same masks and data order; positive: lower "
+    "than the baseline), exact sign-test p and the number of pairs.",
+    "",
+    "| method | sparsity | fine-tuning | seeds | accuracy | CEV | SDE | CE − it CEV | "
+    "CE − it SDE | KD − it CEV | KD − it SDE | classes vs CE |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for c in shown:
+    out.append(
+      f"| {c['method']} | {c['sparsity']:g} | {student_label(c)} | {len(c['seeds'])} | "
+      f"{_fmt(c['accuracy_seed_mean'], '.4f')}{_interval(c.get('accuracy_seed_ci'), '.4f')} | "
+      f"{_fmt(c['cev'])}{_interval(c.get('cev_seed_ci'), '.3g')} | "
+      f"{_fmt(c['sde'])}{_interval(c.get('sde_seed_ci'), '.3g')} | "
+      f"{paired(c, 'paired_vs_ce', 'cev')} | {paired(c, 'paired_vs_ce', 'sde')} | "
+      f"{paired(c, 'paired_vs_kd', 'cev')} | {paired(c, 'paired_vs_kd', 'sde')} | "
+      f"{_tests(c.get('significance_vs_ce'))} |"
+    )
+  out.append("")
+  return "\n".join(out) + "\n"
+
+
+@_literal_text
+def write_distill_plot(
+  path: Path, records: Sequence[Record], cells: Sequence[Record], temperature: float
+) -> None:
+  """distill_methods.png: accuracy, CEV and SDE vs sparsity, a panel column per pruning
+  method, a line per fine-tuning method (error bars: std over seeds), the dense accuracy as a
+  line."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  dense = next(r for r in records if r["method"] == "dense")
+  cells = [c for c in cells if distill_of(c) != "kd" or c["temperature"] == temperature]
+  methods = list(dict.fromkeys(c["method"] for c in cells))
+  styles = _distill_styles(cells)
+  fig, axes = plt.subplots(
+    3, len(methods), figsize=(4.2 * len(methods), 9), squeeze=False, sharex="col"
+  )
+  for j, m in enumerate(methods):
+    for i, (field, label) in enumerate(
+      (("accuracy", "test accuracy"), ("cev", "CEV (%²)"), ("sde", "SDE (%)"))
+    ):
+      ax = axes[i][j]
+      for name, (marker, color) in styles.items():
+        pts = sorted(
+          (c["sparsity"], c.get(f"{field}_seed_mean"), c.get(f"{field}_seed_std") or 0.0)
+          for c in cells
+          if c["method"] == m and distill_of(c) == name and c.get(f"{field}_seed_mean") is not None
+        )
+        if pts:
+          xs, ys, err = zip(*pts)
+          ax.errorbar(xs, ys, yerr=err, marker=marker, color=color, capsize=2, label=name.upper())
+      if field == "accuracy":
+        ax.axhline(dense["accuracy"], color="k", lw=1, label="dense")
+        ax.set_title(m)
+      if field == "cev":
+        _symlog(ax, "y", 1.0)
+      ax.set_ylabel(label)
+      ax.grid(alpha=0.3)
+    axes[-1][j].set_xlabel("sparsity")
+  axes[0][0].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  _savefig(fig, path)
+  plt.close(fig)
+
+
 @_literal_text
 def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
   """CEV against each similarity (CKA, agreement, SVCCA distance), one point per pruned model."""
@@ -739,10 +870,12 @@ def write_similarity_scatter(path: Path, records: Sequence[Record]) -> None:
     ("cka", "agreement", "svcca"),
     ("linear CKA (penultimate)", "prediction agreement", "SVCCA distance (logits)"),
   ):
-    for kd, marker, color in ((False, "o", "tab:red"), (True, "^", "tab:blue")):
-      pts = [(r[field], r["cev"]) for r in pruned if r["kd"] == kd and r.get(field) is not None]
+    for name, (marker, color) in _distill_styles(pruned).items():
+      pts = [
+        (r[field], r["cev"]) for r in pruned if distill_of(r) == name and r.get(field) is not None
+      ]
       if pts:
-        ax.scatter(*zip(*pts), marker=marker, color=color, s=18, label="KD" if kd else "CE")
+        ax.scatter(*zip(*pts), marker=marker, color=color, s=18, label=name.upper())
     ax.set_xlabel(label)
     ax.set_ylabel("CEV (%²)")
     _symlog(ax, "y", 1.0)

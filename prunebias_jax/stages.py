@@ -34,6 +34,8 @@ from prunebias_jax import workdir as wd
 from prunebias_jax.checkpoint import Identity
 from prunebias_jax.config import (
   ConfigError,
+  distill_methods,
+  finetune_settings,
   resolve_config,
   validate_against_dataset,
   validate_config,
@@ -57,6 +59,8 @@ from prunebias_jax.train import (
   make_optimizer,
   make_train_step,
 )
+from prunebias_jax.train.distill import CRDState, init_crd, parse_method
+from prunebias_jax.train.steps import DistillWeights
 
 PyTree = Any
 BATCH_FIELDS = (
@@ -89,22 +93,24 @@ class RunContext:
 
 
 class Cell(NamedTuple):
-  """One fine-tuning variant of a (method, sparsity) pruning: CE, or KD at one temperature."""
+  """One fine-tuning variant of a (method, sparsity) pruning: CE, KD at one temperature, or a
+  feature distillation (alone or with KD: `distill`, a `train.distill.METHODS` name)."""
 
   method: str
   sparsity: float
-  kd: bool
-  temperature: float | None  # None for CE
+  kd: bool  # the loss has the KL term (kd and the f+kd methods)
+  temperature: float | None  # None without the KL term
   swept: bool = False  # a KD temperature other than kd.temperature: names carry _T<t>
+  distill: str = "ce"
 
   @property
-  def key(self) -> tuple[str, float, bool, float | None]:
-    return (self.method, self.sparsity, self.kd, self.temperature)
+  def key(self) -> tuple[str, float, bool, float | None, str]:
+    return (self.method, self.sparsity, self.kd, self.temperature, self.distill)
 
   @property
   def identity(self) -> dict[str, Any]:
     """The fields that name the cell in every record."""
-    return dict(zip(("method", "sparsity", "kd", "temperature"), self.key))
+    return dict(zip(("method", "sparsity", "kd", "temperature", "distill"), self.key))
 
   @property
   def label(self) -> str:
@@ -112,7 +118,8 @@ class Cell(NamedTuple):
 
   def checkpoint_name(self, seed: int) -> str:
     suffix = f"_T{self.temperature:g}" if self.swept else ""
-    return f"{self.method}_s{self.sparsity:g}_{'kd' if self.kd else 'ce'}{suffix}_seed{seed}"
+    fine_tuning = self.distill.replace("+", "_")  # '+' separates a population's stage names
+    return f"{self.method}_s{self.sparsity:g}_{fine_tuning}{suffix}_seed{seed}"
 
 
 class Model(NamedTuple):
@@ -135,9 +142,11 @@ def prepare(
   validate_config(cfg)
   wd.ensure_writable(workdir)
   parallel = DataParallel()
-  for field in BATCH_FIELDS:
-    group, name = field.split(".")
-    value = cfg[group][name]
+  fields = BATCH_FIELDS + tuple(f"distill.batch_size.{m}" for m in cfg.distill.batch_size)
+  for field in fields:
+    value = cfg
+    for part in field.split("."):
+      value = value[part]
     problem = value and parallel.check_batch_size(value, field)
     if problem:
       raise ConfigError(problem)
@@ -238,6 +247,7 @@ def planned_identities(config: ml_collections.ConfigDict, data: Dataset) -> dict
           seed=seed,
           population=seeds,
           split_fingerprint=finetune_fp,
+          distill=cell.distill,
         )
         for seed in seeds
       ]
@@ -255,8 +265,9 @@ def checkpoint_name(config: ml_collections.ConfigDict, record: dict[str, Any]) -
   if record["method"] == "dense":
     return _dense_name(config, record["seed"])
   t = record.get("temperature")
-  swept = bool(record["kd"]) and t != config.kd.temperature  # as `variants` marks it
-  cell = Cell(record["method"], record["sparsity"], record["kd"], t, swept=swept)
+  distill = record.get("distill") or ("kd" if record["kd"] else "ce")  # runs before the field
+  swept = distill == "kd" and t != config.kd.temperature  # as `variants` marks it
+  cell = Cell(record["method"], record["sparsity"], record["kd"], t, swept, distill)
   return cell.checkpoint_name(record["seed"])
 
 
@@ -279,9 +290,19 @@ def _check_model_fits(model: nn.Module, name: str, image_shape: tuple[int, ...])
     ) from None
 
 
-def _batch_size(ctx: RunContext, stage: str) -> int:
-  """The stage's own batch size, else data.batch_size."""
+def _batch_size(ctx: RunContext, stage: str, method: str = "ce") -> int:
+  """The stage's own batch size (a fine-tuning method's, `finetune_settings`), else
+  data.batch_size."""
+  if stage == "finetune":
+    return finetune_settings(ctx.config, method)[1]
   return ctx.config[stage].batch_size or ctx.config.data.batch_size
+
+
+def _optim(ctx: RunContext, stage: str, method: str = "ce") -> ml_collections.ConfigDict:
+  """The stage's optimizer config (a fine-tuning method's own learning rate, when set)."""
+  return (
+    finetune_settings(ctx.config, method)[0] if stage == "finetune" else ctx.config[stage].optim
+  )
 
 
 def _split(ctx: RunContext, stage: str):
@@ -289,15 +310,16 @@ def _split(ctx: RunContext, stage: str):
 
 
 def train_step(
-  ctx: RunContext, stage: str, kd: bool, population: int = 1, shared_masks: bool = True
+  ctx: RunContext, stage: str, method: str, population: int = 1, shared_masks: bool = True
 ):
-  """(optimizer, jitted step) of `stage` ('dense' or 'finetune'), built once per run for each
-  (stage, kd, population, shared masks) and reused by every cell."""
-  key = ("train", stage, kd, population, shared_masks)
+  """(optimizer, jitted step) of `stage` ('dense' or 'finetune') with the fine-tuning
+  `method` ('ce', 'kd', 'sp', ...), built once per run for each (stage, method, population,
+  shared masks) and reused by every cell."""
+  key = ("train", stage, method, population, shared_masks)
   if key not in ctx._compiled:
     cfg = ctx.config
-    per_epoch = steps_per_epoch(len(_split(ctx, stage)), _batch_size(ctx, stage))
-    optimizer = make_optimizer(cfg[stage].optim, per_epoch, cfg[stage].epochs)
+    per_epoch = steps_per_epoch(len(_split(ctx, stage)), _batch_size(ctx, stage, method))
+    optimizer = make_optimizer(_optim(ctx, stage, method), per_epoch, cfg[stage].epochs)
     step = make_train_step(
       ctx.model,
       optimizer,
@@ -305,26 +327,30 @@ def train_step(
       std=ctx.data.std,
       crop_padding=cfg.data.crop_padding,
       flip=cfg.data.flip,
-      kd=kd,
+      kd=False,
       population=population,
       shared_masks=shared_masks,
       skip_nonfinite=cfg.nonfinite == "skip",
+      method=method,
+      weights=distill_weights(cfg, method),
     )
     ctx._compiled[key] = (optimizer, step)
   return ctx._compiled[key]
 
 
-def _fit(ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, **kwargs):
+def _fit(
+  ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, method: str = "ce", **kwargs
+):
   """`train.fit` of `stage` with the run's data, batch size, parallelism and checkpoint
-  settings; the stage's mid-stage checkpoints are deleted once its models are saved (by
-  `_finish`)."""
+  settings (those of the fine-tuning `method`); the stage's mid-stage checkpoints are deleted
+  once its models are saved (by `_finish`)."""
   cfg = ctx.config
   partial = wd.stage_checkpoint(
     ctx.workdir, stage, cfg.checkpoint, ctx.expect, ctx.identities[stage]
   )
   split, batch_size, epochs = (
     _split(ctx, stage_cfg),
-    _batch_size(ctx, stage_cfg),
+    _batch_size(ctx, stage_cfg, method),
     cfg[stage_cfg].epochs,
   )
   step_log = StepLog(ctx.workdir, stage, cfg.monitor.every_steps, enabled=ctx.writer)
@@ -343,7 +369,7 @@ def _fit(ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, **kwarg
       nonfinite=cfg.nonfinite,
       step_log=step_log,
       learning_rate=learning_rate_schedule(
-        cfg[stage_cfg].optim, steps_per_epoch(len(split), batch_size), epochs
+        _optim(ctx, stage_cfg, method), steps_per_epoch(len(split), batch_size), epochs
       ),
       epoch_end=functools.partial(_test_accuracy, ctx, step_log, seed)
       if cfg.monitor.every_steps and cfg.monitor.test_accuracy
@@ -413,7 +439,7 @@ def train_dense(ctx: RunContext, seed: int) -> Model:
       cfg.dense.epochs,
       len(ctx.data.teacher_train),
     )
-    optimizer, step = train_step(ctx, "dense", kd=False)
+    optimizer, step = train_step(ctx, "dense", "ce")
     state = create_state(tree["params"], tree["batch_stats"], optimizer)
     state, summary, partial = _fit(ctx, state, step, "dense", name, seed)
     tree = {"params": state.params, "batch_stats": state.batch_stats}
@@ -447,12 +473,34 @@ def pruning_groups(config: ml_collections.ConfigDict) -> list[tuple[tuple[int, .
 
 
 def variants(config: ml_collections.ConfigDict, method: str, sparsity: float) -> list[Cell]:
-  """CE, then KD at every temperature (`kd.temperatures`, else `kd.temperature`)."""
-  temperatures = tuple(config.kd.temperatures) or (config.kd.temperature,)
-  kd_cells = [
-    Cell(method, sparsity, True, t, swept=t != config.kd.temperature) for t in temperatures
-  ]
-  return [Cell(method, sparsity, False, None)] + kd_cells
+  """The fine-tuning variants of one pruning, in `distill.method` order (default: CE, then
+  KD); KD at every temperature (`kd.temperatures`, else `kd.temperature`), the f+kd feature
+  methods at kd.temperature."""
+  t0 = config.kd.temperature
+  cells = []
+  for name in distill_methods(config):
+    if name == "kd":
+      cells += [
+        Cell(method, sparsity, True, t, swept=t != t0, distill="kd")
+        for t in tuple(config.kd.temperatures) or (t0,)
+      ]
+    else:
+      with_kl = parse_method(name)[1]
+      cells.append(Cell(method, sparsity, with_kl, t0 if with_kl else None, distill=name))
+  return cells
+
+
+def distill_weights(config: ml_collections.ConfigDict, method: str) -> DistillWeights:
+  """The static weights of `method`'s objective, from config.distill."""
+  d, feature = config.distill, parse_method(method)[0]
+  return DistillWeights(
+    ce=float(d.ce_weight),
+    kl=float(d.kl_weight),
+    beta=float(d.weights[feature]) if feature else 0.0,
+    crd_negatives=int(d.crd.negatives),
+    crd_temperature=float(d.crd.temperature),
+    crd_momentum=float(d.crd.momentum),
+  )
 
 
 def _schedule(config: ml_collections.ConfigDict, sparsity: float) -> dict[int, float]:
@@ -571,10 +619,11 @@ def _train_students(
     new_masks = _members_masks(new, shared)
     return state.replace(params=apply_masks(state.params, new_masks), masks=new_masks)
 
-  optimizer, step = train_step(ctx, "finetune", cell.kd, population=k, shared_masks=shared)
+  optimizer, step = train_step(ctx, "finetune", cell.distill, population=k, shared_masks=shared)
+  crd = [_crd_state(ctx, teacher, seed, optimizer) for seed in seeds]
   states = [
-    create_state(apply_masks(teacher["params"], m), teacher["batch_stats"], optimizer)
-    for m in start_masks
+    create_state(apply_masks(teacher["params"], m), teacher["batch_stats"], optimizer, distill=c)
+    for m, c in zip(start_masks, crd if parse_method(cell.distill)[0] == "crd" else [None] * k)
   ]
   state = _stack(states).replace(masks=_members_masks(start_masks, shared))
   state, summary, partial = _fit(
@@ -584,7 +633,8 @@ def _train_students(
     "finetune",
     stage,
     seeds[0] if k == 1 else list(seeds),
-    teacher_variables=teacher if cell.kd else None,
+    cell.distill,
+    teacher_variables=teacher if cell.distill != "ce" else None,
     alpha=cfg.kd.alpha,
     temperature=cfg.kd.temperature if cell.temperature is None else cell.temperature,
     epoch_hook=reprune if len(plan) > 1 else None,
@@ -600,6 +650,29 @@ def _train_students(
     saved.append((tree, meta))
   _finish(stage, partial)
   return saved
+
+
+def _crd_state(ctx: RunContext, teacher: PyTree, seed: int, optimizer) -> CRDState:
+  """A fresh CRD state for one student: heads on the width of the models' pooled features,
+  memory banks over the fine-tuning split, seeded by the student's seed."""
+  dummy = jnp.zeros((1,) + ctx.data.image_shape, jnp.float32)
+  _, sown = jax.eval_shape(
+    lambda: ctx.model.apply(teacher, dummy, train=False, mutable=["intermediates"])
+  )
+  width = sown["intermediates"]["features"][0].shape[-1]
+  c = ctx.config.distill.crd
+  return init_crd(
+    jax.random.fold_in(jax.random.key(seed), CRD_STREAM),
+    ctx.data.train.labels,
+    ctx.data.num_classes,
+    width,
+    width,
+    c.feat_dim,
+    optimizer,
+  )
+
+
+CRD_STREAM = 0xC4D  # the CRD heads' and banks' RNG stream, apart from data order and masks
 
 
 def _stack(trees: Sequence[PyTree]) -> PyTree:

@@ -366,6 +366,15 @@ def test_config_file_returning_no_configdict_is_named_with_overrides_too(returne
     ("monitor.every_steps", "-1", "monitor.every_steps=-1"),
     ("data.attributes", "t.csv", "data.attributes='t.csv'"),
     ("data.imbalance.classes", "(3,3,5)", "expected distinct values (3 is repeated"),
+    ("distill.method", "sq", "distill.method='sq' is not allowed; expected one of: ce, kd, sp"),
+    ("distill.method", "('ce','sp+kd','ce')", "expected distinct values ('ce' is repeated"),
+    ("distill.method", "()", "expected a method name or a tuple of names of: ce, kd, sp"),
+    ("distill.weights.sp", "-1.0", "distill.weights.sp=-1.0 is not allowed"),
+    ("distill.weights.at", "nan", "distill.weights.at=nan"),
+    ("distill.weights.crd", "inf", "distill.weights.crd=inf"),
+    ("distill.kl_weight", "-0.5", "distill.kl_weight=-0.5"),
+    ("distill.crd.negatives", "0", "distill.crd.negatives=0"),
+    ("distill.learning_rate.at", "0.0", "distill.learning_rate.at=0.0"),
   ],
 )
 def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):

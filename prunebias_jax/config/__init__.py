@@ -10,6 +10,8 @@ from prunebias_jax.config.schema import base_config, sgd
 from prunebias_jax.config.validation import (
   check_runlocal_overrides,
   check_schema,
+  distill_methods,
+  finetune_settings,
   validate_against_dataset,
   validate_config,
 )
@@ -22,6 +24,8 @@ __all__ = [
   "base_config",
   "check_runlocal_overrides",
   "check_schema",
+  "distill_methods",
+  "finetune_settings",
   "flatten",
   "resolve_config",
   "sgd",

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from prunebias_jax.train.distill import FEATURE_METHODS
+
 
 def sgd(
   learning_rate: float,
@@ -143,6 +145,32 @@ def base_config() -> ml_collections.ConfigDict:
   config.kd.temperature = 4.0
   # A KD temperature sweep: one KD student per value (empty: kd.temperature only).
   config.kd.temperatures = ()
+
+  # The fine-tuning methods of every pruned cell (prunebias_jax/train/distill.py): a name or a
+  # tuple of names of ce, kd, sp, at, pkt, crd, hint, sp+kd, at+kd, pkt+kd, crd+kd, hint+kd.
+  # A feature method f trains with γ·CE + β_f·F_f, and f+kd adds α'·T²·KL (T = kd.temperature).
+  config.distill = ml_collections.ConfigDict()
+  config.distill.method = ml_collections.FieldReference(("ce", "kd"), field_type=object)
+  config.distill.ce_weight = 1.0  # γ of the feature methods (the authors: 1)
+  config.distill.kl_weight = 1.0  # α' of the f+kd methods (the authors: 1)
+  # β_f: the authors' RepDistiller settings (Simon Says, CIFAR-100 ResNet32x4).
+  config.distill.weights = ml_collections.ConfigDict(
+    dict(sp=3000.0, at=1000.0, pkt=30000.0, crd=0.8, hint=1.0)
+  )
+  # The authors tuned the fine-tuning per method (AT and PKT: lr 0.005, batch 256; CRD: batch
+  # 256): a value here replaces finetune.optim.learning_rate / the fine-tuning batch size for
+  # that feature method and its +kd variant (None: the fine-tuning stage's own).
+  config.distill.learning_rate = ml_collections.ConfigDict(
+    {m: placeholder(float) for m in FEATURE_METHODS}
+  )
+  config.distill.batch_size = ml_collections.ConfigDict(
+    {m: placeholder(int) for m in FEATURE_METHODS}
+  )
+  config.distill.crd = ml_collections.ConfigDict()
+  config.distill.crd.feat_dim = 128  # embedding size of the two heads
+  config.distill.crd.negatives = 16384  # negatives per example, drawn from other classes
+  config.distill.crd.temperature = 0.07  # τ of the NCE scores
+  config.distill.crd.momentum = 0.5  # memory-bank update: M ← normalize(μ·M + (1−μ)·v)
 
   config.metrics = ml_collections.ConfigDict()
   # Zero reference rates: "floor" (in the denominator only) or "exclude" (docs/metrics.md).

@@ -20,6 +20,7 @@ from prunebias_jax.models import COMPUTE_DTYPES, available_models
 from prunebias_jax.pruning import METHODS
 from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
+from prunebias_jax.train.distill import METHODS as DISTILL_METHODS
 
 MAX_IMAGE_SIZE = 1024
 # Seeds reach jax.random.key and uint32 key arrays (population training): keep every seed,
@@ -343,6 +344,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for t in temperatures:
     _require(_is_real(t) and t > 0, "kd.temperatures", t, "temperatures > 0")
   _distinct(temperatures, "kd.temperatures")
+  _distill(cfg)
   dense_seeds = _sequence(cfg, "analysis.dense_seeds")
   for s in dense_seeds:
     _require(
@@ -408,15 +410,91 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _require(isinstance(v, str) and v.strip() != "", field, v, "a non-empty string")
 
 
+def distill_methods(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """distill.method as a tuple of names (one name is a one-method run)."""
+  method = cfg.distill.method
+  return (method,) if isinstance(method, str) else tuple(method)
+
+
+def finetune_settings(
+  cfg: ml_collections.ConfigDict, method: str = "ce"
+) -> tuple[ml_collections.ConfigDict, int, str]:
+  """(optimizer config, batch size, the field that sets the batch size) of the fine-tuning of
+  `method`: finetune.optim and finetune.batch_size (else data.batch_size), with a feature
+  method's distill.learning_rate / distill.batch_size in their place when set."""
+  feature = method.removesuffix("+kd")
+  optim = cfg.finetune.optim
+  lr = cfg.distill.learning_rate.get(feature)
+  if lr is not None:
+    optim = ml_collections.ConfigDict({**optim.to_dict(), "learning_rate": lr})
+  own = cfg.distill.batch_size.get(feature)
+  if own:
+    return optim, own, f"distill.batch_size.{feature}"
+  if cfg.finetune.batch_size:
+    return optim, cfg.finetune.batch_size, "finetune.batch_size"
+  return optim, cfg.data.batch_size, "data.batch_size"
+
+
+def _distill(cfg: ml_collections.ConfigDict) -> None:
+  """distill.*: known method names, each once; weights finite and >= 0; CRD sizes."""
+  method = cfg.distill.method
+  names = distill_methods(cfg)
+  _require(
+    isinstance(method, (str, tuple, list)) and len(names) > 0,
+    "distill.method",
+    method,
+    f"a method name or a tuple of names of: {', '.join(DISTILL_METHODS)}",
+  )
+  for name in names:
+    _require(
+      name in DISTILL_METHODS, "distill.method", name, "one of: " + ", ".join(DISTILL_METHODS)
+    )
+  _distinct(names, "distill.method")
+  _require(
+    not cfg.kd.temperatures or "kd" in names,
+    "kd.temperatures",
+    cfg.kd.temperatures,
+    f"() when distill.method {names} has no 'kd' (the sweep trains KD students)",
+  )
+  for field in ("ce_weight", "kl_weight", *(f"weights.{m}" for m in cfg.distill.weights)):
+    v = _get(cfg, f"distill.{field}")
+    _require(_is_real(v) and v >= 0, f"distill.{field}", v, "a finite number >= 0")
+  for m in cfg.distill.learning_rate:
+    v = cfg.distill.learning_rate[m]
+    _require(v is None or (_is_real(v) and v > 0), f"distill.learning_rate.{m}", v, "None or > 0")
+  for m in cfg.distill.batch_size:
+    v = cfg.distill.batch_size[m]
+    _require(
+      v is None or (_is_int(v) and v >= 1), f"distill.batch_size.{m}", v, "None or an integer >= 1"
+    )
+  crd = cfg.distill.crd
+  for field in ("feat_dim", "negatives"):
+    _require(
+      _is_int(crd[field]) and crd[field] >= 1, f"distill.crd.{field}", crd[field], "an integer >= 1"
+    )
+  _require(
+    _is_real(crd.temperature) and crd.temperature > 0,
+    "distill.crd.temperature",
+    crd.temperature,
+    "a number > 0",
+  )
+  _require(
+    _is_real(crd.momentum) and 0 <= crd.momentum < 1,
+    "distill.crd.momentum",
+    crd.momentum,
+    "a number in [0, 1)",
+  )
+
+
 def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
-  """report.cka_cell names a cell the run trains: 'method,sparsity,ce|kd' or ''."""
+  """report.cka_cell names a cell the run trains: 'method,sparsity,<distill method>' or ''."""
   value = cfg.report.cka_cell
   if value == "":
     return
   parts = value.split(",") if isinstance(value, str) else []
   methods = list(cfg.pruning.methods) + (["none"] if cfg.pruning.control else [])
   sparsities = list(cfg.pruning.sparsities) + ([0.0] if cfg.pruning.control else [])
-  ok = len(parts) == 3 and parts[0] in methods and parts[2] in ("ce", "kd")
+  ok = len(parts) == 3 and parts[0] in methods and parts[2] in distill_methods(cfg)
   try:
     ok = ok and any(abs(float(parts[1]) - s) < 1e-12 for s in sparsities)
   except ValueError:
@@ -425,8 +503,22 @@ def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
     ok,
     "report.cka_cell",
     value,
-    "'' or 'method,sparsity,ce|kd' of a cell this run trains (methods "
-    f"{', '.join(methods)}; sparsities {', '.join(f'{s:g}' for s in sparsities)})",
+    "'' or 'method,sparsity,ce|kd|...' of a cell this run trains (methods "
+    f"{', '.join(methods)}; sparsities {', '.join(f'{s:g}' for s in sparsities)}; "
+    f"fine-tuning {'|'.join(distill_methods(cfg))})",
+  )
+
+
+def _stage_batch(cfg: ml_collections.ConfigDict, stage: str, size: int, method: str | None):
+  """(stage, split size, (batch-size field, batch size)) of one training stage."""
+  if stage == "finetune":
+    _, bs, field = finetune_settings(cfg, method)
+    return stage, size, (field, bs)
+  own = cfg[stage].batch_size
+  return (
+    stage,
+    size,
+    ((f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)),
   )
 
 
@@ -475,9 +567,9 @@ def validate_against_dataset(
       f"a test split of at least 2 examples (this one has {test_size}{_made_by(cfg, 'test')}; "
       "SVCCA and every comparison need two)",
     )
-  for stage, size in (("dense", teacher_train_size), ("finetune", finetune_train_size)):
-    own = cfg[stage].batch_size
-    field, bs = (f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)
+  batches = [("dense", teacher_train_size, None)]
+  batches += [("finetune", finetune_train_size, m) for m in distill_methods(cfg)]
+  for stage, size, (field, bs) in dict.fromkeys(_stage_batch(cfg, *b) for b in batches):
     _require(
       bs <= size,
       field,

@@ -38,8 +38,10 @@ def train_batches(
   start_epoch: int = 0,
   num_epochs: int | None = None,
   skip: int = 0,
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-  """Yields (epoch, images uint8, labels int32) for shuffled full batches, epoch after epoch.
+  with_indices: bool = False,
+) -> Iterator[tuple]:
+  """Yields (epoch, images uint8, labels int32) for shuffled full batches, epoch after epoch
+  (`with_indices`: (epoch, images, labels, the examples' int32 indices in the split)).
 
   `skip`: start after the first `skip` batches (a resumed stage): the batches that follow are
   exactly those an uninterrupted iterator would yield next, without gathering the skipped ones.
@@ -56,7 +58,10 @@ def train_batches(
       idx = np.sort(
         order[b * batch_size : (b + 1) * batch_size]
       )  # sorted gather is cache friendlier
-      yield epoch, split.images[idx], split.labels[idx]
+      if with_indices:
+        yield epoch, split.images[idx], split.labels[idx], idx.astype(np.int32)
+      else:
+        yield epoch, split.images[idx], split.labels[idx]
     first = 0
     epoch += 1
 

@@ -146,8 +146,12 @@ def fit(
   # A stage resumed mid-epoch already ran that epoch's hook (its masks were saved); one resumed
   # at an epoch boundary has not, like an uninterrupted run about to start that epoch.
   current_epoch = start_step // per_epoch if start_step % per_epoch else -1
+  indexed = state.distill is not None  # CRD's memory banks are addressed by example index
   member_batches = zip(
-    *(train_batches(split, batch_size, s, 0, epochs, skip=start_step) for s in seeds)
+    *(
+      train_batches(split, batch_size, s, 0, epochs, skip=start_step, with_indices=indexed)
+      for s in seeds
+    )
   )
   done = start_step
   pending: list[tuple[int, int, dict]] = []  # (step, epoch, device metrics) for step_log
@@ -169,13 +173,18 @@ def fit(
         labels = parallel.put_batch(
           np.stack([b[2][local] for b in batches]), parallel.eval_batches, axis=1
         )
+        # CRD's bank rows of the members' own examples; the banks are replicated.
+        indices = parallel.replicate(np.stack([b[3] for b in batches])) if indexed else None
       else:
         images, labels, rngs = (
           parallel.put_batch(batches[0][1][local]),
           parallel.put_batch(batches[0][2][local]),
           rngs[0],
         )
-      state, metrics = step_fn(state, images, labels, rngs, teacher_variables, alpha, temperature)
+        indices = parallel.replicate(batches[0][3]) if indexed else None
+      state, metrics = step_fn(
+        state, images, labels, rngs, teacher_variables, alpha, temperature, indices
+      )
       window_sums, persistent = _accumulate(window_sums, persistent, metrics, i)
       window += 1
       done = i + 1
@@ -284,7 +293,11 @@ def _step_rows(
         "images_per_second": round(rate, 1),
         "nonfinite": int(value("nonfinite")),
       }
-      if alpha > 0:  # the KD stage's α·T²·KL term: what the loss adds to (1 − α)·CE
+      if "feature_loss" in metrics:  # a feature method: β·F, and α'·T²·KL with +kd
+        row["feature_loss"] = value("feature_loss")
+        if "kd_loss" in metrics:
+          row["kd_loss"] = value("kd_loss")
+      elif alpha > 0:  # the KD stage's α·T²·KL term: what the loss adds to (1 − α)·CE
         row["kd_loss"] = loss - (1.0 - alpha) * ce
       if learning_rate is not None:
         row["learning_rate"] = float(learning_rate(step - 1))

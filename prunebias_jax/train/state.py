@@ -21,7 +21,8 @@ class TrainState:
   `masks` (a pytree shaped like `params`, or None for a dense model) travel with the weights,
   as jaxpruner keeps them in its optimizer state: the step applies them, a gradual schedule
   replaces them between epochs, and a mid-stage checkpoint saves them with the rest. `params`
-  are stored already masked.
+  are stored already masked. `distill`: what a distillation method trains beside the model
+  (CRD's heads, their optimizer state and memory banks: `train.distill.CRDState`), or None.
   """
 
   step: jax.Array
@@ -29,6 +30,7 @@ class TrainState:
   batch_stats: PyTree
   opt_state: PyTree
   masks: PyTree = None
+  distill: PyTree = None
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -70,6 +72,7 @@ def create_state(
   batch_stats: PyTree,
   optimizer: optax.GradientTransformation,
   masks: PyTree = None,
+  distill: PyTree = None,
 ) -> TrainState:
   """A fresh state (step 0, new optimizer state) around copies of the given weights.
 
@@ -83,4 +86,5 @@ def create_state(
     batch_stats=batch_stats,
     opt_state=optimizer.init(params),
     masks=masks,
+    distill=distill,
   )

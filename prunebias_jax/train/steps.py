@@ -1,9 +1,10 @@
-"""The jitted train step (CE or CE+KD, masks applied) and the jitted full-test-set evaluation."""
+"""The jitted train step (CE, KD or a feature distillation, masks applied) and the jitted
+full-test-set evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -13,10 +14,30 @@ import optax
 from prunebias_jax.data.pipeline import augment, normalize
 from prunebias_jax.metrics.similarity import adaptive_avg_pool
 from prunebias_jax.pruning.masks import apply_masks
-from prunebias_jax.train.losses import cross_entropy, kd_objective
+from prunebias_jax.train import distill
+from prunebias_jax.train.losses import cross_entropy, distillation_kl, kd_objective
 from prunebias_jax.train.state import TrainState
 
 PyTree = Any
+
+
+class DistillWeights(NamedTuple):
+  """The static weights of a distillation objective (`config.distill`): γ (ce), α' (kl),
+  β of the method's feature loss, and CRD's negatives per example, τ and memory momentum."""
+
+  ce: float = 1.0
+  kl: float = 1.0
+  beta: float = 0.0
+  crd_negatives: int = 16384
+  crd_temperature: float = 0.07
+  crd_momentum: float = 0.5
+
+
+def _sown(collections: dict) -> dict[str, jax.Array]:
+  """{'stage1': ..., 'features': ...}: the float32 outputs a model sowed in one apply."""
+  return {
+    name: value.astype(jnp.float32) for name, (value, *_) in collections["intermediates"].items()
+  }
 
 
 def make_train_step(
@@ -27,12 +48,14 @@ def make_train_step(
   std,
   crop_padding: int,
   flip: bool,
-  kd: bool,
+  kd: bool = False,
   population: int = 1,
   shared_masks: bool = True,
   skip_nonfinite: bool = False,
+  method: str | None = None,
+  weights: DistillWeights | None = None,
 ) -> Callable:
-  """Returns jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T)`.
+  """Returns jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T, indices)`.
 
   The forward pass uses params ⊙ state.masks (so pruned weights get zero gradient); after the
   optimizer update the params are re-masked, so momentum and weight decay cannot revive a
@@ -47,38 +70,126 @@ def make_train_step(
   as they were (the step counter still advances, so the learning-rate schedule and the data
   order stay those of the uninterrupted run). Either way `metrics['nonfinite']` is 1 for such
   a step, so the loop can stop or count without an extra host sync.
+
+  method: a `train.distill.METHODS` name (None: 'kd' if kd else 'ce'); a feature method reads
+  the stage outputs both models sow and weighs its loss with `weights`. 'crd' and 'crd+kd'
+  train `state.distill` (a CRDState: heads updated by `optimizer`, memory banks by momentum)
+  and need the batch's training-set `indices`; the other methods ignore them. Feature losses
+  take the global batch (see `train.distill`), so N devices compute what one does.
   """
+  method = ("kd" if kd else "ce") if method is None else method
+  feature, with_kl = distill.parse_method(method)
+  weights = DistillWeights() if weights is None else weights
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
-  def step(state: TrainState, images, labels, rng, teacher_variables, alpha, temperature):
-    masks = state.masks
-    x = normalize(augment(rng, images, crop_padding, flip), mean, std)
-
-    def loss_fn(params):
-      variables = {"params": apply_masks(params, masks), "batch_stats": state.batch_stats}
-      logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      logits = logits.astype(jnp.float32)  # softmax, CE and KL in float32 under mixed precision
-      if kd:
-        teacher_logits = model.apply(teacher_variables, x, train=False).astype(jnp.float32)
+  def objective(
+    logits,
+    labels,
+    teacher_logits,
+    alpha,
+    temperature,
+    student_layers,
+    teacher_layers,
+    heads,
+    crd_state,
+    indices,
+    rng,
+  ):
+    """(loss, (ce, the KL term, the feature term, CRD's bank updates)) of one batch."""
+    if feature is None:  # CE, or KD as (1−α)·CE + α·T²·KL: the project's original objective
+      if with_kl:
         loss, ce = kd_objective(logits, teacher_logits, labels, alpha, temperature)
       else:
         loss = ce = cross_entropy(logits, labels)
-      return loss, (logits, updates["batch_stats"], ce)
-
-    (loss, (logits, batch_stats, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params
+      return loss, (ce, None, None, None)
+    ce = cross_entropy(logits, labels)
+    kl = (
+      weights.kl * temperature**2 * distillation_kl(logits, teacher_logits, temperature)
+      if with_kl
+      else jnp.float32(0.0)
     )
+    banks = None
+    if feature == "crd":
+      negatives = distill.sample_negatives(
+        jax.random.fold_in(rng, 1), crd_state, labels, weights.crd_negatives
+      )
+      f, banks = distill.crd(
+        heads,
+        crd_state,
+        student_layers["features"],
+        teacher_layers["features"],
+        indices,
+        negatives,
+        weights.crd_temperature,
+        weights.crd_momentum,
+      )
+    else:
+      f = distill.feature_loss(feature, student_layers, teacher_layers)
+    f = weights.beta * f
+    return weights.ce * ce + kl + f, (ce, kl, f, banks)
+
+  def step(
+    state: TrainState, images, labels, rng, teacher_variables, alpha, temperature, indices=None
+  ):
+    masks = state.masks
+    x = normalize(augment(rng, images, crop_padding, flip), mean, std)
+    collections = ["batch_stats"] + (["intermediates"] if feature else [])
+    crd_state = state.distill
+
+    def loss_fn(params, heads):
+      variables = {"params": apply_masks(params, masks), "batch_stats": state.batch_stats}
+      logits, updates = model.apply(variables, x, train=True, mutable=collections)
+      logits = logits.astype(jnp.float32)  # softmax, CE and KL in float32 under mixed precision
+      teacher_logits = student_layers = teacher_layers = None
+      if feature:  # the teacher in inference mode on the same batch, its stage outputs sown
+        teacher_logits, teacher_state = model.apply(
+          teacher_variables, x, train=False, mutable=["intermediates"]
+        )
+        student_layers, teacher_layers = _sown(updates), _sown(teacher_state)
+        teacher_logits = teacher_logits.astype(jnp.float32)
+      elif with_kl:
+        teacher_logits = model.apply(teacher_variables, x, train=False).astype(jnp.float32)
+      loss, terms = objective(
+        logits,
+        labels,
+        teacher_logits,
+        alpha,
+        temperature,
+        student_layers,
+        teacher_layers,
+        heads,
+        crd_state,
+        indices,
+        rng,
+      )
+      return loss, (logits, updates["batch_stats"], terms)
+
+    heads = crd_state.params if crd_state is not None else None
+    (loss, (logits, batch_stats, (ce, kl, f, banks))), (grads, head_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True
+    )(state.params, heads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_masks(optax.apply_updates(state.params, updates), masks)
+    new_distill = crd_state
+    if crd_state is not None:
+      head_updates, head_opt = optimizer.update(head_grads, crd_state.opt_state, heads)
+      new_distill = crd_state.replace(
+        params=optax.apply_updates(heads, head_updates), opt_state=head_opt, **banks
+      )
     finite = jnp.isfinite(loss)
     if skip_nonfinite:  # keep the old values where the loss was not finite
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      params, batch_stats, opt_state = keep(
-        (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state)
+      params, batch_stats, opt_state, new_distill = keep(
+        (params, batch_stats, opt_state, new_distill),
+        (state.params, state.batch_stats, state.opt_state, crd_state),
       )
     new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      distill=new_distill,
     )
     metrics = {
       "loss": loss,
@@ -86,14 +197,23 @@ def make_train_step(
       "ce": ce,
       "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
     }
+    if feature:  # the terms a feature method adds to γ·CE (KD's is derived by the loop)
+      metrics["feature_loss"] = f
+      if with_kl:
+        metrics["kd_loss"] = kl
     return new_state, metrics
 
   if population > 1:
     # Shared masks are one unbatched pytree inside the otherwise stacked state.
     state_axes = TrainState(
-      step=0, params=0, batch_stats=0, opt_state=0, masks=None if shared_masks else 0
+      step=0, params=0, batch_stats=0, opt_state=0, masks=None if shared_masks else 0, distill=0
     )
-    step = jax.vmap(step, in_axes=(state_axes, 0, 0, 0, None, None, None), out_axes=(state_axes, 0))
+    members = jax.vmap(
+      step, in_axes=(state_axes, 0, 0, 0, None, None, None, 0), out_axes=(state_axes, 0)
+    )
+    step = lambda state, images, labels, rng, teacher_variables, alpha, temperature, indices=None: (
+      members(state, images, labels, rng, teacher_variables, alpha, temperature, indices)
+    )
   return jax.jit(step, donate_argnums=(0,))
 
 
