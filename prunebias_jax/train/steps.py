@@ -83,34 +83,18 @@ def make_train_step(
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
 
-  def objective(
-    logits,
-    labels,
-    teacher_logits,
-    alpha,
-    temperature,
-    student_layers,
-    teacher_layers,
-    heads,
-    crd_state,
-    indices,
-    rng,
+  def step(
+    state: TrainState, images, labels, rng, teacher_variables, alpha, temperature, indices=None
   ):
-    """(loss, (ce, the KL term, the feature term, CRD's bank updates)) of one batch."""
-    if feature is None:  # CE, or KD as (1−α)·CE + α·T²·KL: the project's original objective
-      if with_kl:
-        loss, ce = kd_objective(logits, teacher_logits, labels, alpha, temperature)
-      else:
-        loss = ce = cross_entropy(logits, labels)
-      return loss, (ce, None, None, None)
-    ce = cross_entropy(logits, labels)
-    kl = (
-      weights.kl * temperature**2 * distillation_kl(logits, teacher_logits, temperature)
-      if with_kl
-      else jnp.float32(0.0)
-    )
-    banks = None
-    if feature == "crd":
+    masks = state.masks
+    x = normalize(augment(rng, images, crop_padding, flip), mean, std)
+    collections = ["batch_stats"] + (["intermediates"] if feature else [])
+    crd_state = state.distill
+
+    def feature_term(heads, student_layers, teacher_layers):
+      """(β·F, CRD's bank updates or None) of the batch."""
+      if feature != "crd":
+        return weights.beta * distill.feature_loss(feature, student_layers, teacher_layers), None
       negatives = distill.sample_negatives(
         jax.random.fold_in(rng, 1), crd_state, labels, weights.crd_negatives
       )
@@ -124,46 +108,32 @@ def make_train_step(
         weights.crd_temperature,
         weights.crd_momentum,
       )
-    else:
-      f = distill.feature_loss(feature, student_layers, teacher_layers)
-    f = weights.beta * f
-    return weights.ce * ce + kl + f, (ce, kl, f, banks)
-
-  def step(
-    state: TrainState, images, labels, rng, teacher_variables, alpha, temperature, indices=None
-  ):
-    masks = state.masks
-    x = normalize(augment(rng, images, crop_padding, flip), mean, std)
-    collections = ["batch_stats"] + (["intermediates"] if feature else [])
-    crd_state = state.distill
+      return weights.beta * f, banks
 
     def loss_fn(params, heads):
       variables = {"params": apply_masks(params, masks), "batch_stats": state.batch_stats}
       logits, updates = model.apply(variables, x, train=True, mutable=collections)
       logits = logits.astype(jnp.float32)  # softmax, CE and KL in float32 under mixed precision
-      teacher_logits = student_layers = teacher_layers = None
-      if feature:  # the teacher in inference mode on the same batch, its stage outputs sown
-        teacher_logits, teacher_state = model.apply(
-          teacher_variables, x, train=False, mutable=["intermediates"]
-        )
-        student_layers, teacher_layers = _sown(updates), _sown(teacher_state)
-        teacher_logits = teacher_logits.astype(jnp.float32)
-      elif with_kl:
-        teacher_logits = model.apply(teacher_variables, x, train=False).astype(jnp.float32)
-      loss, terms = objective(
-        logits,
-        labels,
-        teacher_logits,
-        alpha,
-        temperature,
-        student_layers,
-        teacher_layers,
-        heads,
-        crd_state,
-        indices,
-        rng,
+      aux = lambda *terms: (logits, updates["batch_stats"], terms)
+      if feature is None:  # CE, or KD as (1−α)·CE + α·T²·KL: the project's original objective
+        if with_kl:
+          teacher_logits = model.apply(teacher_variables, x, train=False).astype(jnp.float32)
+          loss, ce = kd_objective(logits, teacher_logits, labels, alpha, temperature)
+        else:
+          loss = ce = cross_entropy(logits, labels)
+        return loss, aux(ce, None, None, None)
+      # γ·CE [+ α'·T²·KL] + β·F; the teacher in inference mode on the same batch, its stage
+      # outputs sown.
+      teacher_logits, teacher_state = model.apply(
+        teacher_variables, x, train=False, mutable=["intermediates"]
       )
-      return loss, (logits, updates["batch_stats"], terms)
+      ce = cross_entropy(logits, labels)
+      kl = jnp.float32(0.0)
+      if with_kl:
+        t_logits = teacher_logits.astype(jnp.float32)
+        kl = weights.kl * temperature**2 * distillation_kl(logits, t_logits, temperature)
+      f, banks = feature_term(heads, _sown(updates), _sown(teacher_state))
+      return weights.ce * ce + kl + f, aux(ce, kl, f, banks)
 
     heads = crd_state.params if crd_state is not None else None
     (loss, (logits, batch_stats, (ce, kl, f, banks))), (grads, head_grads) = jax.value_and_grad(
