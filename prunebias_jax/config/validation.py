@@ -438,9 +438,9 @@ def finetune_settings(
 def _distill(cfg: ml_collections.ConfigDict) -> None:
   """distill.*: known method names, each once; weights finite and >= 0; CRD sizes."""
   method = cfg.distill.method
-  names = distill_methods(cfg)
+  names = distill_methods(cfg) if isinstance(method, (str, tuple, list)) else ()
   _require(
-    isinstance(method, (str, tuple, list)) and len(names) > 0,
+    len(names) > 0,
     "distill.method",
     method,
     f"a method name or a tuple of names of: {', '.join(DISTILL_METHODS)}",
