@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +52,10 @@ ARGS = [
 RESULTS = ("results.jsonl", "cells.jsonl", "correlations.jsonl", "results.md")
 
 
-def _run(workdir: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"}
+def _run(
+  workdir: Path, *extra: str, kill_at: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+  env = {**{k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"}, **(env or {})}
   if kill_at:
     env["PRUNEBIAS_JAX_KILL_AT"] = kill_at
   cmd = [sys.executable, "-m", "prunebias_jax.main", *ARGS, *extra, f"--workdir={workdir}"]
@@ -217,38 +220,6 @@ def test_feature_identity_names_method_and_weights_and_leaves_ce_kd_as_they_were
   assert student_identity(cfg, Data, {"t": 1}, kd=False, temperature=None, **kw) == ce
 
 
-# ------------------------------------------------------------------------------ 4 devices vs 1
-def test_every_method_gives_the_losses_of_one_device_on_four():
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": str(ROOT),
-  }
-  proc = subprocess.run(
-    [sys.executable, str(ROOT / "tests" / "_distill_devices.py")],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1200,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-  assert set(result) == set(ALL)
-  for method, r in result.items():
-    for one, four in zip(r["one"], r["four"], strict=True):  # two steps, the second after an update
-      assert set(one) == set(four)
-      for term in one:
-        # PKT's loss is a KL between two nearly uniform B×B row distributions of cosine
-        # similarities: float32 summation order changes it at the 1e-4 level (tested against
-        # float64 NumPy in test_distill_losses.py); every other term agrees to 1e-5.
-        rtol = 1e-3 if (method.startswith("pkt") and term == "feature_loss") else 2e-5
-        assert four[term] == pytest.approx(one[term], rel=rtol, abs=1e-6), (method, term)
-    assert r["max_param_diff"] < 1e-5, (method, r)
-    assert r["max_distill_state_diff"] < 1e-5, (method, r)
-
-
 # ------------------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Path:
@@ -307,6 +278,37 @@ def test_cells_pair_every_method_with_ce_and_feature_methods_with_kd(zoo):
   main = md.split("## ", 1)[0]
   assert main.count("| l1_filter | 0.5 |") == 1  # the main table: CE and KD only, one row
   assert (zoo / "plots" / "distill_methods.png").stat().st_size > 10_000
+
+
+def _first_steps(workdir: Path) -> dict[tuple[str, int], dict]:
+  """metrics.jsonl rows of the first two steps of every fine-tuning stage."""
+  rows = _jsonl(workdir / "metrics.jsonl")
+  return {
+    (r["stage"], r["step"]): r
+    for r in rows
+    if "loss" in r and r["step"] <= 2 and r["stage"] != "dense"
+  }
+
+
+def test_every_method_gives_the_losses_of_one_device_on_four(zoo, tmp_path):
+  """The CLI on 4 faked CPU devices (batch sharded, state replicated), from the 1-device
+  run's teacher: the first two steps of every method (the first a fixed batch, the second
+  after an update) report the losses of one device. Trained separately, the teachers would
+  differ by float summation order amplified over the dense steps (test_multihost.py)."""
+  (tmp_path / "checkpoints").mkdir()
+  shutil.copytree(zoo / "checkpoints" / "dense", tmp_path / "checkpoints" / "dense")
+  shutil.copy(zoo / "config.json", tmp_path / "config.json")
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = _run(tmp_path, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "devices: 4 × cpu" in proc.stderr and "stage dense: restored" in proc.stderr
+  one, four = _first_steps(zoo), _first_steps(tmp_path)
+  assert len(one) == 2 * len(ALL) and set(four) == set(one)
+  for key, r in one.items():
+    terms = [k for k in ("loss", "ce_loss", "kd_loss", "feature_loss") if k in r]
+    assert terms == [k for k in ("loss", "ce_loss", "kd_loss", "feature_loss") if k in four[key]]
+    for term in terms:  # measured: at most 6e-6 (PKT), 2e-6 (SP), 3e-7 the others
+      assert four[key][term] == pytest.approx(r[term], rel=5e-5), (key, term)
 
 
 def test_a_crd_stage_killed_mid_stage_resumes_to_the_same_bytes(zoo, tmp_path):

@@ -517,13 +517,16 @@ def test_the_showcase_cell_is_the_chosen_one_or_the_one_with_most_cies():
   labels = rng.integers(0, 3, 50)
   ref = records.reference(labels, None, 3, outputs(labels, rng, 3))
   cells, outs, cie = [], {}, {}
-  for method, sparsity, kd, num_cie in (
-    ("a", 0.5, False, 9),
-    ("a", 0.5, True, 2),
-    ("b", 0.9, True, 4),
+  for method, sparsity, distill, num_cie in (
+    ("a", 0.5, "ce", 9),
+    ("a", 0.5, "kd", 2),
+    ("b", 0.9, "kd", 4),
+    ("a", 0.5, "sp+kd", 3),
   ):
-    key = (method, sparsity, kd, 4.0 if kd else None)
-    cells.append(dict(zip(("method", "sparsity", "kd", "temperature"), key), num_cie=num_cie))
+    kd = distill != "ce"
+    key = (method, sparsity, kd, 4.0 if kd else None, distill)
+    fields = ("method", "sparsity", "kd", "temperature", "distill")
+    cells.append(dict(zip(fields, key), num_cie=num_cie))
     outs[key] = [outputs(rng.integers(0, 3, 50), rng, 3)]
     cie[key] = np.arange(num_cie)
   assert records.showcase(ref, cells, cie, outs).cell["num_cie"] == 9
@@ -531,3 +534,4 @@ def test_the_showcase_cell_is_the_chosen_one_or_the_one_with_most_cies():
   assert chosen.cell["method"] == "b" and len(chosen.cie_indices) == 4
   assert chosen.layer_names == ["stage1", "features", "logits"]  # depth order
   assert records.showcase(ref, cells, cie, outs, "a,0.5,kd").cell["num_cie"] == 2
+  assert records.showcase(ref, cells, cie, outs, "a,0.5,sp+kd").cell["num_cie"] == 3
