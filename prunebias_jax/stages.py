@@ -49,7 +49,13 @@ from prunebias_jax.parallel import DataParallel
 from prunebias_jax.provenance import dense_identity, fingerprint, stage_identity, student_identity
 from prunebias_jax.pruning import apply_masks, dense_masks, masks_from_flat, masks_to_flat, prune
 from prunebias_jax.pruning.schedule import pruning_steps
-from prunebias_jax.records import CONTROL_METHOD, Outputs, student_label, svcca_subset
+from prunebias_jax.records import (
+  CONTROL_METHOD,
+  Outputs,
+  distill_of,
+  student_label,
+  svcca_subset,
+)
 from prunebias_jax.train import (
   create_state,
   evaluate,
@@ -265,7 +271,7 @@ def checkpoint_name(config: ml_collections.ConfigDict, record: dict[str, Any]) -
   if record["method"] == "dense":
     return _dense_name(config, record["seed"])
   t = record.get("temperature")
-  distill = record.get("distill") or ("kd" if record["kd"] else "ce")  # runs before the field
+  distill = distill_of(record)  # also for records written before the field
   swept = distill == "kd" and t != config.kd.temperature  # as `variants` marks it
   cell = Cell(record["method"], record["sparsity"], record["kd"], t, swept, distill)
   return cell.checkpoint_name(record["seed"])

@@ -254,6 +254,20 @@ def test_every_method_trains_through_the_cli_with_its_records(zoo):
         assert r["loss"] == pytest.approx(parts, rel=1e-5), method
 
 
+def test_load_run_gives_back_every_methods_student(zoo):
+  """`load_run` finds each method's checkpoint from its record and reproduces its logits."""
+  from prunebias_jax.data import load_dataset
+  from prunebias_jax.load import load_run
+
+  run = load_run(zoo)
+  images = load_dataset(run.config.data).test.images
+  with np.load(zoo / "predictions.npz") as z:
+    logits = z["logits"]
+  for i, record in enumerate(run.records):
+    if record["method"] != "dense":
+      np.testing.assert_allclose(run.model(record).apply(images), logits[i], rtol=1e-4, atol=1e-4)
+
+
 def test_cells_pair_every_method_with_ce_and_feature_methods_with_kd(zoo):
   records = {r["distill"]: r for r in _jsonl(zoo / "results.jsonl") if r["method"] != "dense"}
   cells = {c["distill"]: c for c in _jsonl(zoo / "cells.jsonl")}
