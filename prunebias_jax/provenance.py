@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from prunebias_jax.checkpoint import Identity, digest
-from prunebias_jax.config import finetune_settings, flatten
+from prunebias_jax.config import flatten, stage_settings
 from prunebias_jax.data import Dataset, Split
 
 
@@ -46,12 +46,9 @@ def _stage(
   config: ml_collections.ConfigDict, stage: str, split_fingerprint: str, method: str = "ce"
 ) -> Identity:
   """The fields every model of `stage` ('dense' or 'finetune', with the fine-tuning `method`'s
-  own learning rate and batch size: `config.finetune_settings`) shares."""
+  own learning rate and batch size: `config.stage_settings`) shares."""
   cfg = config
-  if stage == "finetune":
-    optim_cfg, batch_size, _ = finetune_settings(cfg, method)
-  else:
-    optim_cfg, batch_size = cfg[stage].optim, cfg[stage].batch_size or cfg.data.batch_size
+  optim_cfg, batch_size, _ = stage_settings(cfg, stage, method)
   optim = flatten(optim_cfg.to_dict(), f"{stage}.optim.")
   return {
     "model": cfg.model,

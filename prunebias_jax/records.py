@@ -519,7 +519,7 @@ def cell_records(
   confidence = config.analysis.confidence
   for i, (key, outs) in enumerate(outputs.items()):
     method, sparsity, kd, temperature, distill = key
-    members = [r for r in records if _key(r) == key]
+    members = [r for r in records if cell_key(r) == key]
     preds = np.stack([o.predictions for o in outs])
     cell = {
       "method": method,
@@ -557,13 +557,13 @@ def cell_records(
       ).tolist()
     kd_key = (method, sparsity, True, config.kd.temperature, "kd")
     if distill not in ("ce", "kd") and kd_key in outputs:
-      kd_members = [r for r in records if _key(r) == kd_key]
+      kd_members = [r for r in records if cell_key(r) == kd_key]
       cell["paired_vs_kd"] = paired_vs_ce(kd_members, members)
     if distill != "ce":
       ce_key = (method, sparsity, False, None, "ce")
       if ce_key in outputs:
         ce_preds = np.stack([o.predictions for o in outputs[ce_key]])
-        ce_members = [r for r in records if _key(r) == ce_key]
+        ce_members = [r for r in records if cell_key(r) == ce_key]
         cell["paired_vs_ce"] = paired_vs_ce(ce_members, members)
         cell["significance_vs_ce"] = significance(
           ref.labels,
@@ -597,7 +597,8 @@ def cell_records(
 SEED_INTERVAL_FIELDS = ("accuracy", "cev", "sde", "dpd", "eod")
 
 
-def _key(record: Record) -> CellKey:
+def cell_key(record: Record) -> CellKey:
+  """The cell a record or cell belongs to: (method, sparsity, kd, temperature, distill)."""
   return (
     record["method"],
     record["sparsity"],
@@ -767,7 +768,7 @@ def showcase(
   top = (pick or [None])[0] or max(
     [c for c in cells if compressed(c)] or cells, key=lambda c: (c["num_cie"], c["sparsity"])
   )
-  key = _key(top)
+  key = cell_key(top)
   members = outputs[key]
   modes = pm.modal_predictions(np.stack([o.predictions for o in members]), ref.num_classes)
   names = sorted(ref.outputs.similarity_layers(), key=depth_order)
@@ -870,10 +871,10 @@ def correlations(
       for level, points in (("model", models), ("cell", cell_points)):
         kw = dict(level=level, resampled="cells")
         if level == "model":  # the naive figure, for comparison
-          add(points, sim, bias_name, _key, level=level, scope="pooled", resampled="models")
-        add(points, sim, bias_name, _key, scope="pooled", **kw)
-        add(points, sim, bias_name, _key, scope="partial_accuracy", covariate="accuracy", **kw)
+          add(points, sim, bias_name, cell_key, level=level, scope="pooled", resampled="models")
+        add(points, sim, bias_name, cell_key, scope="pooled", **kw)
+        add(points, sim, bias_name, cell_key, scope="partial_accuracy", covariate="accuracy", **kw)
         for s in sparsities:
           at_s = [r for r in points if r["sparsity"] == s]
-          add(at_s, sim, bias_name, _key, scope="within_sparsity", sparsity=s, **kw)
+          add(at_s, sim, bias_name, cell_key, scope="within_sparsity", sparsity=s, **kw)
   return rows

@@ -24,7 +24,14 @@ from prunebias_jax.config import distill_methods
 from prunebias_jax.data import Dataset
 from prunebias_jax.errors import printable
 from prunebias_jax.files import atomic_writer, write_atomic, write_json_atomic
-from prunebias_jax.records import Outputs, Showcase, distill_of, model_name, student_label
+from prunebias_jax.records import (
+  Outputs,
+  Showcase,
+  cell_key,
+  distill_of,
+  model_name,
+  student_label,
+)
 
 Record = dict[str, Any]
 
@@ -155,9 +162,7 @@ def write_report(
   # The main table and its figures: CE and KD side by side; feature distillations (distill.
   # method) get a section and a figure of their own, every method beside CE and KD.
   main_records = [r for r in records if is_ce_or_kd(r)]
-  main_cells = [
-    c for c in cells if is_ce_or_kd(c) and (not c["kd"] or c["temperature"] == cfg.kd.temperature)
-  ]
+  main_cells = at_temperature([c for c in cells if is_ce_or_kd(c)], cfg.kd.temperature)
   dense = next(r for r in records if r["method"] == "dense")
   groups = group_names(data)
   extra = group_section(records, cells, groups, data.test.groups, cfg)
@@ -564,14 +569,13 @@ def group_section(
   listing = ", ".join(f"{printable(n)} ({k})" for n, k in zip(group_names, sizes))
   attribute = config.data.group_attribute
   dense = next(r for r in records if r["method"] == "dense")
-  key = lambda r: (r["method"], r["sparsity"], r["kd"], r["temperature"], distill_of(r))
-  single = {key(r): r for r in records}
+  single = {cell_key(r): r for r in records}
 
   def interval(c: Record, field: str) -> str:
     # ≥ 2 seeds: the t-interval over seeds; one seed: that model's bootstrap interval.
     ci = c.get(f"{field}_seed_ci")
     if ci is None and len(c["seeds"]) == 1:
-      ci = single[key(c)].get(f"{field}_ci")
+      ci = single[cell_key(c)].get(f"{field}_ci")
     return _fmt(c.get(f"{field}_seed_mean")) + ("" if not ci else f" {_interval(ci, '.3g')}")
 
   accs = lambda values: " / ".join(_fmt(v, ".3f") for v in values)
@@ -735,6 +739,12 @@ def correlation_table(rows: Sequence[Record]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def at_temperature(cells: Sequence[Record], temperature: float) -> list[Record]:
+  """The cells without the KL term, and those with it at `temperature` (kd.temperature): a
+  KD temperature sweep's other cells have the temperature study of their own."""
+  return [c for c in cells if not c["kd"] or c["temperature"] == temperature]
+
+
 def is_ce_or_kd(row: Record) -> bool:
   """A dense, CE or KD record or cell (not a feature distillation)."""
   return distill_of(row) in (None, "ce", "kd")
@@ -765,7 +775,7 @@ def distill_section(cells: Sequence[Record], config: ml_collections.ConfigDict) 
   (positive: it has the lower value), with the sign-test p ('' without feature methods)."""
   if all(is_ce_or_kd(c) for c in cells):
     return ""
-  shown = [c for c in cells if distill_of(c) != "kd" or c["temperature"] == config.kd.temperature]
+  shown = at_temperature(cells, config.kd.temperature)
   order = {n: i for i, n in enumerate(distill_methods(config))}
   shown = sorted(
     shown, key=lambda c: (c["method"], c["sparsity"], order.get(distill_of(c), len(order)))
@@ -821,7 +831,7 @@ def write_distill_plot(
   import matplotlib.pyplot as plt
 
   dense = next(r for r in records if r["method"] == "dense")
-  cells = [c for c in cells if distill_of(c) != "kd" or c["temperature"] == temperature]
+  cells = at_temperature(cells, temperature)
   methods = list(dict.fromkeys(c["method"] for c in cells))
   styles = _distill_styles(cells)
   fig, axes = plt.subplots(

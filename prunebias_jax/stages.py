@@ -35,8 +35,8 @@ from prunebias_jax.checkpoint import Identity
 from prunebias_jax.config import (
   ConfigError,
   distill_methods,
-  finetune_settings,
   resolve_config,
+  stage_settings,
   validate_against_dataset,
   validate_config,
 )
@@ -297,18 +297,13 @@ def _check_model_fits(model: nn.Module, name: str, image_shape: tuple[int, ...])
 
 
 def _batch_size(ctx: RunContext, stage: str, method: str = "ce") -> int:
-  """The stage's own batch size (a fine-tuning method's, `finetune_settings`), else
-  data.batch_size."""
-  if stage == "finetune":
-    return finetune_settings(ctx.config, method)[1]
-  return ctx.config[stage].batch_size or ctx.config.data.batch_size
+  """The stage's batch size (a fine-tuning method's own, when set: `stage_settings`)."""
+  return stage_settings(ctx.config, stage, method)[1]
 
 
 def _optim(ctx: RunContext, stage: str, method: str = "ce") -> ml_collections.ConfigDict:
   """The stage's optimizer config (a fine-tuning method's own learning rate, when set)."""
-  return (
-    finetune_settings(ctx.config, method)[0] if stage == "finetune" else ctx.config[stage].optim
-  )
+  return stage_settings(ctx.config, stage, method)[0]
 
 
 def _split(ctx: RunContext, stage: str):

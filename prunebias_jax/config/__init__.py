@@ -11,7 +11,7 @@ from prunebias_jax.config.validation import (
   check_runlocal_overrides,
   check_schema,
   distill_methods,
-  finetune_settings,
+  stage_settings,
   validate_against_dataset,
   validate_config,
 )
@@ -25,10 +25,10 @@ __all__ = [
   "check_runlocal_overrides",
   "check_schema",
   "distill_methods",
-  "finetune_settings",
   "flatten",
   "resolve_config",
   "sgd",
+  "stage_settings",
   "validate_against_dataset",
   "validate_config",
 ]

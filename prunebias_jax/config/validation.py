@@ -416,22 +416,24 @@ def distill_methods(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
   return (method,) if isinstance(method, str) else tuple(method)
 
 
-def finetune_settings(
-  cfg: ml_collections.ConfigDict, method: str = "ce"
+def stage_settings(
+  cfg: ml_collections.ConfigDict, stage: str, method: str = "ce"
 ) -> tuple[ml_collections.ConfigDict, int, str]:
-  """(optimizer config, batch size, the field that sets the batch size) of the fine-tuning of
-  `method`: finetune.optim and finetune.batch_size (else data.batch_size), with a feature
-  method's distill.learning_rate / distill.batch_size in their place when set."""
-  feature = method.removesuffix("+kd")
-  optim = cfg.finetune.optim
-  lr = cfg.distill.learning_rate.get(feature)
-  if lr is not None:
-    optim = ml_collections.ConfigDict({**optim.to_dict(), "learning_rate": lr})
-  own = cfg.distill.batch_size.get(feature)
-  if own:
-    return optim, own, f"distill.batch_size.{feature}"
-  if cfg.finetune.batch_size:
-    return optim, cfg.finetune.batch_size, "finetune.batch_size"
+  """(optimizer config, batch size, the field that sets the batch size) of training `stage`
+  ('dense' or 'finetune' with the fine-tuning `method`): <stage>.optim and <stage>.batch_size
+  (else data.batch_size), with a feature method's distill.learning_rate / distill.batch_size
+  in their place when set."""
+  optim = cfg[stage].optim
+  if stage == "finetune":
+    feature = method.removesuffix("+kd")
+    lr = cfg.distill.learning_rate.get(feature)
+    if lr is not None:
+      optim = ml_collections.ConfigDict({**optim.to_dict(), "learning_rate": lr})
+    own = cfg.distill.batch_size.get(feature)
+    if own:
+      return optim, own, f"distill.batch_size.{feature}"
+  if cfg[stage].batch_size:
+    return optim, cfg[stage].batch_size, f"{stage}.batch_size"
   return optim, cfg.data.batch_size, "data.batch_size"
 
 
@@ -509,19 +511,6 @@ def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
   )
 
 
-def _stage_batch(cfg: ml_collections.ConfigDict, stage: str, size: int, method: str | None):
-  """(stage, split size, (batch-size field, batch size)) of one training stage."""
-  if stage == "finetune":
-    _, bs, field = finetune_settings(cfg, method)
-    return stage, size, (field, bs)
-  own = cfg[stage].batch_size
-  return (
-    stage,
-    size,
-    ((f"{stage}.batch_size", own) if own else ("data.batch_size", cfg.data.batch_size)),
-  )
-
-
 def _made_by(cfg: ml_collections.ConfigDict, split: str) -> str:
   """What shrank a split ('dense', 'finetune' or 'test'), so that a size error names the
   fields to change (the imbalance shrinks the dense split only with `apply_to_dense`)."""
@@ -567,9 +556,14 @@ def validate_against_dataset(
       f"a test split of at least 2 examples (this one has {test_size}{_made_by(cfg, 'test')}; "
       "SVCCA and every comparison need two)",
     )
-  batches = [("dense", teacher_train_size, None)]
-  batches += [("finetune", finetune_train_size, m) for m in distill_methods(cfg)]
-  for stage, size, (field, bs) in dict.fromkeys(_stage_batch(cfg, *b) for b in batches):
+  stages = [("dense", teacher_train_size, "ce")]
+  stages += [("finetune", finetune_train_size, m) for m in distill_methods(cfg)]
+  checks = []
+  for stage, size, method in stages:
+    _, bs, field = stage_settings(cfg, stage, method)
+    checks.append((stage, size, field, bs))
+  # Once per batch-size field: the methods without a batch size of their own share one.
+  for stage, size, field, bs in dict.fromkeys(checks):
     _require(
       bs <= size,
       field,
