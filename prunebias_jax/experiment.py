@@ -2,10 +2,12 @@
 
     prepare: config, workdir, data, model and checkpoints checked before any training
     dense teacher (and the dense population, analysis.dense_seeds), trained or restored
-    for each seed group × pruning method × sparsity: prune once, then
+    for each seed group × compression method × sparsity: prune once, then
          student    = fine-tune(teacher ⊙ masks, CE)
          student_kd = fine-tune(teacher ⊙ masks, (1−α)·CE + α·T²·KL)   (per KD temperature)
          (and a student per feature distillation of distill.method: γ·CE [+ α'·T²·KL] + β·F)
+         a quantized method (quantization.schemes): the teacher (⊙ masks) quantized as it is
+         (PTQ), and those students fine-tuned with fake quantization (QAT)
          every model evaluated on the full test set; a record against the dense teacher
     per-cell records (seeds as populations) and similarity–bias correlations
     results.jsonl, cells.jsonl, correlations.jsonl, results.md, plots/, timings.json,
@@ -64,11 +66,8 @@ def run(
   base = {"model": cfg.model, "dataset": data.name, "num_test_examples": len(data.test)}
   records, evaluated = [], list(dense_outputs)  # evaluated[i]: the outputs behind records[i]
   for (seed, model), out in zip(dense, dense_outputs):
-    identity = {**DENSE_IDENTITY, "seed": seed, "reference": seed == cfg.seed}
-    params = model.variables["params"]
-    records.append(
-      rec.full_record(ref, out, {**base, **identity}, cfg, params, None, model.training)
-    )
+    identity = {**base, **DENSE_IDENTITY, "seed": seed, "reference": seed == cfg.seed}
+    records.append(rec.full_record(ref, out, identity, cfg, model.variables, None, model.training))
     logging.info("dense model (seed %d): test accuracy %.4f", seed, records[-1]["accuracy"])
 
   t = time.perf_counter()
@@ -77,11 +76,15 @@ def run(
   for i, (seeds, method, sparsity) in enumerate(groups):
     masks = stages.initial_masks(ctx, teacher, method, sparsity, seeds)
     for cell in stages.variants(cfg, method, sparsity):
-      members = stages.finetune(ctx, teacher, cell, seeds, masks)
-      for seed, member, out in zip(seeds, members, stages.evaluate_members(ctx, members)):
-        identity, params = {**base, **cell.identity, "seed": seed}, member.variables["params"]
+      cell_seeds = stages.cell_seeds(cfg, cell, seeds)
+      if not cell_seeds:  # a PTQ of the unpruned teacher: one model, made in the first group
+        continue
+      members = stages.finetune(ctx, teacher, cell, cell_seeds, masks)
+      for seed, member, out in zip(cell_seeds, members, stages.evaluate_members(ctx, members)):
+        identity = {**base, **cell.identity, "seed": seed}
+        m = member
         records.append(
-          rec.full_record(ref, out, identity, cfg, params, member.masks, member.training)
+          rec.full_record(ref, out, identity, cfg, m.variables, m.masks, m.training, m.scheme)
         )
         outputs.setdefault(cell.key, []).append(out.without_maps())
         evaluated.append(outputs[cell.key][-1])
@@ -119,7 +122,9 @@ def _log_model(
   """One line per evaluated student (the last of `records`), with the sweep's ETA: the time
   per student so far times the students left (`since`: when the first group started)."""
   record, total = records[-1], len(groups)
-  students = sum(len(s) * len(stages.variants(cfg, m, sp)) for s, m, sp in groups)
+  students = sum(
+    len(stages.cell_seeds(cfg, c, s)) for s, m, sp in groups for c in stages.variants(cfg, m, sp)
+  )
   done = sum(r["method"] != "dense" for r in records)
   elapsed = time.perf_counter() - since
   eta = elapsed / done * (students - done)

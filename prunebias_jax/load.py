@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prunebias_jax import quantization as qz
 from prunebias_jax import stages
 from prunebias_jax.checkpoint import ModelCheckpoint
 from prunebias_jax.data.pipeline import normalize
@@ -45,9 +46,10 @@ class LoadedModel(NamedTuple):
   batch_stats: Any
   masks: Any | None
   meta: dict[str, Any]
-  module: Any  # the Flax module
+  module: Any  # the Flax module (Qwix-quantized for a quantization-aware student)
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  frozen: dict[str, Any] | None = None  # a static scheme's calibrated ranges ({'quant_stats'})
 
   def apply(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits (n, classes) of uint8 NHWC `images`, evaluated as the run evaluated its models."""
@@ -55,7 +57,7 @@ class LoadedModel(NamedTuple):
     if images.dtype != np.uint8 or images.ndim != 4:
       raise ValueError(f"images must be uint8 (n, H, W, C), got {images.dtype} {images.shape}")
     params = self.params if self.masks is None else apply_masks(self.params, self.masks)
-    variables = {"params": params, "batch_stats": self.batch_stats}
+    variables = {"params": params, "batch_stats": self.batch_stats, **(self.frozen or {})}
     mean, std = jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
     forward = jax.jit(
       lambda v, x: self.module.apply(v, normalize(x, mean, std), train=False).astype(jnp.float32)
@@ -89,7 +91,14 @@ class Run(NamedTuple):
     return stages.checkpoint_name(self.config, record)
 
   def model(self, which: str | Mapping[str, Any]) -> LoadedModel:
-    """The trained model named `which` (see `model_names`) or described by a record."""
+    """The trained model named `which` (see `model_names`) or described by a record; a
+    quantization-aware student comes with its quantized module (and calibrated ranges)."""
+    if not isinstance(which, str) and which.get("distill") == "ptq":
+      raise CheckpointError(
+        f"post-training-quantized models are computed, not saved: {which['method']!r} at "
+        f"sparsity {which['sparsity']:g} is the teacher (run.model('dense'); ⊙ its pruning's "
+        "masks) run through prunebias_jax.quantization.quantized_model"
+      )
     name = which if isinstance(which, str) else self.checkpoint_name(which)
     directory = self.workdir / "checkpoints" / name
     if name == PARTIAL or not directory.is_dir():
@@ -99,10 +108,15 @@ class Run(NamedTuple):
     cfg, data = self.config, self.dataset
     num_classes = len(data["class_names"])
     module = get_model(cfg.model, num_classes, dtype=cfg.compute_dtype)
+    student = not name.startswith("dense")
+    # A quantized student's checkpoint name holds its scheme: '<scheme>_s…' or '<m>_<scheme>_s…'.
+    scheme = next((q for q in qz.SCHEMES if student and f"{q}_s" in name), None)
+    if scheme:
+      q = cfg.quantization
+      module = qz.quantized_model(module, scheme, q.weight_calibration, q.act_calibration)
     dummy = jnp.zeros((1, *data["image_shape"]), jnp.float32)
     variables = module.init(jax.random.key(0), dummy, train=False)
-    template = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    student = not name.startswith("dense")
+    template = {k: v for k, v in variables.items() if k in ("params", "batch_stats", qz.STATS)}
     if student:
       template["masks"] = masks_to_flat(dense_masks(variables["params"]))
     ckpt = ModelCheckpoint(directory, expect={"model": cfg.model, "num_classes": num_classes})
@@ -121,6 +135,7 @@ class Run(NamedTuple):
       module,
       tuple(norm["mean"]),
       tuple(norm["std"]),
+      {qz.STATS: tree[qz.STATS]} if qz.STATS in tree else None,
     )
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from prunebias_jax.checkpoint import Identity, digest
 from prunebias_jax.config import flatten, stage_settings
 from prunebias_jax.data import Dataset, Split
+from prunebias_jax.quantization import SCHEMES, split_method
 
 
 def fingerprint(split: Split) -> str:
@@ -111,6 +112,15 @@ def student_identity(
     "population": [int(s) for s in population] if together else None,
     "population_masks": config.population_masks if together else None,
   }
+  scheme = split_method(method)[1]
+  if scheme:  # a quantized student: how its quantization was made (pruning students: unchanged)
+    q = config.quantization
+    identity["quantization.scheme"] = scheme
+    identity["quantization.weight_calibration"] = q.weight_calibration
+    if SCHEMES[scheme].act_bits:
+      identity["quantization.act_calibration"] = q.act_calibration
+    if SCHEMES[scheme].static:
+      identity["quantization.calibration_examples"] = int(q.calibration_examples)
   if feature:  # CE and KD keep the identity they always had: their checkpoints stay valid
     d, name = config.distill, distill.removesuffix("+kd")
     identity["distill"] = distill

@@ -31,6 +31,7 @@ from prunebias_jax import metrics as pm
 from prunebias_jax.data import stratified_subset
 from prunebias_jax.faults import crash_point
 from prunebias_jax.pruning import mask_sparsity, sparsity_report
+from prunebias_jax.quantization import model_bytes
 
 Record = dict[str, Any]
 
@@ -254,19 +255,23 @@ def full_record(
   model: Outputs,
   identity: Record,
   config: ml_collections.ConfigDict,
-  params: Any,
+  variables: Mapping[str, Any],
   masks: Any | None = None,
   training: Mapping[str, Any] | None = None,
+  scheme: str | None = None,
 ) -> Record:
   """One results.jsonl record: `identity` (model, dataset, method, sparsity, kd, temperature,
-  seed, ...), the model's metrics against the teacher and its sparsity; metrics that are
-  undefined are named with the reason (and logged). `training` (its checkpoint's metadata)
+  seed, ...), the model's metrics against the teacher, the sparsity of `variables['params']`
+  and the deployed size of `variables` quantized by `scheme` (`model_bytes`:
+  `quantization.model_bytes`); metrics that are undefined are named with the reason (and
+  logged). `training` (its checkpoint's metadata)
   adds `nonfinite_steps` when steps were skipped (nonfinite='skip'), and
   `every_step_skipped` when no update was ever applied: an untrained model, not a result."""
   record = {
     **identity,
     **model_record(ref, model, identity["seed"], config),
-    **sparsity_fields(params, masks),
+    **sparsity_fields(variables["params"], masks),
+    "model_bytes": model_bytes(variables, scheme),
   }
   what = model_name(identity)
   skipped = int((training or {}).get("nonfinite_steps", 0))
@@ -538,6 +543,9 @@ def cell_records(
       if field in SEED_INTERVAL_FIELDS and values.size >= 2:
         _, low, high = pm.seed_interval(values, confidence)
         cell[f"{field}_seed_ci"] = [number(low), number(high)]
+    sizes = [r["model_bytes"] for r in members if r.get("model_bytes") is not None]
+    if sizes:  # the seeds' sizes agree but for rounding of nnz; their mean, in whole bytes
+      cell["model_bytes"] = int(round(float(np.mean(sizes))))
     extra, cie_indices[key] = cell_analysis(
       ref.labels,
       list(dense_predictions),
@@ -559,7 +567,7 @@ def cell_records(
     if distill not in ("ce", "kd") and kd_key in outputs:
       kd_members = [r for r in records if cell_key(r) == kd_key]
       cell["paired_vs_kd"] = paired_vs_ce(kd_members, members)
-    if distill != "ce":
+    if distill not in ("ce", "ptq"):  # a PTQ model is not fine-tuned: nothing to pair by seed
       ce_key = (method, sparsity, False, None, "ce")
       if ce_key in outputs:
         ce_preds = np.stack([o.predictions for o in outputs[ce_key]])

@@ -23,7 +23,8 @@ import numpy as np
 from prunebias_jax.config import distill_methods
 from prunebias_jax.data import Dataset
 from prunebias_jax.errors import printable
-from prunebias_jax.files import atomic_writer, write_atomic, write_json_atomic
+from prunebias_jax.files import atomic_writer, format_bytes, write_atomic, write_json_atomic
+from prunebias_jax.quantization import is_quantized
 from prunebias_jax.records import (
   Outputs,
   Showcase,
@@ -163,11 +164,17 @@ def write_report(
   # method) get a section and a figure of their own, every method beside CE and KD.
   main_records = [r for r in records if is_ce_or_kd(r)]
   main_cells = at_temperature([c for c in cells if is_ce_or_kd(c)], cfg.kd.temperature)
+  # The pruning figures (curves over sparsity): pruned models only; quantized methods have
+  # the compression section and bias_vs_size of their own.
+  pruned_records = [r for r in main_records if not is_quantized(r["method"])]
+  pruned_cells = [c for c in main_cells if not is_quantized(c["method"])]
+  pruned_all = [c for c in cells if not is_quantized(c["method"])]
   dense = next(r for r in records if r["method"] == "dense")
   groups = group_names(data)
   extra = group_section(records, cells, groups, data.test.groups, cfg)
   extra += analysis_sections(cells, correlations, cfg)
-  extra += distill_section(cells, cfg)
+  extra += compression_section(dense, cells, cfg)
+  extra += distill_section(pruned_all, cfg)
   extra += conv_svcca_section(records, cfg)
   title = f"prunebias_jax: {cfg.model} on {printable(data.name)}"
   flagged = {(r["method"], r["sparsity"]) for r in records if r.get("every_step_skipped")}
@@ -175,14 +182,16 @@ def write_report(
     workdir / "results.md", dense, main_cells, title, notes, extra, flagged
   )
   plots = workdir / "plots"
-  shown = [r for r in main_records if r["method"] != "dense" or r.get("reference")]
+  shown = [r for r in pruned_records if r["method"] != "dense" or r.get("reference")]
   ext = cfg.report.format
-  write_plots(plots, shown, main_cells, data.class_names, ext)
+  if pruned_cells:
+    write_plots(plots, shown, pruned_cells, data.class_names, ext)
   write_similarity_scatter(plots / f"similarity_vs_bias.{ext}", records)
-  if groups is not None:
-    write_group_plot(plots / f"group_gaps_vs_sparsity.{ext}", main_records, main_cells)
-  if any(not is_ce_or_kd(c) for c in cells):
-    write_distill_plot(plots / f"distill_methods.{ext}", records, cells, cfg.kd.temperature)
+  write_size_plot(plots / f"bias_vs_size.{ext}", dense, at_temperature(cells, cfg.kd.temperature))
+  if groups is not None and pruned_cells:
+    write_group_plot(plots / f"group_gaps_vs_sparsity.{ext}", pruned_records, pruned_cells)
+  if any(not is_ce_or_kd(c) for c in pruned_all):
+    write_distill_plot(plots / f"distill_methods.{ext}", records, pruned_all, cfg.kd.temperature)
   top = showcase.cell
   write_cie_grid(
     plots / f"cie_grid.{ext}",
@@ -767,6 +776,115 @@ def _distill_styles(rows: Sequence[Record]) -> dict[str, tuple[str, Any]]:
       styles[n] = (others[k % len(others)], plt.cm.tab10((k + 2) % 10))
       k += 1
   return styles
+
+
+def compression_label(row: Record) -> str:
+  """'PTQ', 'QAT KD T=4' (a quantized method's fine-tuning) or the pruning's 'CE', 'KD T=4'."""
+  label = student_label(row)
+  return label if not is_quantized(row["method"]) or label == "PTQ" else f"QAT {label}"
+
+
+def compression_section(
+  dense: Record, cells: Sequence[Record], config: ml_collections.ConfigDict
+) -> str:
+  """'## Compression methods and model size': every cell (at kd.temperature) with accuracy,
+  CEV, SDE and CKA beside the deployed model's size (`quantization.model_bytes`) and its
+  ratio to the dense model's, the dense reference first."""
+  q = config.quantization
+  shown = at_temperature(cells, config.kd.temperature)
+  size = dense.get("model_bytes")
+  text = (
+    "Size: the deployed model in bytes (`model_bytes`): conv and dense kernels at the method's "
+    "precision (float32 when pruned only), dense or, when smaller, as a bitmap sparse format "
+    "(1 bit per weight + the non-zero values), one float32 scale per output channel when "
+    "quantized; biases and BatchNorm in float32."
+  )
+  if any(is_quantized(c["method"]) for c in shown):
+    text += (
+      f" Quantization (Qwix) is per output channel, weights calibrated by {q.weight_calibration}"
+      f", activations (int8_dynamic: per example at run time; int8_static: from "
+      f"{q.calibration_examples} training images) by {q.act_calibration}; every conv and dense "
+      "kernel, the head included. PTQ: the teacher (⊙ the pruning's masks) quantized without "
+      "fine-tuning; QAT: fine-tuned with fake quantization (straight-through gradients) from "
+      "the same start, CE or KD from the float teacher. 'a+b': pruned by a, then quantized by b."
+    )
+  out = [
+    "## Compression methods and model size",
+    "",
+    text,
+    "",
+    "| method | sparsity | fine-tuning | seeds | accuracy | CEV | SDE | CKA | size | × smaller |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+    f"| dense | 0 | – | 1 | {dense['accuracy']:.4f} | – | – | – | "
+    f"{format_bytes(size) if size else '–'} | 1 |",
+  ]
+  for c in shown:
+    mb = c.get("model_bytes")
+    out.append(
+      f"| {c['method']} | {c['sparsity']:g} | {compression_label(c)} | {len(c['seeds'])} | "
+      f"{_value(c, 'accuracy')} | {_fmt(c['cev'])}{_interval(c.get('cev_seed_ci'), '.3g')} | "
+      f"{_fmt(c['sde'])}{_interval(c.get('sde_seed_ci'), '.3g')} | "
+      f"{_fmt(c.get('cka_seed_mean'), '.4f')} | {format_bytes(mb) if mb else '–'} | "
+      f"{_fmt(size / mb, '.3g') if mb and size else '–'} |"
+    )
+  out.append("")
+  return "\n".join(out) + "\n"
+
+
+@_literal_text
+def write_size_plot(path: Path, dense: Record, cells: Sequence[Record]) -> None:
+  """bias_vs_size.png: accuracy, CEV and SDE against the deployed model size (log scale), a
+  point per cell: a colour per compression method, a marker per fine-tuning (PTQ, CE, KD, ...;
+  error bars: std over seeds), the dense model as a black star."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+  cells = [c for c in cells if c.get("model_bytes")]
+  methods = list(dict.fromkeys(c["method"] for c in cells))
+  colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+  markers = dict(zip(dict.fromkeys(compression_label(c) for c in cells), "os^DvPX<>hp*"))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+  fields = (("accuracy", "test accuracy"), ("cev", "CEV (%²)"), ("sde", "SDE (%)"))
+  for ax, (field, label) in zip(axes, fields):
+    for c in cells:
+      y = c.get("accuracy_seed_mean") if field == "accuracy" else c.get(field)
+      if y is None:
+        continue
+      err = c.get(f"{field}_seed_std") or 0.0
+      ax.errorbar(
+        c["model_bytes"],
+        y,
+        yerr=err,
+        marker=markers[compression_label(c)],
+        color=colors[c["method"]],
+        capsize=2,
+        linestyle="none",
+      )
+    if dense.get("model_bytes"):
+      ax.plot(dense["model_bytes"], dense["accuracy"] if field == "accuracy" else 0.0, "k*", ms=10)
+    ax.set_xscale("log")
+    # Plain '113.0 KiB' ticks (the figure's text is literal: no mathtext powers of ten).
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if field == "cev":
+      _symlog(ax, "y", 1.0)
+      ax.set_ylim(bottom=0)
+    ax.set_xlabel("model size")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  handles = [plt.Line2D([], [], color=colors[m], marker="o", ls="none", label=m) for m in methods]
+  handles += [
+    plt.Line2D([], [], color="gray", marker=k, ls="none", label=n) for n, k in markers.items()
+  ]
+  handles.append(plt.Line2D([], [], color="k", marker="*", ls="none", label="dense"))
+  axes[0].legend(handles=handles, fontsize=6, loc="best")
+  fig.tight_layout()
+  _savefig(fig, path)
+  plt.close(fig)
 
 
 def distill_section(cells: Sequence[Record], config: ml_collections.ConfigDict) -> str:

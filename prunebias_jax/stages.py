@@ -30,11 +30,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from prunebias_jax import quantization as qz
 from prunebias_jax import workdir as wd
 from prunebias_jax.checkpoint import Identity
 from prunebias_jax.config import (
   ConfigError,
   distill_methods,
+  quantization_methods,
   resolve_config,
   stage_settings,
   validate_against_dataset,
@@ -99,8 +101,10 @@ class RunContext:
 
 
 class Cell(NamedTuple):
-  """One fine-tuning variant of a (method, sparsity) pruning: CE, KD at one temperature, or a
-  feature distillation (alone or with KD: `distill`, a `train.distill.METHODS` name)."""
+  """One fine-tuning variant of a (method, sparsity) compression: CE, KD at one temperature, or
+  a feature distillation (alone or with KD: `distill`, a `train.distill.METHODS` name); for a
+  quantized method (`quantization.split_method`) these are quantization-aware, and
+  `distill` = 'ptq' is the post-training-quantized model, not fine-tuned."""
 
   method: str
   sparsity: float
@@ -122,10 +126,16 @@ class Cell(NamedTuple):
   def label(self) -> str:
     return student_label(self.identity)
 
+  @property
+  def scheme(self) -> str | None:
+    """The quantization scheme of the cell's method (None: pruned only)."""
+    return qz.split_method(self.method)[1]
+
   def checkpoint_name(self, seed: int) -> str:
     suffix = f"_T{self.temperature:g}" if self.swept else ""
-    fine_tuning = self.distill.replace("+", "_")  # '+' separates a population's stage names
-    return f"{self.method}_s{self.sparsity:g}_{fine_tuning}{suffix}_seed{seed}"
+    # '+' separates a population's stage names: 'l1_filter+int8_weights' → 'l1_filter_int8_weights'
+    method, fine_tuning = self.method.replace("+", "_"), self.distill.replace("+", "_")
+    return f"{method}_s{self.sparsity:g}_{fine_tuning}{suffix}_seed{seed}"
 
 
 class Model(NamedTuple):
@@ -135,6 +145,7 @@ class Model(NamedTuple):
   masks: PyTree | None
   # How its training went, from its checkpoint: steps, nonfinite_steps, resumed_at_step, ...
   training: dict[str, Any] | None = None
+  scheme: str | None = None  # the quantization it runs with (`quantization.SCHEMES`)
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -169,6 +180,8 @@ def prepare(
   load_seconds = time.perf_counter() - t
   model = get_model(cfg.model, data.num_classes, dtype=cfg.compute_dtype)
   _check_model_fits(model, cfg.model, data.image_shape)
+  for scheme in cfg.quantization.schemes:  # Qwix must take every layer: fail before training
+    _check_model_fits(_student_model(cfg, model, scheme), cfg.model, data.image_shape, scheme)
   expect = {"model": cfg.model, "num_classes": data.num_classes}
   identities = planned_identities(cfg, data)
   wd.check_paths(workdir, identities)
@@ -239,6 +252,8 @@ def planned_identities(config: ml_collections.ConfigDict, data: Dataset) -> dict
   for seeds, method, sparsity in pruning_groups(cfg):
     plan = _schedule(cfg, sparsity)
     for cell in variants(cfg, method, sparsity):
+      if cell.distill == PTQ:  # not trained: no checkpoint
+        continue
       names = [cell.checkpoint_name(seed) for seed in seeds]
       members = [
         student_identity(
@@ -282,15 +297,19 @@ def _stage_name(names: Sequence[str]) -> str:
   return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
 
 
-def _check_model_fits(model: nn.Module, name: str, image_shape: tuple[int, ...]) -> None:
-  """Traces init (no compute): a model that cannot take these images fails here, not mid-run."""
+def _check_model_fits(
+  model: nn.Module, name: str, image_shape: tuple[int, ...], scheme: str | None = None
+) -> None:
+  """Traces init (no compute): a model that cannot take these images (or, with `scheme`, that
+  Qwix cannot quantize) fails here, not mid-run."""
   try:
     jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1,) + image_shape), train=False)
     )
   except Exception as e:  # Flax/XLA shape errors come as many types
+    quantized = f" quantized with {scheme!r}" if scheme else ""
     raise ConfigError(
-      f"config.model={name!r} cannot take {'×'.join(map(str, image_shape))} images "
+      f"config.model={name!r}{quantized} cannot take {'×'.join(map(str, image_shape))} images "
       f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); choose another model or set "
       "data.image_size"
     ) from None
@@ -311,18 +330,24 @@ def _split(ctx: RunContext, stage: str):
 
 
 def train_step(
-  ctx: RunContext, stage: str, method: str, population: int = 1, shared_masks: bool = True
+  ctx: RunContext,
+  stage: str,
+  method: str,
+  population: int = 1,
+  shared_masks: bool = True,
+  scheme: str | None = None,
 ):
   """(optimizer, jitted step) of `stage` ('dense' or 'finetune') with the fine-tuning
   `method` ('ce', 'kd', 'sp', ...), built once per run for each (stage, method, population,
-  shared masks) and reused by every cell."""
-  key = ("train", stage, method, population, shared_masks)
+  shared masks, quantization scheme) and reused by every cell. With a `scheme` the student is
+  fake-quantized (quantization-aware training) and the teacher stays the float model."""
+  key = ("train", stage, method, population, shared_masks, scheme)
   if key not in ctx._compiled:
     cfg = ctx.config
     per_epoch = steps_per_epoch(len(_split(ctx, stage)), _batch_size(ctx, stage, method))
     optimizer = make_optimizer(_optim(ctx, stage, method), per_epoch, cfg[stage].epochs)
     step = make_train_step(
-      ctx.model,
+      _student_model(cfg, ctx.model, scheme),
       optimizer,
       mean=ctx.data.mean,
       std=ctx.data.std,
@@ -334,13 +359,32 @@ def train_step(
       skip_nonfinite=cfg.nonfinite == "skip",
       method=method,
       weights=distill_weights(cfg, method),
+      teacher_model=ctx.model,
     )
     ctx._compiled[key] = (optimizer, step)
   return ctx._compiled[key]
 
 
+def _student_model(
+  config: ml_collections.ConfigDict, model: nn.Module, scheme: str | None
+) -> nn.Module:
+  """The model a student of `scheme` runs (fake-quantized through Qwix), or `model`."""
+  if scheme is None:
+    return model
+  q = config.quantization
+  return qz.quantized_model(model, scheme, q.weight_calibration, q.act_calibration)
+
+
 def _fit(
-  ctx: RunContext, state, step, stage_cfg: str, stage: str, seed, method: str = "ce", **kwargs
+  ctx: RunContext,
+  state,
+  step,
+  stage_cfg: str,
+  stage: str,
+  seed,
+  method: str = "ce",
+  scheme: str | None = None,
+  **kwargs,
 ):
   """`train.fit` of `stage` with the run's data, batch size, parallelism and checkpoint
   settings (those of the fine-tuning `method`); the stage's mid-stage checkpoints are deleted
@@ -372,7 +416,7 @@ def _fit(
       learning_rate=learning_rate_schedule(
         _optim(ctx, stage_cfg, method), steps_per_epoch(len(split), batch_size), epochs
       ),
-      epoch_end=functools.partial(_test_accuracy, ctx, step_log, seed)
+      epoch_end=functools.partial(_test_accuracy, ctx, step_log, seed, scheme)
       if cfg.monitor.every_steps and cfg.monitor.test_accuracy
       else None,
       **kwargs,
@@ -382,7 +426,9 @@ def _fit(
   return state, summary, partial
 
 
-def _test_accuracy(ctx: RunContext, step_log: StepLog, seed, epoch: int, step: int, state) -> None:
+def _test_accuracy(
+  ctx: RunContext, step_log: StepLog, seed, scheme: str | None, epoch: int, step: int, state
+) -> None:
   """metrics.jsonl rows of the test accuracy after `epoch` (monitor.test_accuracy): watched,
   never used to pick a model. Runs on every process (the pass is sharded); process 0 writes."""
   seeds = [seed] if isinstance(seed, int) else list(seed)
@@ -390,8 +436,8 @@ def _test_accuracy(ctx: RunContext, step_log: StepLog, seed, epoch: int, step: i
   if k > 1 and masks is not None and _shared(ctx.config, seeds):
     # Shared masks are one unbatched set in the state; the evaluation takes one per member.
     masks = jax.tree.map(lambda m: jnp.broadcast_to(m, (k, *m.shape)), masks)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  logits, _ = _evaluate_pass(ctx, variables, masks, k, ctx.eval_images, 0)
+  variables = {"params": state.params, "batch_stats": state.batch_stats, **(state.frozen or {})}
+  logits, _ = _evaluate_pass(ctx, variables, masks, k, ctx.eval_images, 0, scheme)
   accuracy = (logits.argmax(-1) == ctx.data.test.labels).mean(axis=1)
   step_log.write(
     [
@@ -463,22 +509,46 @@ def seed_groups(config: ml_collections.ConfigDict) -> list[tuple[int, ...]]:
 
 
 CONTROL = CONTROL_METHOD  # the method name of the sparsity-0 control cell (pruning.control)
+PTQ = "ptq"  # the `distill` of a post-training-quantized cell: quantized, not fine-tuned
+CALIBRATION_STREAM = 0xCA1  # the calibration images' RNG stream, apart from data order and masks
 
 
 def pruning_groups(config: ml_collections.ConfigDict) -> list[tuple[tuple[int, ...], str, float]]:
-  """(seeds, method, sparsity) in the order the sweep trains them: one pruning each; with
-  `pruning.control`, each seed group starts with the unpruned control (CONTROL, 0.0)."""
+  """(seeds, method, sparsity) in the order the sweep trains them: one compression each; with
+  `pruning.control`, each seed group starts with the unpruned control (CONTROL, 0.0); the
+  quantized methods follow the pruned ones (a scheme at sparsity 0, '<pruning method>+<scheme>'
+  at every pruning.sparsities)."""
   control = [(CONTROL, 0.0)] if config.pruning.control else []
-  pruned = [(m, s) for m in config.pruning.methods for s in config.pruning.sparsities]
-  return [(seeds, m, s) for seeds in seed_groups(config) for m, s in control + pruned]
+  sparsities = config.pruning.sparsities
+  pruned = [(m, s) for m in config.pruning.methods for s in sparsities]
+  quantized = [
+    (m, s)
+    for m in quantization_methods(config)
+    for s in ((0.0,) if qz.split_method(m)[0] is None else sparsities)
+  ]
+  return [(seeds, m, s) for seeds in seed_groups(config) for m, s in control + pruned + quantized]
+
+
+def cell_seeds(config: ml_collections.ConfigDict, cell: Cell, seeds: Sequence[int]) -> tuple:
+  """The seeds of `seeds` (a seed group) that `cell` has a model for: all, but for the
+  post-training quantization of the unpruned teacher, which is one model whatever the seed
+  (the first seed of the first group stands for it)."""
+  if cell.distill == PTQ and qz.split_method(cell.method)[0] is None:
+    return tuple(seeds[:1]) if tuple(seeds) == seed_groups(config)[0] else ()
+  return tuple(seeds)
 
 
 def variants(config: ml_collections.ConfigDict, method: str, sparsity: float) -> list[Cell]:
-  """The fine-tuning variants of one pruning, in `distill.method` order (default: CE, then
-  KD); KD at every temperature (`kd.temperatures`, else `kd.temperature`), the f+kd feature
-  methods at kd.temperature."""
+  """The fine-tuning variants of one compression, in `distill.method` order (default: CE,
+  then KD); KD at every temperature (`kd.temperatures`, else `kd.temperature`), the f+kd
+  feature methods at kd.temperature. A quantized method: the post-training model first
+  (quantization.ptq), then these variants trained quantization-aware (quantization.qat)."""
   t0 = config.kd.temperature
   cells = []
+  if qz.split_method(method)[1]:
+    cells = [Cell(method, sparsity, False, None, distill=PTQ)] if config.quantization.ptq else []
+    if not config.quantization.qat:
+      return cells
   for name in distill_methods(config):
     if name == "kd":
       cells += [
@@ -531,11 +601,13 @@ def initial_masks(
   shared = _shared(ctx.config, seeds)
   start = _schedule(ctx.config, sparsity)[0]
 
+  pruning = qz.split_method(method)[0]
+
   @functools.cache
   def masks() -> list[PyTree]:
-    if method == CONTROL:  # the control is fine-tuned unpruned: all-ones masks
+    if pruning in (CONTROL, None):  # the control and a scheme alone: all-ones masks
       return [dense_masks(teacher["params"]) for _ in seeds]
-    return [prune(teacher["params"], method, start, seed=seeds[0] if shared else s) for s in seeds]
+    return [prune(teacher["params"], pruning, start, seed=seeds[0] if shared else s) for s in seeds]
 
   return masks
 
@@ -555,6 +627,10 @@ def finetune(
   population: one vmapped step for all of them.
   """
   cfg = ctx.config
+  if cell.distill == PTQ:
+    return [
+      _post_training(ctx, teacher, cell, seed, m) for seed, m in zip(seeds, masks()[: len(seeds)])
+    ]
   shared = _shared(cfg, seeds)
   names = [cell.checkpoint_name(seed) for seed in seeds]
   stage = _stage_name(names)
@@ -567,6 +643,7 @@ def finetune(
       "params": teacher["params"],
       "batch_stats": teacher["batch_stats"],
       "masks": masks_to_flat(dense_masks(teacher["params"])),
+      **_frozen_template(ctx, cell.scheme),
     }
     saved = [c.restore(template) for c in ckpts]
     logging.info("  %s: restored", ", ".join(names))
@@ -577,12 +654,50 @@ def finetune(
     c.close()
   return [
     Model(
-      {"params": t["params"], "batch_stats": t["batch_stats"]},
+      {k: v for k, v in t.items() if k != "masks"},
       masks_from_flat(t["params"], t["masks"]),
       meta,
+      cell.scheme,
     )
     for t, meta in saved
   ]
+
+
+def _post_training(ctx: RunContext, teacher: PyTree, cell: Cell, seed: int, masks: PyTree) -> Model:
+  """The post-training-quantized model of a PTQ cell: the teacher's weights (⊙ the pruning's
+  masks), quantized as they are; a static scheme's ranges calibrated first."""
+  variables = {
+    "params": apply_masks(teacher["params"], masks),
+    "batch_stats": teacher["batch_stats"],
+  }
+  variables.update(_calibration(ctx, variables, cell.scheme, seed))
+  return Model(variables, masks, {"steps": 0}, cell.scheme)
+
+
+def _calibration(ctx: RunContext, variables: PyTree, scheme: str, seed: int) -> dict:
+  """{'quant_stats': ...} of a static scheme (calibrated on quantization.calibration_examples
+  fine-tuning images drawn with `seed`, in equal chunks of at most data.eval_batch_size), or
+  {} for the schemes that need no calibration."""
+  if not qz.SCHEMES[scheme].static:
+    return {}
+  cfg, split = ctx.config, ctx.data.train
+  n = cfg.quantization.calibration_examples
+  rng = np.random.default_rng([seed, CALIBRATION_STREAM])
+  index = np.sort(rng.choice(len(split), n, replace=False))
+  chunk = qz.calibration_chunk(n, cfg.data.eval_batch_size)
+  images = split.images[index].reshape((n // chunk, chunk) + split.images.shape[1:])
+  model = _student_model(cfg, ctx.model, scheme)
+  return qz.calibrate(model, variables, images, ctx.data.mean, ctx.data.std)
+
+
+def _frozen_template(ctx: RunContext, scheme: str | None) -> dict:
+  """The shapes of a static scheme's {'quant_stats': ...} (what its checkpoints hold), or {}."""
+  if scheme is None or not qz.SCHEMES[scheme].static:
+    return {}
+  model = _student_model(ctx.config, ctx.model, scheme)
+  dummy = jnp.zeros((1,) + ctx.data.image_shape, jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+  return {qz.STATS: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[qz.STATS])}
 
 
 def _train_students(
@@ -609,7 +724,7 @@ def _train_students(
     new = [
       prune(
         params[j],
-        cell.method,
+        qz.split_method(cell.method)[0],
         plan[epoch],
         seed=seeds[j] + 1000 * epoch,
         previous_masks=old[j],
@@ -620,12 +735,22 @@ def _train_students(
     new_masks = _members_masks(new, shared)
     return state.replace(params=apply_masks(state.params, new_masks), masks=new_masks)
 
-  optimizer, step = train_step(ctx, "finetune", cell.distill, population=k, shared_masks=shared)
+  optimizer, step = train_step(
+    ctx, "finetune", cell.distill, population=k, shared_masks=shared, scheme=cell.scheme
+  )
   crd = [_crd_state(ctx, teacher, seed, optimizer) for seed in seeds]
-  states = [
-    create_state(apply_masks(teacher["params"], m), teacher["batch_stats"], optimizer, distill=c)
-    for m, c in zip(start_masks, crd if parse_method(cell.distill)[0] == "crd" else [None] * k)
-  ]
+  states = []
+  for seed, m, c in zip(
+    seeds, start_masks, crd if parse_method(cell.distill)[0] == "crd" else [None] * k
+  ):
+    params = apply_masks(teacher["params"], m)
+    # A static scheme's ranges: calibrated on the start weights, then frozen for the training.
+    frozen = cell.scheme and _calibration(
+      ctx, {"params": params, "batch_stats": teacher["batch_stats"]}, cell.scheme, seed
+    )
+    states.append(
+      create_state(params, teacher["batch_stats"], optimizer, distill=c, frozen=frozen or None)
+    )
   state = _stack(states).replace(masks=_members_masks(start_masks, shared))
   state, summary, partial = _fit(
     ctx,
@@ -635,17 +760,20 @@ def _train_students(
     stage,
     seeds[0] if k == 1 else list(seeds),
     cell.distill,
+    cell.scheme,
     teacher_variables=teacher if cell.distill != "ce" else None,
     alpha=cfg.kd.alpha,
     temperature=cfg.kd.temperature if cell.temperature is None else cell.temperature,
     epoch_hook=reprune if len(plan) > 1 else None,
   )
   params, stats = _unstack(state.params, k), _unstack(state.batch_stats, k)
+  frozen = _unstack(state.frozen, k) if state.frozen is not None else [{}] * k
   final = _unstack(state.masks, 1 if shared else k) * (k if shared else 1)
   steps = np.asarray(state.step).reshape(-1).tolist()
   saved = []
   for j, ckpt in enumerate(ckpts):
     tree = {"params": params[j], "batch_stats": stats[j], "masks": masks_to_flat(final[j])}
+    tree.update(frozen[j])
     meta = {"steps": int(steps[j]), **summary}
     ckpt.save(int(steps[j]), tree, meta)
     saved.append((tree, meta))
@@ -705,11 +833,12 @@ def evaluate_members(ctx: RunContext, members: Sequence[Model]) -> list[Outputs]
   analysis.svcca_conv, a second pass over the SVCCA subset adds the pooled stage maps."""
   variables = _stack([m.variables for m in members])
   masks = None if members[0].masks is None else _stack([m.masks for m in members])
-  logits, layers = _evaluate_pass(ctx, variables, masks, len(members), ctx.eval_images, 0)
+  scheme = members[0].scheme
+  logits, layers = _evaluate_pass(ctx, variables, masks, len(members), ctx.eval_images, 0, scheme)
   maps = [None] * len(members)
   if ctx.map_images is not None:
     size = ctx.config.analysis.svcca_conv_size
-    _, pooled = _evaluate_pass(ctx, variables, masks, len(members), ctx.map_images, size)
+    _, pooled = _evaluate_pass(ctx, variables, masks, len(members), ctx.map_images, size, scheme)
     maps = [{name: v[j] for name, v in pooled.items()} for j in range(len(members))]
   return [
     Outputs(
@@ -723,14 +852,21 @@ def evaluate_members(ctx: RunContext, members: Sequence[Model]) -> list[Outputs]
 
 
 def _evaluate_pass(
-  ctx: RunContext, variables: PyTree, masks: PyTree | None, k: int, images: np.ndarray, size: int
+  ctx: RunContext,
+  variables: PyTree,
+  masks: PyTree | None,
+  k: int,
+  images: np.ndarray,
+  size: int,
+  scheme: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """(logits, layers) of k stacked models on the padded `images`, with a member axis (map
-  size 0: per-layer features of the test set; > 0: the stage maps pooled to that size)."""
-  key = ("eval", k, size)
+  size 0: per-layer features of the test set; > 0: the stage maps pooled to that size), run
+  quantized with `scheme`."""
+  key = ("eval", k, size, scheme)
   if key not in ctx._compiled:
     ctx._compiled[key] = make_eval_fn(
-      ctx.model,
+      _student_model(ctx.config, ctx.model, scheme),
       mean=ctx.data.mean,
       std=ctx.data.std,
       out_shardings=ctx.parallel.replicated,

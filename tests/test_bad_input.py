@@ -375,6 +375,12 @@ def test_config_file_returning_no_configdict_is_named_with_overrides_too(returne
     ("distill.kl_weight", "-0.5", "distill.kl_weight=-0.5"),
     ("distill.crd.negatives", "0", "distill.crd.negatives=0"),
     ("distill.learning_rate.at", "0.0", "distill.learning_rate.at=0.0"),
+    ("quantization.schemes", "('int8',)", "quantization.schemes='int8' is not allowed; expected"),
+    ("quantization.schemes", "('int4_weights','int4_weights')", "'int4_weights' is repeated"),
+    ("quantization.prune_first", "('random',)", "without quantization.schemes"),
+    ("quantization.calibration_examples", "0", "quantization.calibration_examples=0"),
+    ("quantization.act_calibration", "rms", "quantization.act_calibration='rms' is not allowed"),
+    ("pruning.methods", "()", "or none with quantization.schemes"),
   ],
 )
 def test_specific_bad_values_name_the_field(tmp_path, field, value, expected):

@@ -69,6 +69,7 @@ def test_outputs_written(finished_run):
     "dataset.json",
     "timings.json",
     "plots/bias_vs_sparsity.png",
+    "plots/bias_vs_size.png",
     "plots/accuracy_vs_sparsity.png",
     "plots/cka_vs_cev.png",
     "plots/class_changes.png",

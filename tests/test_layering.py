@@ -28,6 +28,7 @@ RANKS = {
   "pruning": 3,
   "data": 3,
   "train": 4,
+  "quantization": 4,
   "config": 5,
   "workdir": 6,
   "records": 6,

@@ -281,6 +281,7 @@ def test_an_analysis_change_reanalyses_without_training(finished, tmp_path, monk
     f"{name}.svg"
     for name in (
       "accuracy_vs_sparsity",
+      "bias_vs_size",
       "bias_vs_sparsity",
       "cie_grid",
       "cka_layers",

@@ -495,7 +495,7 @@ def test_the_record_says_how_many_training_steps_were_skipped(training, skipped,
   params = {"Conv_0": {"kernel": np.ones((3, 3, 1, 2), np.float32)}}
   identity = {"method": "random", "sparsity": 0.5, "kd": False, "temperature": None, "seed": 0}
   r = records.full_record(
-    ref, outputs(labels, rng, 3), identity, base_config(), params, None, training
+    ref, outputs(labels, rng, 3), identity, base_config(), {"params": params}, None, training
   )
   assert r.get("nonfinite_steps") == skipped and r.get("every_step_skipped") == never
 

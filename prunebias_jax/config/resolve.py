@@ -10,7 +10,15 @@ import ml_collections
 from prunebias_jax.config.validation import check_runlocal_overrides
 
 # Sweep axes: extending them reuses the checkpoints of the cells already trained.
-SWEEP_KEYS = ("pruning.methods", "pruning.sparsities", "seeds")
+SWEEP_KEYS = (
+  "pruning.methods",
+  "pruning.sparsities",
+  "seeds",
+  "quantization.schemes",
+  "quantization.prune_first",
+  "quantization.ptq",
+  "quantization.qat",
+)
 # Fields that change how a run reports or where it runs, not what it computes.
 COSMETIC_KEYS = (
   "progress_seconds",

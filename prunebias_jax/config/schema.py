@@ -172,6 +172,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.distill.crd.temperature = 0.07  # τ of the NCE scores
   config.distill.crd.momentum = 0.5  # memory-bank update: M ← normalize(μ·M + (1−μ)·v)
 
+  # Quantization, through Qwix (prunebias_jax/quantization): every scheme is a compression
+  # method of its own (sparsity 0, method = the scheme) and, with each pruning method of
+  # `prune_first`, a pruned+quantized one at every pruning.sparsities ('<method>+<scheme>':
+  # prune, then quantize the pruned model). Schemes: int8_weights, int4_weights (weights only),
+  # int8_dynamic (weights and activations, per-example ranges at run time), int8_static
+  # (activation ranges calibrated on training images).
+  config.quantization = ml_collections.ConfigDict()
+  config.quantization.schemes = ()
+  config.quantization.prune_first = ()
+  config.quantization.ptq = True  # the quantized model without fine-tuning (post-training)
+  config.quantization.qat = True  # quantization-aware fine-tuning with every distill.method
+  config.quantization.weight_calibration = (
+    "absmax"  # per-channel range: "absmax" (symmetric) | "minmax"
+  )
+  config.quantization.act_calibration = "absmax"  # activation ranges: "absmax" | "minmax"
+  config.quantization.calibration_examples = 512  # int8_static: training images of its ranges
+
   config.metrics = ml_collections.ConfigDict()
   # Zero reference rates: "floor" (in the denominator only) or "exclude" (docs/metrics.md).
   config.metrics.zero_rate = "floor"

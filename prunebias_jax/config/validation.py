@@ -19,6 +19,7 @@ from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
 from prunebias_jax.models import COMPUTE_DTYPES, available_models
 from prunebias_jax.pruning import METHODS
 from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
+from prunebias_jax.quantization import CALIBRATIONS, SCHEMES
 from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
 from prunebias_jax.train.distill import METHODS as DISTILL_METHODS
 
@@ -288,7 +289,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _optim(cfg, f"{stage}.optim")
 
   methods = _sequence(cfg, "pruning.methods")
-  _require(len(methods) > 0, "pruning.methods", methods, "at least one of: " + ", ".join(METHODS))
+  _quantization(cfg)
+  _require(
+    len(methods) > 0 or len(cfg.quantization.schemes) > 0,
+    "pruning.methods",
+    methods,
+    "at least one of: " + ", ".join(METHODS) + " (or none with quantization.schemes)",
+  )
   for m in methods:
     _require(m in METHODS, "pruning.methods", m, "one of: " + ", ".join(METHODS))
   _distinct(methods, "pruning.methods")
@@ -488,6 +495,45 @@ def _distill(cfg: ml_collections.ConfigDict) -> None:
   )
 
 
+def _quantization(cfg: ml_collections.ConfigDict) -> None:
+  """quantization.*: known schemes and pruning methods, each once; a known range rule; a
+  calibration size that can be drawn (its upper bound: `validate_against_dataset`)."""
+  q = cfg.quantization
+  schemes = _sequence(cfg, "quantization.schemes")
+  for name in schemes:
+    _require(name in SCHEMES, "quantization.schemes", name, "one of: " + ", ".join(SCHEMES))
+  _distinct(schemes, "quantization.schemes")
+  first = _sequence(cfg, "quantization.prune_first")
+  for m in first:
+    _require(m in METHODS, "quantization.prune_first", m, "pruning methods: " + ", ".join(METHODS))
+  _distinct(first, "quantization.prune_first")
+  _require(
+    not first or schemes,
+    "quantization.prune_first",
+    first,
+    "() without quantization.schemes (each pruning method is combined with every scheme)",
+  )
+  for field in ("ptq", "qat"):
+    _require(isinstance(q[field], bool), f"quantization.{field}", q[field], "True or False")
+  _require(
+    q.ptq or q.qat or not schemes,
+    "quantization.qat",
+    q.qat,
+    "True when quantization.ptq is False (a scheme needs a PTQ or a QAT model)",
+  )
+  for field in ("weight_calibration", "act_calibration"):
+    _choice(cfg, f"quantization.{field}", CALIBRATIONS)
+  n = q.calibration_examples
+  _require(_is_int(n) and n >= 1, "quantization.calibration_examples", n, "an integer >= 1")
+
+
+def quantization_methods(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The quantized compression methods of a run: every scheme, then every
+  '<pruning method>+<scheme>' of quantization.prune_first."""
+  schemes = tuple(cfg.quantization.schemes)
+  return schemes + tuple(f"{m}+{s}" for m in cfg.quantization.prune_first for s in schemes)
+
+
 def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
   """report.cka_cell names a cell the run trains: 'method,sparsity,<distill method>' or ''."""
   value = cfg.report.cka_cell
@@ -495,8 +541,11 @@ def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
     return
   parts = value.split(",") if isinstance(value, str) else []
   methods = list(cfg.pruning.methods) + (["none"] if cfg.pruning.control else [])
-  sparsities = list(cfg.pruning.sparsities) + ([0.0] if cfg.pruning.control else [])
-  ok = len(parts) == 3 and parts[0] in methods and parts[2] in distill_methods(cfg)
+  methods += quantization_methods(cfg)
+  zero = cfg.pruning.control or cfg.quantization.schemes
+  sparsities = list(cfg.pruning.sparsities) + ([0.0] if zero else [])
+  tunings = distill_methods(cfg) + (("ptq",) if cfg.quantization.schemes else ())
+  ok = len(parts) == 3 and parts[0] in methods and parts[2] in tunings
   try:
     ok = ok and any(abs(float(parts[1]) - s) < 1e-12 for s in sparsities)
   except ValueError:
@@ -507,7 +556,7 @@ def _cka_cell(cfg: ml_collections.ConfigDict) -> None:
     value,
     "'' or 'method,sparsity,ce|kd|...' of a cell this run trains (methods "
     f"{', '.join(methods)}; sparsities {', '.join(f'{s:g}' for s in sparsities)}; "
-    f"fine-tuning {'|'.join(distill_methods(cfg))})",
+    f"fine-tuning {'|'.join(tunings)})",
   )
 
 
@@ -555,6 +604,15 @@ def validate_against_dataset(
       cfg.data.test_examples,
       f"a test split of at least 2 examples (this one has {test_size}{_made_by(cfg, 'test')}; "
       "SVCCA and every comparison need two)",
+    )
+  if any(SCHEMES[name].static for name in cfg.quantization.schemes):
+    n = cfg.quantization.calibration_examples
+    _require(
+      n <= finetune_train_size,
+      "quantization.calibration_examples",
+      n,
+      f"at most the fine-tuning training split size ({finetune_train_size}"
+      f"{_made_by(cfg, 'finetune')}; the static ranges are calibrated on its images)",
     )
   stages = [("dense", teacher_train_size, "ce")]
   stages += [("finetune", finetune_train_size, m) for m in distill_methods(cfg)]

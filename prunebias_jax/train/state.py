@@ -23,6 +23,8 @@ class TrainState:
   replaces them between epochs, and a mid-stage checkpoint saves them with the rest. `params`
   are stored already masked. `distill`: what a distillation method trains beside the model
   (CRD's heads, their optimizer state and memory banks: `train.distill.CRDState`), or None.
+  `frozen`: variable collections the model reads and training never changes (a static
+  quantization scheme's calibrated activation ranges, {'quant_stats': ...}), or None.
   """
 
   step: jax.Array
@@ -31,6 +33,7 @@ class TrainState:
   opt_state: PyTree
   masks: PyTree = None
   distill: PyTree = None
+  frozen: PyTree = None
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -73,6 +76,7 @@ def create_state(
   optimizer: optax.GradientTransformation,
   masks: PyTree = None,
   distill: PyTree = None,
+  frozen: PyTree = None,
 ) -> TrainState:
   """A fresh state (step 0, new optimizer state) around copies of the given weights.
 
@@ -87,4 +91,5 @@ def create_state(
     opt_state=optimizer.init(params),
     masks=masks,
     distill=distill,
+    frozen=frozen,
   )

@@ -54,6 +54,7 @@ def make_train_step(
   skip_nonfinite: bool = False,
   method: str | None = None,
   weights: DistillWeights | None = None,
+  teacher_model: nn.Module | None = None,
 ) -> Callable:
   """Returns jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T, indices)`.
 
@@ -76,7 +77,12 @@ def make_train_step(
   train `state.distill` (a CRDState: heads updated by `optimizer`, memory banks by momentum)
   and need the batch's training-set `indices`; the other methods ignore them. Feature losses
   take the global batch (see `train.distill`), so N devices compute what one does.
+
+  teacher_model: the module the teacher's variables run in (None: `model`); a quantized
+  student (a Qwix-wrapped `model`) learns from the float teacher. The collections in
+  `state.frozen` (a static scheme's calibrated ranges) are read, never updated.
   """
+  teacher = model if teacher_model is None else teacher_model
   method = ("kd" if kd else "ce") if method is None else method
   feature, with_kl = distill.parse_method(method)
   weights = DistillWeights() if weights is None else weights
@@ -111,20 +117,24 @@ def make_train_step(
       return weights.beta * f, banks
 
     def loss_fn(params, heads):
-      variables = {"params": apply_masks(params, masks), "batch_stats": state.batch_stats}
+      variables = {
+        "params": apply_masks(params, masks),
+        "batch_stats": state.batch_stats,
+        **(state.frozen or {}),
+      }
       logits, updates = model.apply(variables, x, train=True, mutable=collections)
       logits = logits.astype(jnp.float32)  # softmax, CE and KL in float32 under mixed precision
       aux = lambda *terms: (logits, updates["batch_stats"], terms)
       if feature is None:  # CE, or KD as (1−α)·CE + α·T²·KL: the project's original objective
         if with_kl:
-          teacher_logits = model.apply(teacher_variables, x, train=False).astype(jnp.float32)
+          teacher_logits = teacher.apply(teacher_variables, x, train=False).astype(jnp.float32)
           loss, ce = kd_objective(logits, teacher_logits, labels, alpha, temperature)
         else:
           loss = ce = cross_entropy(logits, labels)
         return loss, aux(ce, None, None, None)
       # γ·CE [+ α'·T²·KL] + β·F; the teacher in inference mode on the same batch, its stage
       # outputs sown.
-      teacher_logits, teacher_state = model.apply(
+      teacher_logits, teacher_state = teacher.apply(
         teacher_variables, x, train=False, mutable=["intermediates"]
       )
       ce = cross_entropy(logits, labels)
@@ -176,7 +186,13 @@ def make_train_step(
   if population > 1:
     # Shared masks are one unbatched pytree inside the otherwise stacked state.
     state_axes = TrainState(
-      step=0, params=0, batch_stats=0, opt_state=0, masks=None if shared_masks else 0, distill=0
+      step=0,
+      params=0,
+      batch_stats=0,
+      opt_state=0,
+      masks=None if shared_masks else 0,
+      distill=0,
+      frozen=0,
     )
     members = jax.vmap(
       step, in_axes=(state_axes, 0, 0, 0, None, None, None, 0), out_axes=(state_axes, 0)
