@@ -8,12 +8,8 @@ figures grouped by method, and bad settings are one line before any training.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cli import (
+  assert_kill_resumes_to_the_same_bytes,
+  finished_run,
+  one_line_error,
+  read_jsonl,
+  run_main,
+)
 
 from prunebias_jax.config import base_config
 from prunebias_jax.models import get_model
@@ -49,21 +52,10 @@ ARGS = [
   "--config.analysis.correlation_resamples=20",
   "--config.analysis.permutations=50",
 ]
-RESULTS = ("results.jsonl", "cells.jsonl", "correlations.jsonl", "results.md")
 
 
-def _run(
-  workdir: Path, *extra: str, kill_at: str | None = None, env: dict | None = None
-) -> subprocess.CompletedProcess:
-  env = {**{k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"}, **(env or {})}
-  if kill_at:
-    env["PRUNEBIAS_JAX_KILL_AT"] = kill_at
-  cmd = [sys.executable, "-m", "prunebias_jax.main", *ARGS, *extra, f"--workdir={workdir}"]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-
-
-def _jsonl(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
+def _run(workdir: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+  return run_main([*ARGS, *extra], workdir, **kwargs)
 
 
 # ------------------------------------------------------------------------------ the train step
@@ -223,14 +215,11 @@ def test_feature_identity_names_method_and_weights_and_leaves_ce_kd_as_they_were
 # ------------------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Path:
-  workdir = tmp_path_factory.mktemp("zoo")
-  proc = _run(workdir)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return workdir
+  return finished_run(ARGS, tmp_path_factory.mktemp("zoo"))
 
 
 def test_every_method_trains_through_the_cli_with_its_records(zoo):
-  records = _jsonl(zoo / "results.jsonl")
+  records = read_jsonl(zoo / "results.jsonl")
   students = [r for r in records if r["method"] != "dense"]
   assert [r["distill"] for r in students] == list(ALL)
   assert [r["distill"] for r in records if r["method"] == "dense"] == [None]
@@ -241,7 +230,7 @@ def test_every_method_trains_through_the_cli_with_its_records(zoo):
     name = f"l1_filter_s0.5_{r['distill'].replace('+', '_')}_seed0"
     assert (zoo / "checkpoints" / name).is_dir(), name
   # Training curves: the step's terms add up (γ = α' = 1) and name what they are.
-  rows = _jsonl(zoo / "metrics.jsonl")
+  rows = read_jsonl(zoo / "metrics.jsonl")
   for method in ALL:
     stage = [r for r in rows if r["stage"] == f"l1_filter_s0.5_{method.replace('+', '_')}_seed0"]
     assert stage and all(np.isfinite(r["loss"]) for r in stage), method
@@ -269,8 +258,8 @@ def test_load_run_gives_back_every_methods_student(zoo):
 
 
 def test_cells_pair_every_method_with_ce_and_feature_methods_with_kd(zoo):
-  records = {r["distill"]: r for r in _jsonl(zoo / "results.jsonl") if r["method"] != "dense"}
-  cells = {c["distill"]: c for c in _jsonl(zoo / "cells.jsonl")}
+  records = {r["distill"]: r for r in read_jsonl(zoo / "results.jsonl") if r["method"] != "dense"}
+  cells = {c["distill"]: c for c in read_jsonl(zoo / "cells.jsonl")}
   assert list(cells) == list(ALL)
   assert "paired_vs_ce" not in cells["ce"] and "paired_vs_kd" not in cells["kd"]
   for method, c in cells.items():
@@ -296,7 +285,7 @@ def test_cells_pair_every_method_with_ce_and_feature_methods_with_kd(zoo):
 
 def _first_steps(workdir: Path) -> dict[tuple[str, int], dict]:
   """metrics.jsonl rows of the first two steps of every fine-tuning stage."""
-  rows = _jsonl(workdir / "metrics.jsonl")
+  rows = read_jsonl(workdir / "metrics.jsonl")
   return {
     (r["stage"], r["step"]): r
     for r in rows
@@ -329,31 +318,15 @@ def test_a_crd_stage_killed_mid_stage_resumes_to_the_same_bytes(zoo, tmp_path):
   """SIGKILL after CRD's first mid-stage checkpoint (step 5); the rerun continues the stage
   from it (heads, optimizer state, memory banks and Z restored) and every result file equals
   the uninterrupted run's."""
-  killed = _run(tmp_path, kill_at=f"{CRD_STAGE}:step8")
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert (tmp_path / "checkpoints" / "partial" / CRD_STAGE).is_dir()
-  rerun = _run(tmp_path)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"{CRD_STAGE}: resumed from the mid-stage checkpoint at step 5/" in rerun.stderr
-  for name in RESULTS:
-    assert (tmp_path / name).read_bytes() == (zoo / name).read_bytes(), name
+  assert_kill_resumes_to_the_same_bytes(ARGS, tmp_path, CRD_STAGE, zoo)
 
 
 def test_a_bad_method_is_one_line_before_any_training(tmp_path):
-  cmd = [
-    sys.executable,
-    "-m",
-    "prunebias_jax.main",
-    "--config=configs/default.py",
-    "--config.distill.method=('ce','crd+sp')",
-    f"--workdir={tmp_path / 'w'}",
-  ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and "config.distill.method='crd+sp' is not allowed" in lines[0], lines
-  assert "sp+kd" in lines[0]  # the allowed names are listed
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  line = one_line_error(
+    ["--config=configs/default.py", "--config.distill.method=('ce','crd+sp')"], tmp_path / "w"
+  )
+  assert "config.distill.method='crd+sp' is not allowed" in line
+  assert "sp+kd" in line  # the allowed names are listed
 
 
 def test_zoo_config_is_the_papers_grid():

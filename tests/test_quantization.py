@@ -5,12 +5,8 @@ killed quantized fine-tuning resuming to the same bytes, bad settings as one lin
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -19,6 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cli import (
+  assert_kill_resumes_to_the_same_bytes,
+  finished_run,
+  one_line_error,
+  read_jsonl,
+  run_main,
+)
 
 from prunebias_jax import quantization as qz
 from prunebias_jax.models import get_model
@@ -250,31 +253,19 @@ ARGS = [
   "--config.analysis.permutations=50",
 ]
 STAGE = "global_magnitude_int8_static_s0.5_kd_seed0"  # a pruned + quantized KD fine-tuning
-RESULTS = ("results.jsonl", "cells.jsonl", "correlations.jsonl", "results.md")
 
 
-def _run(workdir: Path, *extra: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-  env = {k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"}
-  if kill_at:
-    env["PRUNEBIAS_JAX_KILL_AT"] = kill_at
-  cmd = [sys.executable, "-m", "prunebias_jax.main", *ARGS, *extra, f"--workdir={workdir}"]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-
-
-def _jsonl(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
+def _run(workdir: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+  return run_main([*ARGS, *extra], workdir, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def quantized_run(tmp_path_factory) -> Path:
-  workdir = tmp_path_factory.mktemp("quantized")
-  proc = _run(workdir)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return workdir
+  return finished_run(ARGS, tmp_path_factory.mktemp("quantized"))
 
 
 def test_every_compression_method_has_ptq_and_qat_ce_kd_records(quantized_run):
-  records = _jsonl(quantized_run / "results.jsonl")
+  records = read_jsonl(quantized_run / "results.jsonl")
   cells = [(r["method"], r["sparsity"], r["distill"]) for r in records]
   methods = [
     ("int8_weights", 0.0),
@@ -314,12 +305,12 @@ def test_every_compression_method_has_ptq_and_qat_ce_kd_records(quantized_run):
 
 
 def test_kd_and_ce_quantized_fine_tuning_train_with_their_losses(quantized_run):
-  rows = _jsonl(quantized_run / "metrics.jsonl")
+  rows = read_jsonl(quantized_run / "metrics.jsonl")
   for stage, kd in (("int8_weights_s0_ce_seed0", False), ("int8_weights_s0_kd_seed0", True)):
     losses = [r for r in rows if r["stage"] == stage and "loss" in r]
     assert losses and all(np.isfinite(r["loss"]) for r in losses), stage
     assert all(("kd_loss" in r) == kd for r in losses), stage
-  cells = _jsonl(quantized_run / "cells.jsonl")
+  cells = read_jsonl(quantized_run / "cells.jsonl")
   kd = next(c for c in cells if c["method"] == "int8_weights" and c["distill"] == "kd")
   assert kd["paired_vs_ce"]["n_pairs"] == 1  # QAT KD against QAT CE, as for pruning
   ptq = next(c for c in cells if c["method"] == "int8_weights" and c["distill"] == "ptq")
@@ -351,32 +342,14 @@ def test_a_killed_quantized_fine_tuning_resumes_to_the_same_bytes(quantized_run,
   shutil.copytree(quantized_run / "checkpoints", tmp_path / "checkpoints")
   shutil.copy(quantized_run / "config.json", tmp_path / "config.json")
   shutil.rmtree(tmp_path / "checkpoints" / STAGE)
-  killed = _run(tmp_path, kill_at=f"{STAGE}:step8")
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert (tmp_path / "checkpoints" / "partial" / STAGE).is_dir()
-  rerun = _run(tmp_path)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"{STAGE}: resumed from the mid-stage checkpoint at step 5/" in rerun.stderr
-  for name in RESULTS:
-    assert (tmp_path / name).read_bytes() == (quantized_run / name).read_bytes(), name
+  assert_kill_resumes_to_the_same_bytes(ARGS, tmp_path, STAGE, quantized_run)
 
 
 def test_a_bad_scheme_is_one_line_on_the_cli_before_any_work(tmp_path):
-  cmd = [
-    sys.executable,
-    "-m",
-    "prunebias_jax.main",
-    "--config=configs/quantization.py",
-    "--config.quantization.schemes=('int8_weights','int3_weights')",
-    f"--workdir={tmp_path / 'w'}",
-  ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, lines
-  assert "config.quantization.schemes='int3_weights' is not allowed" in lines[0]
-  assert "int8_weights, int4_weights, int8_dynamic, int8_static" in lines[0]  # what is allowed
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  args = ["--config=configs/quantization.py", "--config.quantization.schemes=('int8','int4')"]
+  line = one_line_error(args, tmp_path / "w")
+  assert "config.quantization.schemes='int8' is not allowed" in line
+  assert "int8_weights, int4_weights, int8_dynamic, int8_static" in line  # what is allowed
 
 
 def test_a_calibration_size_beyond_the_split_is_refused_before_any_work(tmp_path):
