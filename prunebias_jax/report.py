@@ -867,10 +867,10 @@ def write_size_plot(path: Path, dense: Record, cells: Sequence[Record]) -> None:
       ax.plot(dense["model_bytes"], dense["accuracy"] if field == "accuracy" else 0.0, "k*", ms=10)
     ax.set_xscale("log")
     # Plain '113.0 KiB' ticks (the figure's text is literal: no mathtext powers of ten).
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_locator(LogLocator(base=2))  # 32 KiB, 64 KiB, ...
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    if field == "cev":
+    if field != "accuracy":  # a collapsed model's bias would flatten every other point
       _symlog(ax, "y", 1.0)
       ax.set_ylim(bottom=0)
     ax.set_xlabel("model size")
