@@ -627,11 +627,18 @@ def finetune(
   population: one vmapped step for all of them.
   """
   cfg = ctx.config
-  if cell.distill == PTQ:
-    return [
-      _post_training(ctx, teacher, cell, seed, m) for seed, m in zip(seeds, masks()[: len(seeds)])
-    ]
   shared = _shared(cfg, seeds)
+  if cell.distill == PTQ:
+    start = masks()[: len(seeds)]
+    pruning = qz.split_method(cell.method)[0]
+    if pruning and _schedule(cfg, cell.sparsity)[0] != cell.sparsity:
+      # A gradual schedule starts below the target, and PTQ has no epochs to reach it: the
+      # post-training model is pruned to the target at once (one-shot).
+      start = [
+        prune(teacher["params"], pruning, cell.sparsity, seed=seeds[0] if shared else s)
+        for s in seeds
+      ]
+    return [_post_training(ctx, teacher, cell, seed, m) for seed, m in zip(seeds, start)]
   names = [cell.checkpoint_name(seed) for seed in seeds]
   stage = _stage_name(names)
   ckpts = [

@@ -398,3 +398,30 @@ def test_load_run_gives_back_quantized_students_with_their_predictions(quantized
   ptq = next(r for r in run.records if r["distill"] == "ptq")
   with pytest.raises(CheckpointError, match="post-training-quantized models are computed"):
     run.model(ptq)
+
+
+def test_a_ptq_model_of_a_gradual_schedule_is_pruned_to_the_target(tmp_path):
+  """Gradual pruning starts fine-tuning at pruning.initial_sparsity; a post-training model has
+  no epochs to get to the target, so it is pruned to it at once (and is labelled with it)."""
+  from configs.default import get_config
+  from prunebias_jax import stages
+  from prunebias_jax.pruning import mask_sparsity
+
+  cfg = get_config()
+  cfg.pruning.methods = ("global_magnitude",)
+  cfg.pruning.sparsities = (0.8,)
+  cfg.pruning.schedule = "gradual"
+  cfg.pruning.frequency_epochs = 1  # 0.1 at epoch 0, then 0.50, 0.71, 0.79, 0.8
+  cfg.finetune.epochs = 10
+  cfg.quantization.schemes = ("int8_weights",)
+  cfg.quantization.prune_first = ("global_magnitude",)
+  ctx = stages.prepare(cfg, tmp_path)
+  model = ctx.model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  teacher = {"params": model["params"], "batch_stats": model["batch_stats"]}
+  method = "global_magnitude+int8_weights"
+  masks = stages.initial_masks(ctx, teacher, method, 0.8, (0,))
+  assert mask_sparsity(masks()[0])["global"] == pytest.approx(0.1, abs=1e-3)  # QAT's start
+  (ptq,) = [c for c in stages.variants(cfg, method, 0.8) if c.distill == stages.PTQ]
+  (member,) = stages.finetune(ctx, teacher, ptq, (0,), masks)
+  assert mask_sparsity(member.masks)["global"] == pytest.approx(0.8, abs=1e-3)
+  assert member.scheme == "int8_weights" and member.training == {"steps": 0}
