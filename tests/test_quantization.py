@@ -273,7 +273,8 @@ def test_every_compression_method_has_ptq_and_qat_ce_kd_records(quantized_run):
     ("global_magnitude+int8_weights", 0.5),
     ("global_magnitude+int8_static", 0.5),
   ]
-  want = [("dense", 0.0, None), ("global_magnitude", 0.5, "ce"), ("global_magnitude", 0.5, "kd")]
+  want = [("dense", 0.0, None), ("none", 0.0, "ce"), ("none", 0.0, "kd")]  # + the control
+  want += [("global_magnitude", 0.5, "ce"), ("global_magnitude", 0.5, "kd")]
   want += [(m, s, d) for m, s in methods for d in ("ptq", "ce", "kd")]
   assert cells == want
   dense = records[0]
