@@ -109,18 +109,23 @@ class Run(NamedTuple):
     num_classes = len(data["class_names"])
     module = get_model(cfg.model, num_classes, dtype=cfg.compute_dtype)
     student = not name.startswith("dense")
-    # A quantized student's checkpoint name holds its scheme: '<scheme>_s…' or '<m>_<scheme>_s…'.
-    scheme = next((q for q in qz.SCHEMES if student and f"{q}_s" in name), None)
-    if scheme:
-      q = cfg.quantization
-      module = qz.quantized_model(module, scheme, q.weight_calibration, q.act_calibration)
-    dummy = jnp.zeros((1, *data["image_shape"]), jnp.float32)
-    variables = module.init(jax.random.key(0), dummy, train=False)
-    template = {k: v for k, v in variables.items() if k in ("params", "batch_stats", qz.STATS)}
-    if student:
-      template["masks"] = masks_to_flat(dense_masks(variables["params"]))
     ckpt = ModelCheckpoint(directory, expect={"model": cfg.model, "num_classes": num_classes})
     try:
+      # A quantization-aware student runs quantized as its training identity says.
+      identity = ckpt.read_meta().get("identity") or {}
+      scheme = identity.get("quantization.scheme")
+      if scheme:
+        module = qz.quantized_model(
+          module,
+          scheme,
+          identity["quantization.weight_calibration"],
+          identity.get("quantization.act_calibration", "absmax"),
+        )
+      dummy = jnp.zeros((1, *data["image_shape"]), jnp.float32)
+      variables = module.init(jax.random.key(0), dummy, train=False)
+      template = {k: v for k, v in variables.items() if k in ("params", "batch_stats", qz.STATS)}
+      if student:
+        template["masks"] = masks_to_flat(dense_masks(variables["params"]))
       tree, meta = ckpt.restore(template)
     finally:
       ckpt.close()

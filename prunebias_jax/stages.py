@@ -607,9 +607,16 @@ def initial_masks(
   def masks() -> list[PyTree]:
     if pruning in (CONTROL, None):  # the control and a scheme alone: all-ones masks
       return [dense_masks(teacher["params"]) for _ in seeds]
-    return [prune(teacher["params"], pruning, start, seed=seeds[0] if shared else s) for s in seeds]
+    return _pruned(teacher, pruning, start, seeds, shared)
 
   return masks
+
+
+def _pruned(
+  teacher: PyTree, method: str, sparsity: float, seeds: Sequence[int], shared: bool
+) -> list[PyTree]:
+  """One set of masks per seed pruned from the teacher (shared masks: all from seeds[0])."""
+  return [prune(teacher["params"], method, sparsity, seed=seeds[0] if shared else s) for s in seeds]
 
 
 def finetune(
@@ -634,10 +641,7 @@ def finetune(
     if pruning and _schedule(cfg, cell.sparsity)[0] != cell.sparsity:
       # A gradual schedule starts below the target, and PTQ has no epochs to reach it: the
       # post-training model is pruned to the target at once (one-shot).
-      start = [
-        prune(teacher["params"], pruning, cell.sparsity, seed=seeds[0] if shared else s)
-        for s in seeds
-      ]
+      start = _pruned(teacher, pruning, cell.sparsity, seeds, shared)
     return [_post_training(ctx, teacher, cell, seed, m) for seed, m in zip(seeds, start)]
   names = [cell.checkpoint_name(seed) for seed in seeds]
   stage = _stage_name(names)
@@ -752,9 +756,8 @@ def _train_students(
   ):
     params = apply_masks(teacher["params"], m)
     # A static scheme's ranges: calibrated on the start weights, then frozen for the training.
-    frozen = cell.scheme and _calibration(
-      ctx, {"params": params, "batch_stats": teacher["batch_stats"]}, cell.scheme, seed
-    )
+    start = {"params": params, "batch_stats": teacher["batch_stats"]}
+    frozen = _calibration(ctx, start, cell.scheme, seed) if cell.scheme else {}
     states.append(
       create_state(params, teacher["batch_stats"], optimizer, distill=c, frozen=frozen or None)
     )

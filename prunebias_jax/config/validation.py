@@ -513,8 +513,6 @@ def _quantization(cfg: ml_collections.ConfigDict) -> None:
     first,
     "() without quantization.schemes (each pruning method is combined with every scheme)",
   )
-  for field in ("ptq", "qat"):
-    _require(isinstance(q[field], bool), f"quantization.{field}", q[field], "True or False")
   _require(
     q.ptq or q.qat or not schemes,
     "quantization.qat",
@@ -523,8 +521,7 @@ def _quantization(cfg: ml_collections.ConfigDict) -> None:
   )
   for field in ("weight_calibration", "act_calibration"):
     _choice(cfg, f"quantization.{field}", CALIBRATIONS)
-  n = q.calibration_examples
-  _require(_is_int(n) and n >= 1, "quantization.calibration_examples", n, "an integer >= 1")
+  _positive_int(cfg, "quantization.calibration_examples")
 
 
 def quantization_methods(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
