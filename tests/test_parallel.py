@@ -42,11 +42,20 @@ def test_train_and_eval_steps_match_on_one_and_four_devices():
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ", 1)[1])
   for kd, r in result.items():
-    # 2 epochs of CE / KD fine-tuning (32 steps) with batch-norm: same to float tolerance.
-    assert r["max_variable_diff"] < 1e-3, (kd, r)
-    assert abs(r["loss_one"] - r["loss_four"]) < 1e-4 * max(1.0, abs(r["loss_one"])), (kd, r)
-    assert r["max_logit_diff"] < 1e-3, (kd, r)
-    assert r["argmax_disagreements"] == 0 and r["num_test"] == 719, (kd, r)
+    # One step from the same state and batch: only the order of the cross-device sums differs.
+    step = r["step"]
+    assert step["max_variable_diff"] < 1e-5, (kd, step)
+    assert abs(step["loss_one"] - step["loss_four"]) < 1e-5 * max(1.0, step["loss_one"]), (kd, step)
+    # The same variables evaluated on each mesh: per-example work, nothing summed across devices.
+    ev = r["eval"]
+    assert ev["max_logit_diff"] < 1e-4 and ev["argmax_disagreements"] == 0, (kd, ev)
+    assert ev["num_test"] == 719, (kd, ev)
+    # Two epochs through `fit`: CE training amplifies the reduction order (a one-ulp change of
+    # the initial weights reaches ~3e-3 in 32 steps), so the 4-device run is held to a few
+    # times the floor measured alongside it, not to a fixed tolerance.
+    f = r["fit"]
+    assert f["max_variable_diff"] <= 5 * f["noise_variable_diff"] + 1e-5, (kd, f)
+    assert f["loss_diff"] <= 5 * f["noise_loss_diff"] + 1e-5, (kd, f)
 
 
 def run(workdir: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:
