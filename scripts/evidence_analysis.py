@@ -1,7 +1,7 @@
 """The decision rules of the pre-registered CIFAR-10 evidence run, applied to its records.
 
     python scripts/evidence_analysis.py runs/evidence --markdown runs/evidence/evidence.md \
-      [--json runs/evidence/evidence.json]
+      [--json runs/evidence/evidence.json] [--plot runs/evidence/evidence.png]
 
 WORKDIR holds the two runs of `scripts/evidence_cifar10.sh`: imbalanced/ and balanced/, each
 with the results.jsonl and cells.jsonl written by `prunebias_jax.main`. The rules (a)-(c) are
@@ -354,11 +354,73 @@ def markdown(runs, a, b, c, reduced) -> str:
   return "\n".join(lines) + "\n"
 
 
+def plot(runs: dict[str, dict[str, Any]], reduced: list[int], path: Path) -> None:
+  """One figure, a column per setting: CEV against sparsity (each seed a point, the seed mean a
+  line, CE and KD), and the seed-mean ΔFNR of the reduced classes, CE and KD side by side."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import FuncFormatter, NullFormatter
+
+  sparsities = (0.0, *PRUNED)
+  colors = {"ce": "tab:red", "kd": "tab:blue"}
+  with matplotlib.rc_context({"text.parse_math": False}):
+    fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 7), squeeze=False)
+    for col, (setting, run) in enumerate(runs.items()):
+      top, bottom = axes[0, col], axes[1, col]
+      for j, distill in enumerate(("ce", "kd")):
+        values = np.array(
+          [[_student(run, sp, distill, s)["cev"] for s in SEEDS] for sp in sparsities]
+        )
+        x = np.arange(len(sparsities)) + (j - 0.5) * 0.08
+        for k in range(len(SEEDS)):
+          top.scatter(x, values[:, k], color=colors[distill], s=14, alpha=0.6)
+        top.plot(x, values.mean(1), color=colors[distill], label=f"{distill.upper()} seed mean")
+        for i, sp in enumerate(sparsities):
+          dfnr = np.mean([_student(run, sp, distill, s)["dfnr"] for s in SEEDS], axis=0)
+          width = 0.8 / (2 * len(reduced))
+          pos = i + (np.arange(len(reduced)) * 2 + j - len(reduced) + 0.5) * width
+          bottom.bar(
+            pos,
+            dfnr[reduced],
+            width,
+            color=colors[distill],
+            alpha=0.5 + 0.5 * j,
+            label=distill.upper() if i == 0 else None,
+          )
+      names = run["dataset"]["class_names"]
+      top.set_yscale("log")
+      # Plain tick labels: with mathtext off the log axis' default labels show as '$…$'.
+      top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+      top.yaxis.set_minor_formatter(NullFormatter())
+      top.set_xticks(range(len(sparsities)), [f"{sp:g}" for sp in sparsities])
+      top.set_xlabel("sparsity (structured L1 filter, one shot)")
+      top.set_ylabel("CEV vs the teacher (percent², log)")
+      top.set_title(f"{setting} fine-tuning, seeds {', '.join(map(str, SEEDS))}")
+      top.legend()
+      ticks, labels = [], []
+      for i, sp in enumerate(sparsities):
+        width = 0.8 / (2 * len(reduced))
+        for n, k in enumerate(reduced):
+          ticks.append(i + (2 * n + 1 - len(reduced)) * width)
+          labels.append(f"{names[k]}\n{sp:g}")
+      bottom.set_xticks(ticks, labels, fontsize=7)
+      bottom.axhline(0, color="black", linewidth=0.5)
+      bottom.set_ylabel("ΔFNR, seed mean (percent)")
+      bottom.set_title("reduced classes, by sparsity")
+      bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("workdir", type=Path)
   p.add_argument("--markdown", type=Path, help="write the tables and decisions here")
   p.add_argument("--json", type=Path, help="write every figure of the decisions here")
+  p.add_argument("--plot", type=Path, help="draw CEV by sparsity and the reduced classes' ΔFNR")
   args = p.parse_args(argv)
   runs = load(args.workdir)
   counts = runs["imbalanced"]["dataset"]["finetune_train_class_counts"]
@@ -370,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     args.markdown.write_text(text)
   if args.json:
     args.json.write_text(json.dumps({"a": a, "b": b, "c": c}, indent=1, sort_keys=True) + "\n")
+  if args.plot:
+    plot(runs, reduced, args.plot)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,9 @@ def test_cli_writes_the_decisions_from_the_two_workdirs(tmp_path, capsys):
     (d / "timings.json").write_text(json.dumps({"total": 60.0}))
   ev.main(
     [str(tmp_path), "--markdown", str(tmp_path / "ev.md"), "--json", str(tmp_path / "ev.json")]
+    + ["--plot", str(tmp_path / "ev.png")]
   )
+  assert (tmp_path / "ev.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   text = (tmp_path / "ev.md").read_text()
   assert "- **(a)** **holds**: 24 of 24 comparisons hold." in text
   assert "| c2 | c3 | c4 |" in text  # the reduced classes, found from the fine-tuning counts
