@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prunebias_jax"
 
 # Bottom to top; a module may import modules of a lower rank, and of its own package.
 RANKS = {
+  "choices": 0,
   "errors": 0,
   "faults": 0,
   "files": 1,
@@ -149,3 +150,32 @@ def test_experiment_run_fits_on_one_screen():
   tree = ast.parse((PACKAGE / "experiment.py").read_text())
   (run,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
   assert run.end_lineno - run.lineno + 1 <= 70
+
+
+def test_the_config_package_imports_no_jax():
+  """A bad config value is one line before JAX, Flax, Orbax, Qwix or TFDS is imported: the
+  config package and the configs load in a fresh interpreter with none of them."""
+  import subprocess
+  import sys
+
+  heavy = ("jax", "flax", "optax", "orbax", "qwix", "tensorflow_datasets", "scipy")
+  code = (
+    "import sys; from configs.default import get_config; from prunebias_jax.config import "
+    "resolve_config, validate_config; validate_config(resolve_config(get_config())); "
+    f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+  )
+  root = PACKAGE.parent
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_choices_are_the_registries_names():
+  """The validator's names (`choices`, importable without JAX) are the implementations'."""
+  from prunebias_jax import choices
+  from prunebias_jax.models import available_models
+  from prunebias_jax.quantization import SCHEMES
+
+  assert available_models() == choices.MODELS
+  assert tuple(SCHEMES) == choices.QUANTIZATION_SCHEMES
+  assert tuple(n for n, s in SCHEMES.items() if s.static) == choices.STATIC_SCHEMES

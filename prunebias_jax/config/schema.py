@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from prunebias_jax.train.distill import FEATURE_METHODS
+from prunebias_jax.choices import FEATURE_METHODS
 
 
 def sgd(

@@ -12,16 +12,24 @@ from collections.abc import Sequence
 
 import ml_collections
 
+# Only `choices` (no JAX): a bad value is reported before the ~4 s import of JAX and the rest.
+from prunebias_jax.choices import (
+  CALIBRATIONS,
+  COMPUTE_DTYPES,
+  CONVENTIONS,
+  DISTILL_METHODS,
+  MODELS,
+  NONFINITE_RULES,
+  PRUNING_SCHEDULES,
+  QUANTIZATION_SCHEMES,
+  STATIC_SCHEMES,
+  ZERO_RATE_RULES,
+)
+from prunebias_jax.choices import DATA_SOURCES as SOURCES
+from prunebias_jax.choices import LR_SCHEDULES as SCHEDULES
+from prunebias_jax.choices import PRUNING_METHODS as METHODS
 from prunebias_jax.config.schema import base_config
-from prunebias_jax.data import SOURCES
 from prunebias_jax.errors import ConfigError
-from prunebias_jax.metrics import CONVENTIONS, ZERO_RATE_RULES
-from prunebias_jax.models import COMPUTE_DTYPES, available_models
-from prunebias_jax.pruning import METHODS
-from prunebias_jax.pruning.schedule import SCHEDULES as PRUNING_SCHEDULES
-from prunebias_jax.quantization import CALIBRATIONS, SCHEMES
-from prunebias_jax.train import NONFINITE_RULES, SCHEDULES
-from prunebias_jax.train.distill import METHODS as DISTILL_METHODS
 
 MAX_IMAGE_SIZE = 1024
 # Seeds reach jax.random.key and uint32 key arrays (population training): keep every seed,
@@ -202,7 +210,7 @@ def check_runlocal_overrides(cfg: ml_collections.ConfigDict) -> None:
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first value that cannot run."""
   check_schema(cfg)
-  _choice(cfg, "model", available_models())
+  _choice(cfg, "model", MODELS)
   _choice(cfg, "data.source", SOURCES)
   _positive_int(cfg, "data.batch_size")
   _positive_int(cfg, "data.eval_batch_size")
@@ -501,7 +509,12 @@ def _quantization(cfg: ml_collections.ConfigDict) -> None:
   q = cfg.quantization
   schemes = _sequence(cfg, "quantization.schemes")
   for name in schemes:
-    _require(name in SCHEMES, "quantization.schemes", name, "one of: " + ", ".join(SCHEMES))
+    _require(
+      name in QUANTIZATION_SCHEMES,
+      "quantization.schemes",
+      name,
+      "one of: " + ", ".join(QUANTIZATION_SCHEMES),
+    )
   _distinct(schemes, "quantization.schemes")
   first = _sequence(cfg, "quantization.prune_first")
   for m in first:
@@ -602,7 +615,7 @@ def validate_against_dataset(
       f"a test split of at least 2 examples (this one has {test_size}{_made_by(cfg, 'test')}; "
       "SVCCA and every comparison need two)",
     )
-  if any(SCHEMES[name].static for name in cfg.quantization.schemes):
+  if any(name in STATIC_SCHEMES for name in cfg.quantization.schemes):
     n = cfg.quantization.calibration_examples
     _require(
       n <= finetune_train_size,

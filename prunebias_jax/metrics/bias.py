@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from prunebias_jax.choices import CONVENTIONS, ZERO_RATE_RULES
 from prunebias_jax.metrics.confusion import (
   _check_num_classes,
   per_class_rates,
@@ -60,9 +61,6 @@ __all__ = [
 ]
 
 ArrayLike = Any
-
-ZERO_RATE_RULES: tuple[str, ...] = ("floor", "exclude")
-CONVENTIONS: tuple[str, ...] = ("simon_says", "nas2022")
 
 
 class BiasChange(NamedTuple):

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from prunebias_jax.choices import COMPUTE_DTYPES
 from prunebias_jax.models.resnet18 import resnet18
 from prunebias_jax.models.resnet_cifar import BasicBlock, ResNetBackbone, cifar_resnet, resnet32x4
 from prunebias_jax.models.small_cnn import SmallCNN
@@ -56,10 +57,6 @@ _REGISTRY: dict[str, _Builder] = {
   "vgg11": lambda nc, dt: vgg("vgg11", nc, dt),
   "vgg16": lambda nc, dt: vgg("vgg16", nc, dt),
 }
-
-
-#: Compute dtypes accepted by :func:`get_model` (parameters are float32 either way).
-COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 def _compute_dtype(dtype: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from prunebias_jax.choices import PRUNING_METHODS
 from prunebias_jax.pruning.masks import (
   apply_masks,
   build_masks,
@@ -35,7 +36,7 @@ from prunebias_jax.pruning.scores import (
 )
 
 PyTree = Any
-METHODS = ("l1_filter", "global_magnitude", "layer_magnitude", "random")
+METHODS = PRUNING_METHODS
 
 
 def _previous(previous_masks: PyTree | None) -> dict[str, np.ndarray]:

@@ -18,7 +18,9 @@ Units pruned earlier stay pruned (`prune(..., previous_masks=...)`).
 
 from __future__ import annotations
 
-SCHEDULES = ("one_shot", "gradual")
+from prunebias_jax.choices import PRUNING_SCHEDULES
+
+SCHEDULES = PRUNING_SCHEDULES
 
 
 def agp_sparsity(epoch: int, target: float, initial: float, span: int) -> float:

@@ -44,7 +44,6 @@ SCHEMES: dict[str, Scheme] = {
   "int8_dynamic": Scheme(8, 8),
   "int8_static": Scheme(8, 8, static=True),
 }
-CALIBRATIONS = ("absmax", "minmax")  # Qwix's weight/activation range rules used here
 QTYPES = {8: jnp.int8, 4: jnp.int4}
 STATS = "quant_stats"  # the Flax collection of a static scheme's calibrated activation ranges
 

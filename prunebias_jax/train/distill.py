@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from prunebias_jax.choices import DISTILL_METHODS
+
 PyTree = Any
-FEATURE_METHODS = ("sp", "at", "pkt", "crd", "hint")
-METHODS = ("ce", "kd", *FEATURE_METHODS, *(f"{m}+kd" for m in FEATURE_METHODS))
+METHODS = DISTILL_METHODS
 EPS = 1e-7  # RepDistiller's eps in PKT and in CRD's NCE loss
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
 

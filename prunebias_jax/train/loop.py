@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from prunebias_jax.checkpoint import StageCheckpoint
+from prunebias_jax.choices import NONFINITE_RULES
 from prunebias_jax.data.dataset import Split
 from prunebias_jax.data.pipeline import steps_per_epoch, train_batches
 from prunebias_jax.errors import Interrupted, NonFiniteLossError
@@ -20,9 +21,6 @@ from prunebias_jax.parallel import DataParallel
 from prunebias_jax.train.state import TrainState
 
 PyTree = Any
-
-
-NONFINITE_RULES = ("stop", "skip")
 
 
 def format_duration(seconds: float) -> str:

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from prunebias_jax.choices import LR_SCHEDULES
+
 PyTree = Any
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = LR_SCHEDULES
 
 
 @flax.struct.dataclass
