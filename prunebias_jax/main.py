@@ -24,9 +24,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from prunebias_jax.config import resolve_config, validate_config
 from prunebias_jax.errors import (
   EXIT_BAD_INPUT,
   EXIT_INTERRUPTED,
+  ConfigError,
   DiskFullError,
   UserError,
   one_line,
@@ -285,9 +287,6 @@ def _check_values(config: ml_collections.ConfigDict, explicit_keys: set[str]) ->
   """The config's values checked before JAX is imported (the config package imports none of
   it), so a bad value is one line in well under a second instead of after a ~4 s import.
   `experiment.run` checks them again for library callers; the messages are the same."""
-  from prunebias_jax.config import resolve_config, validate_config
-  from prunebias_jax.errors import ConfigError
-
   try:
     validate_config(resolve_config(config, explicit_keys))
   except ConfigError as e:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from prunebias_jax.choices import DATA_SOURCES
+from prunebias_jax.choices import DATA_SOURCES as SOURCES
 from prunebias_jax.data.dataset import Dataset, Split, channel_stats
 from prunebias_jax.data.embedded import load_digits
 from prunebias_jax.data.groups import attribute_names
@@ -48,8 +48,6 @@ from prunebias_jax.data.image_folder import (
 from prunebias_jax.data.imbalance import subsample_classes
 from prunebias_jax.data.tfds_source import load_tfds
 from prunebias_jax.errors import DataError
-
-SOURCES = DATA_SOURCES
 
 
 def _digits(data_config: ml_collections.ConfigDict) -> Dataset:

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from prunebias_jax.choices import PRUNING_METHODS
+from prunebias_jax.choices import PRUNING_METHODS as METHODS
 from prunebias_jax.pruning.masks import (
   apply_masks,
   build_masks,
@@ -36,7 +36,6 @@ from prunebias_jax.pruning.scores import (
 )
 
 PyTree = Any
-METHODS = PRUNING_METHODS
 
 
 def _previous(previous_masks: PyTree | None) -> dict[str, np.ndarray]:

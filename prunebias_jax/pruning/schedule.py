@@ -18,9 +18,7 @@ Units pruned earlier stay pruned (`prune(..., previous_masks=...)`).
 
 from __future__ import annotations
 
-from prunebias_jax.choices import PRUNING_SCHEDULES
-
-SCHEDULES = PRUNING_SCHEDULES
+from prunebias_jax.choices import PRUNING_SCHEDULES as SCHEDULES
 
 
 def agp_sparsity(epoch: int, target: float, initial: float, span: int) -> float:

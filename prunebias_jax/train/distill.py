@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prunebias_jax.choices import DISTILL_METHODS
+from prunebias_jax.choices import DISTILL_METHODS as METHODS
 
 PyTree = Any
-METHODS = DISTILL_METHODS
 EPS = 1e-7  # RepDistiller's eps in PKT and in CRD's NCE loss
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
 

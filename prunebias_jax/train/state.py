@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from prunebias_jax.choices import LR_SCHEDULES
+from prunebias_jax.choices import LR_SCHEDULES as SCHEDULES
 
 PyTree = Any
-SCHEDULES = LR_SCHEDULES
 
 
 @flax.struct.dataclass
