@@ -111,6 +111,10 @@ class ModelCheckpoint:
   match on restore (`IdentityMismatch` otherwise). A checkpoint written before identities
   existed has none: it is accepted only with `legacy_ok` (the caller has other evidence of
   how it was trained, e.g. an unchanged config.json).
+
+  `cleanup_tmp`: delete the temporaries of an interrupted save on opening; only the worker
+  that owns the checkpoint's stage (`claims`) may, a reader must not (another worker may be
+  saving it now).
   """
 
   def __init__(
@@ -120,6 +124,7 @@ class ModelCheckpoint:
     expect: dict[str, Any] | None = None,
     identity: Identity | None = None,
     legacy_ok: bool = False,
+    cleanup_tmp: bool = True,
   ):
     self.directory = Path(directory).absolute()
     self.expect = dict(expect or {})
@@ -128,7 +133,7 @@ class ModelCheckpoint:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=cleanup_tmp
       ),
     )
 

@@ -33,3 +33,4 @@ CONVENTIONS = ("simon_says", "nas2022")
 QUANTIZATION_SCHEMES = ("int8_weights", "int4_weights", "int8_dynamic", "int8_static")
 STATIC_SCHEMES = ("int8_static",)  # activation ranges calibrated on training images
 CALIBRATIONS = ("absmax", "minmax")  # the Qwix weight/activation range rules `quantization` uses
+STAGES = ("all", "dense", "cells", "report")  # config.stage: the parts of a sweep a worker runs

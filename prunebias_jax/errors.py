@@ -9,6 +9,7 @@ keeps its traceback.
 | `ConfigError` | a config value, flag or workdir that cannot run | 2 |
 | `DataError` | a data source, folder or file that cannot be read | 2 |
 | `CheckpointError` | a checkpoint of another model, or a damaged one | 2 |
+| `StageOrderError` | a sweep stage run before the stages it needs (`config.stage`) | 2 |
 | `NonFiniteLossError` | a NaN/Inf training loss with `nonfinite='stop'` | 3 |
 | `DiskFullError` | no space left while writing (a rerun after freeing space resumes) | 4 |
 | `Interrupted` | Ctrl-C (SIGINT); a rerun resumes from the last mid-stage checkpoint | 130 |
@@ -54,6 +55,11 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
   """A checkpoint exists but cannot be used by this run; it is left untouched."""
+
+
+class StageOrderError(UserError):
+  """`config.stage` names a stage whose inputs are not there yet (cells before the dense
+  stage, the report before every cell); nothing was changed."""
 
 
 class NonFiniteLossError(UserError, FloatingPointError):

@@ -10,14 +10,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from prunebias_jax.faults import crash_point
 
 TMP_SUFFIX = ".tmp"
+OWNER_SEPARATOR = "~"  # in no host name: `.<name>~<owner>~<random>.tmp`
+
+
+def owner() -> str:
+  """This process as the owner of its temporaries: '<host>-<pid>' (host names carry no '~';
+  a '~' or '/' that one did would be replaced)."""
+  host = socket.gethostname().replace(OWNER_SEPARATOR, "_").replace("/", "_")
+  return f"{host}-{os.getpid()}"
+
+
+def temporary_owner(path: str | os.PathLike) -> str | None:
+  """The owner (`owner()`) named in a temporary's file name; None for one without."""
+  parts = Path(path).name.split(OWNER_SEPARATOR)
+  return parts[1] if len(parts) == 3 and parts[2].endswith(TMP_SUFFIX) else None
 
 
 def current_umask() -> int:
@@ -44,13 +59,15 @@ def default_file_mode() -> int:
 def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
   """A binary file that becomes `path` only when the block ends without an exception.
 
-  It is a temporary file in the same directory (so the rename is atomic), given the default
-  file mode, fsynced, then renamed over `path`; on an exception it is deleted and `path` keeps
-  its old contents.
+  It is a temporary file in the same directory (so the rename is atomic), named with its
+  owner (so a worker sharing the workdir can tell a live writer's file from a dead one's),
+  given the default file mode, fsynced, then renamed over `path`; on an exception it is
+  deleted and `path` keeps its old contents.
   """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+  prefix = f".{path.name}{OWNER_SEPARATOR}{owner()}{OWNER_SEPARATOR}"
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TMP_SUFFIX)
   try:
     with os.fdopen(fd, "wb") as f:
       # mkstemp creates 0600 whatever the umask; give the file the mode open() would.
@@ -85,13 +102,20 @@ def check_writable(directory: str | os.PathLike) -> None:
   os.unlink(tmp)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-  """Deletes the `.<name>.*.tmp` files that `write_atomic` leaves when a run is killed between
-  writing and renaming (they are never read); returns what was removed."""
+def remove_stale_temporaries(
+  directory: str | os.PathLike, alive: Callable[[str], bool] = lambda owner: False
+) -> list[Path]:
+  """Deletes the `.<name>~<owner>~*.tmp` files that `write_atomic` leaves when a run is
+  killed between writing and renaming (they are never read), but those of an owner that
+  `alive(owner)` says is still running (another worker writing it now); returns what was
+  removed."""
   directory = Path(directory)
   removed = []
   if directory.is_dir():
     for tmp in directory.rglob(f".*{TMP_SUFFIX}"):
+      who = temporary_owner(tmp)
+      if who is not None and alive(who):
+        continue
       if tmp.is_file() and not tmp.is_symlink():
         tmp.unlink(missing_ok=True)
         removed.append(tmp)

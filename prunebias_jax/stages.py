@@ -33,6 +33,7 @@ from absl import logging
 from prunebias_jax import quantization as qz
 from prunebias_jax import workdir as wd
 from prunebias_jax.checkpoint import Identity
+from prunebias_jax.claims import Worker
 from prunebias_jax.config import (
   ConfigError,
   distill_methods,
@@ -150,10 +151,14 @@ class Model(NamedTuple):
 
 # ------------------------------------------------------------------------------------ set-up
 def prepare(
-  config: ml_collections.ConfigDict, workdir: str | Path, explicit_keys: Collection[str] = ()
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  explicit_keys: Collection[str] = (),
+  worker: Worker | None = None,
 ) -> RunContext:
   """Resolves and checks the config, the workdir, the data, the model and the checkpoints
-  already there: everything that can fail on bad input, before any training."""
+  already there: everything that can fail on bad input, before any training. `worker`: this
+  process among those sharing the workdir (started here; one of its own without)."""
   cfg = resolve_config(config, explicit_keys)
   workdir = Path(workdir)
   validate_config(cfg)
@@ -185,10 +190,16 @@ def prepare(
   expect = {"model": cfg.model, "num_classes": data.num_classes}
   identities = planned_identities(cfg, data)
   wd.check_paths(workdir, identities)
-  differing = wd.config_differences(workdir, cfg)  # read only: nothing moves before the checks
-  legacy_ok = differing == []
-  wd.check_checkpoints(workdir, expect, identities, legacy_ok, cfg.overwrite)
-  wd.guard(workdir, differing)
+  # A run refused for a checkpoint trained differently changes nothing, not even locks/.
+  differing = wd.config_differences(workdir, cfg)
+  wd.check_checkpoints(workdir, expect, identities, differing == [], cfg.overwrite, delete=False)
+  worker = worker or Worker(workdir)
+  worker.start()
+  with worker.holding("setup"):  # one worker at a time reads, checks and cleans the workdir
+    differing = wd.config_differences(workdir, cfg)  # read only: nothing moves before the checks
+    legacy_ok = differing == []
+    wd.check_checkpoints(workdir, expect, identities, legacy_ok, cfg.overwrite)
+    wd.guard(workdir, differing, cfg, worker.alive)
   logging.info(
     "data %s: %d teacher-train / %d fine-tune-train / %d test images %s, %d classes; "
     "fine-tune class counts %s",
@@ -248,7 +259,7 @@ def planned_identities(config: ml_collections.ConfigDict, data: Dataset) -> dict
   teacher = dense_identity(cfg, data, cfg.seed, dense_fp)
   out = {}
   for seed in dense_seeds(cfg):
-    out[_dense_name(cfg, seed)] = dense_identity(cfg, data, seed, dense_fp)
+    out[dense_name(cfg, seed)] = dense_identity(cfg, data, seed, dense_fp)
   for seeds, method, sparsity in pruning_groups(cfg):
     plan = _schedule(cfg, sparsity)
     for cell in variants(cfg, method, sparsity):
@@ -273,18 +284,18 @@ def planned_identities(config: ml_collections.ConfigDict, data: Dataset) -> dict
         for seed in seeds
       ]
       out.update(zip(names, members))
-      out[_stage_name(names)] = stage_identity(members)
+      out[stage_name(names)] = stage_identity(members)
   return out
 
 
-def _dense_name(config: ml_collections.ConfigDict, seed: int) -> str:
+def dense_name(config: ml_collections.ConfigDict, seed: int) -> str:
   return "dense" if seed == config.seed else f"dense_seed{seed}"
 
 
 def checkpoint_name(config: ml_collections.ConfigDict, record: dict[str, Any]) -> str:
   """The checkpoint of the model a results.jsonl record describes (as this module names it)."""
   if record["method"] == "dense":
-    return _dense_name(config, record["seed"])
+    return dense_name(config, record["seed"])
   t = record.get("temperature")
   distill = distill_of(record)  # also for records written before the field
   swept = distill == "kd" and t != config.kd.temperature  # as `variants` marks it
@@ -292,7 +303,7 @@ def checkpoint_name(config: ml_collections.ConfigDict, record: dict[str, Any]) -
   return cell.checkpoint_name(record["seed"])
 
 
-def _stage_name(names: Sequence[str]) -> str:
+def stage_name(names: Sequence[str]) -> str:
   """One training stage per population: its mid-stage checkpoints' directory name."""
   return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
 
@@ -467,7 +478,7 @@ def train_dense(ctx: RunContext, seed: int) -> Model:
   the other seeds make up the dense population of the CIE and significance analyses.
   """
   cfg = ctx.config
-  name = _dense_name(cfg, seed)
+  name = dense_name(cfg, seed)
   dummy = jnp.zeros((1,) + ctx.data.image_shape, jnp.float32)
   variables = ctx.model.init(jax.random.key(seed), dummy, train=False)
   tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
@@ -644,7 +655,7 @@ def finetune(
       start = _pruned(teacher, pruning, cell.sparsity, seeds, shared)
     return [_post_training(ctx, teacher, cell, seed, m) for seed, m in zip(seeds, start)]
   names = [cell.checkpoint_name(seed) for seed in seeds]
-  stage = _stage_name(names)
+  stage = stage_name(names)
   ckpts = [
     wd.model_checkpoint(ctx.workdir, name, ctx.expect, ctx.identities[name], ctx.legacy_ok)
     for name in names

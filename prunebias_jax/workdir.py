@@ -5,6 +5,8 @@
              checkpoints/partial/<stage>/           mid-stage checkpoints of a stage in progress
              results.jsonl, cells.jsonl, correlations.jsonl, results.md, plots/, timings.json
              previous_runs/<time>/                  the run files of an earlier, different config
+             cells/<unit>.npz                       each finished unit's records and outputs
+             locks/, provenance.jsonl               the workers of a shared sweep (`claims`)
 
 What may be reused is decided by the checkpoints alone: each carries the identity of its
 training (`provenance`), and a run restores a model only when that identity is its own.
@@ -24,7 +26,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,12 @@ import ml_collections
 from absl import logging
 
 from prunebias_jax.checkpoint import Identity, IdentityMismatch, ModelCheckpoint, StageCheckpoint
+from prunebias_jax.claims import LOCKS, WORKERS
 from prunebias_jax.config import COSMETIC_KEYS, SWEEP_KEYS, base_config, flatten
 from prunebias_jax.errors import ConfigError
-from prunebias_jax.files import check_writable, remove_stale_temporaries
+from prunebias_jax.files import check_writable, remove_stale_temporaries, write_json_atomic
 
+CELLS = "cells"  # cells/<unit>.npz: each finished unit's records (`cellfiles`)
 PARTIAL = "partial"  # checkpoints/partial/<stage>: mid-stage checkpoints of stages in progress
 PREVIOUS = "previous_runs"  # previous_runs/<time>/: run files of an earlier, different config
 RUN_FILES = (
@@ -82,6 +86,7 @@ def check_paths(workdir: Path, checkpoint_names: Collection[str]) -> None:
   Found at the end of a long run, each of these used to end in an OS traceback."""
   ckpts = workdir / "checkpoints"
   dirs = [ckpts, ckpts / PARTIAL, workdir / "plots", workdir / PREVIOUS]
+  dirs += [workdir / LOCKS, workdir / LOCKS / WORKERS, workdir / CELLS]
   dirs += [ckpts / n for n in checkpoint_names] + [ckpts / PARTIAL / n for n in checkpoint_names]
   files = [workdir / n for n in RUN_FILES]
   if (workdir / "plots").is_dir():
@@ -94,7 +99,14 @@ def check_paths(workdir: Path, checkpoint_names: Collection[str]) -> None:
     _expect(path, directory=False)
   # access(2), not a probe file: checking must not change the directories it checks (their
   # mtimes included). It honours read-only mounts and immutable inodes, for root too.
-  for path in (workdir, ckpts, ckpts / PARTIAL, workdir / "plots"):
+  for path in (
+    workdir,
+    ckpts,
+    ckpts / PARTIAL,
+    workdir / "plots",
+    workdir / LOCKS,
+    workdir / CELLS,
+  ):
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
       raise ConfigError(
         f"{path} is not writable (read-only, immutable or without permission); the run "
@@ -148,10 +160,17 @@ def config_differences(workdir: Path, config: ml_collections.ConfigDict) -> list
   return sorted(k for k in keys if k not in ignore and old.get(k) != new.get(k))
 
 
-def guard(workdir: Path, differing: list[str] | None) -> None:
+def guard(
+  workdir: Path,
+  differing: list[str] | None,
+  config: ml_collections.ConfigDict,
+  alive: Callable[[str], bool] = lambda owner: False,
+) -> None:
   """Moves the run files of a different config (`differing`: `config_differences`) to
-  previous_runs/, and removes the temporaries of a run killed mid-write. Called once every
-  check has passed: a refused run changes nothing."""
+  previous_runs/, writes this run's config.json, and removes the temporaries of a run killed
+  mid-write (but those of a worker that `alive` says still runs). Called once every check
+  has passed, holding the workdir's setup lock (`claims`): a refused run changes nothing,
+  and a second worker starting now sees this one's config.json, not an empty workdir."""
   barrier("workdir checked")
   if is_writer():
     present = [n for n in RUN_FILES + ("plots",) if (workdir / n).exists()]
@@ -166,7 +185,8 @@ def guard(workdir: Path, differing: list[str] | None) -> None:
       logging.warning(
         "the workdir's run files describe another config (%s): moved to %s", why, target
       )
-    for tmp in remove_stale_temporaries(workdir):
+    write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+    for tmp in remove_stale_temporaries(workdir, alive):
       logging.info("removed %s (a temporary file of an interrupted run)", tmp)
   barrier("workdir ready")
 
@@ -206,6 +226,7 @@ def check_checkpoints(
   identities: dict[str, Identity],
   legacy_ok: bool,
   overwrite: bool,
+  delete: bool = True,
 ) -> None:
   """Reads the metadata of every checkpoint in `workdir` before any training, so one of
   another model, a damaged one, or one this run would train differently stops the run now
@@ -214,7 +235,8 @@ def check_checkpoints(
   `identities`: {checkpoint or stage name: the identity this run trains it with}. A finished
   model whose identity differs is refused, or deleted with `overwrite`; mid-stage
   checkpoints whose identity differs are deleted (their stage is trained again from its
-  start). Checkpoints this run does not train are only checked for model and classes."""
+  start). Checkpoints this run does not train are only checked for model and classes.
+  `delete=False`: only the refusal, nothing deleted (before the workdir's setup lock)."""
   root = workdir / "checkpoints"
   if not root.is_dir():
     return
@@ -223,7 +245,9 @@ def check_checkpoints(
     dirs += [d for d in (root / PARTIAL).iterdir() if d.is_dir()]
   stale: list[tuple[Path, IdentityMismatch]] = []
   for d in sorted(dirs):
-    ckpt = ModelCheckpoint(d, expect=expect, identity=identities.get(d.name), legacy_ok=legacy_ok)
+    ckpt = ModelCheckpoint(
+      d, expect=expect, identity=identities.get(d.name), legacy_ok=legacy_ok, cleanup_tmp=False
+    )
     try:
       if ckpt.latest_step() is not None:
         ckpt.read_meta()
@@ -236,6 +260,8 @@ def check_checkpoints(
     more = f" ({len(finished) - 1} more checkpoint(s) differ)" if len(finished) > 1 else ""
     first = finished[0][1]
     raise IdentityMismatch(f"{first}{more}", first.differences)
+  if not delete:  # a check only: refuse, or change nothing
+    return
   barrier("checkpoints checked")
   if is_writer():
     for d, e in stale:
@@ -262,3 +288,10 @@ def drop_stale_partial(workdir: Path, stage: str) -> None:
   path = partial_dir(workdir, stage)
   if path.is_dir() and is_writer():
     shutil.rmtree(path, ignore_errors=True)
+
+
+def is_saved(workdir: Path, name: str) -> bool:
+  """Whether checkpoints/<name> holds a finished save (Orbax names a finalized step by its
+  number alone; a save in progress has a temporary name)."""
+  path = workdir / "checkpoints" / name
+  return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())

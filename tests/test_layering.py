@@ -36,10 +36,15 @@ RANKS = {
   "provenance": 6,
   "report": 7,
   "stages": 7,
-  "experiment": 8,
+  "claims": 2,
+  "history": 3,
+  "cellfiles": 7,
+  "units": 8,
+  "experiment": 9,
   "audit": 8,
   "load": 8,
-  "main": 9,
+  "main": 10,
+  "sweep": 11,
 }
 PLOTTING = ("matplotlib", "PIL")
 

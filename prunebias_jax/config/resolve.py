@@ -23,6 +23,9 @@ SWEEP_KEYS = (
 COSMETIC_KEYS = (
   "progress_seconds",
   "overwrite",
+  "stage",
+  "shard.count",
+  "shard.index",
   "distributed",
   "coordinator_address",
   "num_processes",

@@ -46,6 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
   # True: retrain the models in --workdir whose checkpoints record another training (the
   # others are kept); False: such a model stops the run before any work.
   config.overwrite = False
+  # Sweeps on many workers (README, "Sweeps on a cluster"): the parts this process runs ("all";
+  # "dense": the teacher and the dense population; "cells": this shard's cells; "report": the
+  # run files from every finished cell) and the shard of the cells it takes: the index-th of
+  # count balanced subsets. index -1: from $PRUNEBIAS_SHARD_INDEX, else $SLURM_ARRAY_TASK_ID.
+  config.stage = "all"
+  config.shard = ml_collections.ConfigDict()
+  config.shard.count = 1
+  config.shard.index = -1
   # A NaN/Inf training loss: "stop" (error naming the stage, step and last finite loss) or
   # "skip" (that step's update is dropped; the count is logged and kept in the checkpoint).
   config.nonfinite = "stop"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -22,6 +23,7 @@ from prunebias_jax.choices import (
   NONFINITE_RULES,
   PRUNING_SCHEDULES,
   QUANTIZATION_SCHEMES,
+  STAGES,
   STATIC_SCHEMES,
   ZERO_RATE_RULES,
 )
@@ -205,6 +207,33 @@ def check_runlocal_overrides(cfg: ml_collections.ConfigDict) -> None:
         "known dotted fields, e.g. 'dense.epochs'",
       )
       node = node[part]
+
+
+SHARD_INDEX_VARIABLES = ("PRUNEBIAS_SHARD_INDEX", "SLURM_ARRAY_TASK_ID")
+
+
+def shard_index(cfg: ml_collections.ConfigDict) -> int:
+  """The shard this process runs: config.shard.index, or with -1 the first of
+  SHARD_INDEX_VARIABLES that is set (0 when shard.count is 1)."""
+  count, index = cfg.shard.count, cfg.shard.index
+  if index != -1:
+    return index
+  if count == 1:
+    return 0
+  for name in SHARD_INDEX_VARIABLES:
+    value = os.environ.get(name)
+    if value is None:
+      continue
+    if not value.strip().isdigit() or int(value) >= count:
+      raise ConfigError(
+        f"${name}={value!r} is not a shard index for config.shard.count={count}; expected an "
+        f"integer in [0, {count - 1}] (a SLURM array runs --array=0-{count - 1})"
+      )
+    return int(value)
+  raise ConfigError(
+    f"config.shard.count={count} needs the shard this process runs: pass "
+    f"--config.shard.index=<0..{count - 1}> or set ${' or $'.join(SHARD_INDEX_VARIABLES)}"
+  )
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -396,6 +425,17 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "analysis.cie_tie_rule", CIE_TIE_RULES)
   _choice(cfg, "metrics.zero_rate", ZERO_RATE_RULES)
   _choice(cfg, "metrics.convention", CONVENTIONS)
+  _choice(cfg, "stage", STAGES)
+  _positive_int(cfg, "shard.count")
+  v = cfg.shard.index
+  _require(
+    _is_int(v) and -1 <= v < cfg.shard.count,
+    "shard.index",
+    v,
+    f"an integer in [0, {cfg.shard.count - 1}] (shard.count={cfg.shard.count}), or -1: from "
+    f"${' or $'.join(SHARD_INDEX_VARIABLES)}",
+  )
+  shard_index(cfg)
   ps = cfg.progress_seconds
   _require(_is_real(ps) and ps > 0, "progress_seconds", ps, "a number > 0")
   _choice(cfg, "nonfinite", NONFINITE_RULES)
