@@ -109,7 +109,10 @@ class Run(NamedTuple):
     num_classes = len(data["class_names"])
     module = get_model(cfg.model, num_classes, dtype=cfg.compute_dtype)
     student = not name.startswith("dense")
-    ckpt = ModelCheckpoint(directory, expect={"model": cfg.model, "num_classes": num_classes})
+    # A reader: a sweep may be saving a checkpoint of this workdir now (its temporaries stay).
+    ckpt = ModelCheckpoint(
+      directory, expect={"model": cfg.model, "num_classes": num_classes}, cleanup_tmp=False
+    )
     try:
       # A quantization-aware student runs quantized as its training identity says.
       identity = ckpt.read_meta().get("identity") or {}

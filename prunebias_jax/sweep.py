@@ -171,7 +171,7 @@ def _run(
   start: float,
 ) -> dict[str, str]:
   """Runs `tasks` ({name: (stage, only)}) to the end; returns {name: why} of those that
-  failed `retries` + 1 times."""
+  failed `retries` + 1 times (or once, for bad input), in the order of `tasks`."""
   pending = {engine.submit(stage, only, args): name for name, (stage, only) in tasks.items()}
   attempts = dict.fromkeys(tasks, 1)
   failed, done = {}, 0
@@ -194,7 +194,7 @@ def _run(
       f"[{done}/{len(tasks)}] {name}: done in {result['seconds']:.1f} s by {result['worker']} "
       f"(sweep {elapsed:.0f} s)"
     )
-  return failed
+  return {name: failed[name] for name in tasks if name in failed}  # in plan order
 
 
 def main(argv: list[str]) -> None:

@@ -43,11 +43,14 @@ def _records(workdir: Path) -> list[dict]:
 
 def _files(workdir: Path) -> list[str]:
   """The run files, checkpoints and TensorBoard events aside (event file names carry the time
-  and host; the 1-process runs restore the teacher, so they log no dense stage)."""
+  and host; the 1-process runs restore the teacher, so they log no dense stage), and the
+  per-unit record files and locks, named by the units and processes of each run (checked in
+  test_only_process_0_writes_files_of_record)."""
+  skip = {"checkpoints", "tensorboard", "cells", "locks"}
   return sorted(
     str(p.relative_to(workdir))
     for p in workdir.rglob("*")
-    if p.is_file() and not {"checkpoints", "tensorboard"} & set(p.relative_to(workdir).parts)
+    if p.is_file() and not skip & set(p.relative_to(workdir).parts)
   )
 
 
@@ -115,6 +118,12 @@ def test_only_process_0_writes_files_of_record(runs):
     assert len(steps) == 1 and steps == sorted(
       p.name for p in (single / "checkpoints" / name).iterdir()
     ), steps
+  # One record file per unit, one liveness lock per process, one provenance line per stage.
+  cells = sorted(p.name for p in (multi / "cells").iterdir())
+  assert cells == sorted(f"{n}.npz" for n in ("dense", *CELLS)), cells
+  assert len(list((multi / "locks" / "workers").iterdir())) == 2
+  stages = [json.loads(l)["stage"] for l in (multi / "provenance.jsonl").read_text().splitlines()]
+  assert sorted(stages) == sorted(["dense", *CELLS, "report"]), stages
   config = json.loads((multi / "config.json").read_text())
   assert config["num_processes"] == 2 and config["distributed"] is True
 

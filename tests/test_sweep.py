@@ -475,3 +475,61 @@ def test_the_ray_engine_on_a_local_cluster_matches_one_process(reference, tmp_pa
   _same_results(tmp_path, reference)
   assert _trained(tmp_path) == Counter({units.DENSE: 1, **{n: 1 for n in _names(reference)}})
   assert len({line["worker"] for line in history.read(tmp_path)}) >= 2  # Ray's worker processes
+
+
+class _ScriptedEngine:
+  """Stands in for Ray to check the driver's bookkeeping: fails `flaky` once, `broken`
+  always (retriable), `bad` once without retry (bad input), and records the submissions."""
+
+  def __init__(self, flaky=(), broken=(), bad=()):
+    self.flaky, self.broken, self.bad = set(flaky), set(broken), set(bad)
+    self.submitted: list[tuple[str, tuple]] = []
+
+  def submit(self, stage, only, args):
+    self.submitted.append((stage, tuple(only or ())))
+    return len(self.submitted) - 1
+
+  def wait(self, handles):
+    from prunebias_jax.sweep import Failure
+
+    h = handles[0]
+    stage, only = self.submitted[h]
+    name = only[0] if only else stage
+    if name in self.broken:
+      return h, Failure(f"RuntimeError: {name} broke", retriable=True)
+    if name in self.bad:
+      return h, Failure(f"ConfigError: {name} is bad", retriable=False)
+    if name in self.flaky:
+      self.flaky.discard(name)
+      return h, Failure(f"RuntimeError: {name} flaked", retriable=True)
+    return h, {"worker": "w-1", "seconds": 1.0, "models": 1}
+
+
+def test_the_sweep_driver_retries_failed_cells_and_ends_with_those_that_still_fail():
+  from prunebias_jax.sweep import sweep
+
+  cfg = _config(seeds=(0,))
+  names = [u.name for u in units.plan(cfg)]
+  said: list[str] = []
+  engine = _ScriptedEngine(flaky=[names[0]], broken=[names[1]], bad=[names[2]])
+  failed = sweep(engine, cfg, "/unused", (), retries=2, say=said.append)
+  assert failed == [names[1], names[2]]
+  counts = Counter(only[0] for stage, only in engine.submitted if stage == "cells")
+  assert counts[names[0]] == 2  # failed once, retried once, done
+  assert counts[names[1]] == 3  # 1 + 2 retries, then given up
+  assert counts[names[2]] == 1  # bad input: never retried
+  assert all(counts[n] == 1 for n in names[3:])
+  assert ("report", ()) not in engine.submitted  # the report needs every cell
+  assert f"{names[0]}: failed (RuntimeError: {names[0]} flaked); retry 1/2" in said
+  assert f"2 of {len(names)} cells failed; the report needs every cell:" in said
+  assert f"  {names[1]}: RuntimeError: {names[1]} broke" in said
+  assert sum(line.startswith(f"[{len(names) - 2}/{len(names)}]") for line in said) == 1
+
+  said.clear()
+  engine = _ScriptedEngine()
+  assert sweep(engine, cfg, "/unused", (), retries=2, say=said.append) == []
+  assert [s for s, _ in engine.submitted] == ["dense"] + ["cells"] * len(names) + ["report"]
+
+  engine = _ScriptedEngine(broken=["dense"])
+  assert sweep(engine, cfg, "/unused", (), retries=1, say=said.append) == ["dense"]
+  assert [s for s, _ in engine.submitted] == ["dense", "dense"]  # no cell without a teacher
