@@ -28,6 +28,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 
 __all__ = [
   "StreamingCKAState",
@@ -587,6 +588,20 @@ def streaming_linear_cka(batches: Iterable[tuple]) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def _one_blas_thread(fn, *args) -> jax.Array:
+  """``fn(*args)`` computed with the host BLAS on one thread.
+
+  On the CPU, XLA hands the SVDs to LAPACK on the host's OpenBLAS, whose result depends
+  on its thread count (which defaults to the core count, and which Ray and SLURM set per
+  task through ``OMP_NUM_THREADS``): about 1e-7 relative, enough to flip the sixth decimal
+  of a recorded distance. One thread gives the same bits on any machine with the same
+  BLAS kernel, so a sweep's results do not depend on where each cell ran. The SVDs are
+  small (``n x d`` with ``n`` the SVCCA subset); accelerators ignore the limit.
+  """
+  with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    return jax.block_until_ready(fn(*args))
+
+
 def _keep_count(
   s: jax.Array, threshold: float, anatome_compat: bool, rank_tol: jax.Array
 ) -> jax.Array:
@@ -700,7 +715,7 @@ def svcca_distance(
   x, y = _flatten_pair(features_x, features_y, dtype)
   if x.shape[0] < 2:
     raise ValueError(f"SVCCA needs at least 2 examples, got {x.shape[0]}")
-  return _svcca_jit(x, y, threshold, bool(anatome_compat))
+  return _one_blas_thread(_svcca_jit, x, y, threshold, bool(anatome_compat))
 
 
 def _adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
@@ -816,4 +831,4 @@ def svcca_conv_distance(
   x = _downsample_maps(x, height, width, resize_method)
   y = _downsample_maps(y, height, width, resize_method)
   batch = None if position_batch is None else int(position_batch)
-  return _svcca_conv_jit(x, y, threshold, bool(anatome_compat), batch)
+  return _one_blas_thread(_svcca_conv_jit, x, y, threshold, bool(anatome_compat), batch)
