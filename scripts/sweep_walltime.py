@@ -2,7 +2,7 @@
 
     python scripts/sweep_walltime.py [--config configs/paper/cifar100_imbalanced.py]
         [--sparsities 0.3,0.45,0.6,0.75,0.9] [--seeds 0,1,2,3] [--devices 1,8,40]
-        [--markdown docs/sweeps.md]
+        [--control] [--markdown docs/sweeps.md]
 
 Measures, on this machine's first device, the project's real jitted train steps (`make_train_
 step`, with the config's augmentation) of the config's model: the teacher's CE step at the
@@ -33,6 +33,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The lines around the table in docs/sweeps.md.
+BEGIN = "<!-- table: scripts/sweep_walltime.py -->"
+END = "<!-- end of table -->"
 
 
 def load_config(path: str, sparsities: tuple[float, ...], seeds: tuple[int, ...]):
@@ -85,14 +88,14 @@ def step_seconds(cfg, num_classes: int, batch: int, kd: bool, steps: int) -> flo
   return float(np.median(times))
 
 
-def schedule(cell_seconds: list[float], costs: list[float], devices: int) -> float:
-  """The largest shard's seconds when `units.shard`'s greedy balance splits the cells."""
-  load, seconds = [0.0] * devices, [0.0] * devices
-  for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-    d = min(range(devices), key=lambda j: (load[j], j))
-    load[d] += costs[i]
-    seconds[d] += cell_seconds[i]
-  return max(seconds)
+def largest_shard(plan: list, cell_seconds: list[float], devices: int) -> float:
+  """The seconds of the slowest of `devices` shards, split as the sweep splits them
+  (`units.shard`: balanced by cost, one shard per device)."""
+  from prunebias_jax import units
+
+  return max(
+    sum(cell_seconds[u.index] for u in units.shard(plan, devices, i)) for i in range(devices)
+  )
 
 
 def duration(seconds: float) -> str:
@@ -112,7 +115,16 @@ def main(argv=None) -> None:
   p.add_argument("--teacher_ms", type=float)
   p.add_argument("--ce_ms", type=float)
   p.add_argument("--kd_ms", type=float)
-  p.add_argument("--markdown", help="write the table (and how it was measured) here")
+  p.add_argument(
+    "--control",
+    action="store_true",
+    help="keep the config's unpruned control cells (the issue's 40 cells leave them out)",
+  )
+  p.add_argument(
+    "--markdown",
+    help=f"write the table (and how it was measured) here: between the lines {BEGIN!r} and "
+    f"{END!r} of an existing file, else as the whole file",
+  )
   args = p.parse_args(argv)
 
   from prunebias_jax import units
@@ -120,7 +132,9 @@ def main(argv=None) -> None:
 
   sparsities = tuple(float(s) for s in args.sparsities.split(","))
   seeds = tuple(int(s) for s in args.seeds.split(","))
-  cfg = resolve_config(load_config(args.config, sparsities, seeds))
+  cfg = load_config(args.config, sparsities, seeds)
+  cfg.pruning.control = bool(args.control and cfg.pruning.control)
+  cfg = resolve_config(cfg)
   plan = units.plan(cfg)
   load_before = [round(x, 2) for x in os.getloadavg()]
   measured = {}
@@ -162,7 +176,7 @@ def main(argv=None) -> None:
   ]
   one = None
   for d in (int(x) for x in args.devices.split(",")):
-    cells = schedule(cell_s, [u.cost for u in plan], d)
+    cells = largest_shard(plan, cell_s, d)
     total = dense_s + cells
     one = one or total
     lines.append(
@@ -171,7 +185,18 @@ def main(argv=None) -> None:
   text = "\n".join(lines) + "\n"
   print(text)
   if args.markdown:
-    Path(args.markdown).write_text(text)
+    write_table(Path(args.markdown), text)
+
+
+def write_table(path: Path, table: str) -> None:
+  """`table` between the BEGIN and END lines of `path` (the prose around it kept), or as the
+  whole file when it has no such lines."""
+  old = path.read_text() if path.exists() else ""
+  if BEGIN in old and END in old:
+    head, rest = old.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    table = f"{head}{BEGIN}\n{table}{END}{tail}"
+  path.write_text(table)
 
 
 if __name__ == "__main__":
