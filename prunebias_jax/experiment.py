@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
-from prunebias_jax import cellfiles, history, report, stages, units
+from prunebias_jax import cellfiles, compilecache, history, report, stages, units
 from prunebias_jax import records as rec
 from prunebias_jax import workdir as wd
 from prunebias_jax.claims import Worker, agree
@@ -66,6 +66,11 @@ def run(
   worker = Worker(workdir)
   ctx = stages.prepare(config, workdir, explicit_keys, worker)
   cfg = ctx.config
+  cache = compilecache.enable(cfg.compile_cache)  # a process-wide JAX setting: the run's own
+  logging.info(
+    "compilation cache: %s",
+    f"{cache} (--config.compile_cache=off turns it off)" if cache else "off",
+  )
   if ctx.writer:
     report.write_run_description(ctx.workdir, cfg, ctx.data)
   timings = {"load_data": ctx.load_seconds}

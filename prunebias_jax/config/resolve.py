@@ -23,6 +23,7 @@ SWEEP_KEYS = (
 COSMETIC_KEYS = (
   "progress_seconds",
   "overwrite",
+  "compile_cache",
   "stage",
   "shard.count",
   "shard.index",

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   # True: retrain the models in --workdir whose checkpoints record another training (the
   # others are kept); False: such a model stops the run before any work.
   config.overwrite = False
+  # JAX's persistent compilation cache (prunebias_jax/compilecache.py): "auto"
+  # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/prunebias_jax/xla), "off", or a directory.
+  config.compile_cache = "auto"
   # Sweeps on many workers (README, "Sweeps on a cluster"): the parts this process runs ("all";
   # "dense": the teacher and the dense population; "cells": this shard's cells; "report": the
   # run files from every finished cell) and the shard of the cells it takes: the index-th of

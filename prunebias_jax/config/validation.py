@@ -436,6 +436,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     f"${' or $'.join(SHARD_INDEX_VARIABLES)}",
   )
   shard_index(cfg)
+  cache = cfg.compile_cache
+  _require(
+    isinstance(cache, str)
+    and cache.strip() != ""
+    and (cache in ("auto", "off") or not os.path.isfile(os.path.expanduser(cache))),
+    "compile_cache",
+    cache,
+    "'auto' ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/prunebias_jax/xla), 'off', or a directory",
+  )
   ps = cfg.progress_seconds
   _require(_is_real(ps) and ps > 0, "progress_seconds", ps, "a number > 0")
   _choice(cfg, "nonfinite", NONFINITE_RULES)
