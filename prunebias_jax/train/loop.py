@@ -29,6 +29,11 @@ def format_duration(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+# Step i's RNG of every member: fold_in(key(seed), i). One jitted function for every stage (a
+# jit made inside fit() was compiled again by each stage of a sweep).
+_fold_in_members = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+
 @jax.jit
 def _accumulate(
   window: dict, persistent: dict, metrics: dict, step: jax.Array
@@ -122,7 +127,6 @@ def fit(
     )
   state, teacher_variables = parallel.replicate((state, teacher_variables))
   base_rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))  # key(s) per member
-  fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
   alpha = jnp.float32(alpha)
   temperature = jnp.float32(temperature)
   shape = (len(seeds),) if population else ()
@@ -163,7 +167,7 @@ def fit(
         current_epoch = epoch
         if epoch_hook is not None:
           state = parallel.replicate(epoch_hook(epoch, state))
-      rngs = fold(base_rngs, i)
+      rngs = _fold_in_members(base_rngs, i)
       if population:  # (members, batch, ...): the batch axis (1) is the sharded one
         images = parallel.put_batch(
           np.stack([b[1][local] for b in batches]), parallel.eval_batches, axis=1
