@@ -13,6 +13,11 @@ the compiler produced, so no result changes.
   "off"   no persistent cache;
   a path  that directory.
 
+A multi-process run on CPU devices (the loopback smoke test of multi-host runs) never uses the
+cache: measured with jax 0.12.1, its processes hang in the first cross-process collective of an
+executable loaded from the cache (gloo), while a single process, or the same run compiling
+afresh, finishes.
+
 Unless their JAX variables say otherwise, programs that took at least 0.1 s to compile are
 kept (JAX's default, 1 s, would skip most of the small CPU programs that dominate a short
 run), and the directory is held to 2 GiB, least recently used entries removed first.
@@ -25,6 +30,7 @@ import os
 from pathlib import Path
 
 import jax
+from absl import logging
 
 OFF = "off"
 AUTO = "auto"
@@ -54,6 +60,9 @@ def enable(setting: str) -> Path | None:
   from jax.experimental.compilation_cache import compilation_cache
 
   path = resolve(setting)
+  if path is not None and jax.process_count() > 1 and jax.default_backend() == "cpu":
+    logging.info("compilation cache: not used by a multi-process CPU run (it hangs in JAX 0.12)")
+    path = None
   current = jax.config.jax_compilation_cache_dir
   if path is None:
     jax.config.update("jax_enable_compilation_cache", False)

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 from absl import logging
 
+from prunebias_jax import compilecache
 from prunebias_jax.errors import ConfigError, one_line
 
 # Set on Cloud TPU VMs (GCE and GKE) by the TPU runtime / the VM image.
@@ -237,4 +238,6 @@ def maybe_initialize(config, *, initialization_timeout: int | None = None) -> bo
     total,
     jax.devices()[0].platform,
   )
+  if jax.default_backend() == "cpu":  # before the first cross-process program: see compilecache
+    compilecache.enable(compilecache.OFF)
   return True

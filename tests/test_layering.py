@@ -25,7 +25,7 @@ RANKS = {
   "models": 2,
   "parallel": 2,
   "checkpoint": 2,
-  "compilecache": 2,
+  "compilecache": 1,
   "distributed": 2,
   "pruning": 3,
   "data": 3,

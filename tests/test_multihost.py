@@ -129,6 +129,10 @@ def test_only_process_0_writes_files_of_record(runs):
 
 
 def test_rerun_restores_every_model(runs, tmp_path):
+  """Also the persistent compilation cache's exception: with the session's cache warm from
+  the first 2-process run, jax 0.12.1's processes hung in the evaluation's first collective
+  (measured: 2 of 2 reruns by hand with a warm cache, and in CI); multi-process CPU runs
+  therefore skip the cache."""
   _, multi, _, _ = runs
   again = tmp_path / "again"
   shutil.copytree(multi, again)
@@ -139,6 +143,7 @@ def test_rerun_restores_every_model(runs, tmp_path):
   )
   for log in text:
     assert "stage dense: restored" in log and "from scratch" not in log and "seed0 step " not in log
+    assert "compilation cache: not used by a multi-process CPU run" in log
   assert (again / "results.jsonl").read_text() == (multi / "results.jsonl").read_text()
 
 
