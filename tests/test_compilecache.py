@@ -54,10 +54,11 @@ print(json.dumps({
 """
 
 
-def _probe(setting: str, **env: str) -> dict:
+def _python(script: str, *args: str, **env: str) -> str:
+  """`script` in a fresh interpreter with none of this session's JAX variables; its stdout."""
   clean = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
   proc = subprocess.run(
-    [sys.executable, "-c", _PROBE, setting],
+    [sys.executable, "-c", script, *args],
     cwd=ROOT,
     env={**clean, "JAX_PLATFORMS": "cpu", **env},
     capture_output=True,
@@ -65,7 +66,11 @@ def _probe(setting: str, **env: str) -> dict:
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.splitlines()[-1])
+  return proc.stdout
+
+
+def _probe(setting: str, **env: str) -> dict:
+  return json.loads(_python(_PROBE, setting, **env).splitlines()[-1])
 
 
 def _entries(directory: Path) -> list[Path]:
@@ -105,18 +110,8 @@ jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(5)).block_until_ready()
 compilecache.enable(sys.argv[2])
 jax.jit(lambda x: jnp.cos(x) * 3)(jnp.ones(7)).block_until_ready()
 """
-  clean = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env = {**clean, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   a, b = tmp_path / "a", tmp_path / "b"
-  proc = subprocess.run(
-    [sys.executable, "-c", script, str(a), str(b)],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _python(script, str(a), str(b), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   lambdas = lambda d: sorted(p.name for p in _entries(d) if p.name.startswith("jit__lambda"))
   assert len(lambdas(a)) == 2 and len(lambdas(b)) == 2  # one program each (-cache, -atime)
   assert not set(lambdas(a)) & set(lambdas(b))

@@ -300,15 +300,7 @@ def _flatten_pair(
   features_x: ArrayLike, features_y: ArrayLike, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
   """``(n, ...)`` inputs -> ``(n, d1)``, ``(n, d2)`` in ``dtype``; checks the example axis."""
-  x = jnp.asarray(features_x)
-  y = jnp.asarray(features_y)
-  if x.ndim < 1 or y.ndim < 1:
-    raise ValueError("features must have a leading example axis (n, ...)")
-  if x.shape[0] != y.shape[0]:
-    raise ValueError(
-      "features_x and features_y must have the same number of examples, got "
-      f"{x.shape[0]} and {y.shape[0]}"
-    )
+  x, y = (jnp.asarray(a) for a in _shapes_checked(features_x, features_y))
   n = x.shape[0]
   # explicit sizes (not -1) so an empty batch (n = 0) reshapes too
   x = x.reshape((n, math.prod(x.shape[1:])))
