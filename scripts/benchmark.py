@@ -896,20 +896,23 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: str, text: str) -> None:
-  """Replace the generated block of an existing file (between the markers), else write one."""
-  block = f"{MARK_BEGIN}\n{text}{MARK_END}\n"
+def write_markdown(
+  path: str, text: str, begin: str = MARK_BEGIN, end: str = MARK_END, title: str = "Benchmarks"
+) -> None:
+  """Replace the generated block of an existing file (between the `begin` and `end` lines),
+  else write one (appended to a file without them; a new file gets `title`)."""
+  block = f"{begin}\n{text}{end}\n"
   if os.path.exists(path):
     with open(path) as f:
       old = f.read()
-    if MARK_BEGIN in old and MARK_END in old:
-      head, rest = old.split(MARK_BEGIN, 1)
-      tail = rest.split(MARK_END, 1)[1].lstrip("\n")
+    if begin in old and end in old:
+      head, rest = old.split(begin, 1)
+      tail = rest.split(end, 1)[1].lstrip("\n")
       new = head + block + ("\n" + tail if tail else "")
     else:
       new = old.rstrip("\n") + "\n\n" + block
   else:
-    new = "# Benchmarks\n\n" + block
+    new = f"# {title}\n\n" + block
   with open(path, "w") as f:
     f.write(new)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 # The lines around the table in docs/sweeps.md.
 BEGIN = "<!-- table: scripts/sweep_walltime.py -->"
 END = "<!-- end of table -->"
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
   p.add_argument(
     "--markdown",
     help=f"write the table (and how it was measured) here: between the lines {BEGIN!r} and "
-    f"{END!r} of an existing file, else as the whole file",
+    f"{END!r} of an existing file (appended to one without them)",
   )
   args = p.parse_args(argv)
 
@@ -166,10 +167,15 @@ def main(argv=None) -> None:
     f"({cfg.dense.epochs} epochs of {dense_steps // cfg.dense.epochs} steps at batch "
     f"{dense_batch}) on {args.train_examples:,} training images.",
     "",
-    f"Per-step times measured on {device.device_kind} ({device.platform}, jax "
-    f"{jax.__version__}), median of {args.steps} steps after a warm-up, load average "
-    f"{load_before} before and {load_after} after: teacher CE {measured['teacher_ms']:.1f} ms, "
-    f"student CE {measured['ce_ms']:.1f} ms, student KD {measured['kd_ms']:.1f} ms.",
+    (
+      f"Per-step times measured on {device.device_kind} ({device.platform}, jax "
+      f"{jax.__version__}), median of {args.steps} steps after a warm-up, load average "
+      f"{load_before} before and {load_after} after: "
+      if any(getattr(args, k) is None for k in measured)
+      else "Per-step times given on the command line (none measured here): "
+    )
+    + f"teacher CE {measured['teacher_ms']:.1f} ms, student CE {measured['ce_ms']:.1f} ms, "
+    f"student KD {measured['kd_ms']:.1f} ms.",
     "",
     "| devices | dense stage (serial) | cells (largest shard) | total | speed-up vs 1 |",
     "|---|---|---|---|---|",
@@ -185,18 +191,9 @@ def main(argv=None) -> None:
   text = "\n".join(lines) + "\n"
   print(text)
   if args.markdown:
-    write_table(Path(args.markdown), text)
+    from benchmark import write_markdown  # scripts/benchmark.py: the same marker rule
 
-
-def write_table(path: Path, table: str) -> None:
-  """`table` between the BEGIN and END lines of `path` (the prose around it kept), or as the
-  whole file when it has no such lines."""
-  old = path.read_text() if path.exists() else ""
-  if BEGIN in old and END in old:
-    head, rest = old.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    table = f"{head}{BEGIN}\n{table}{END}{tail}"
-  path.write_text(table)
+    write_markdown(args.markdown, text, BEGIN, END, title="Sweeps: expected wall time")
 
 
 if __name__ == "__main__":
