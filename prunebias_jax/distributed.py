@@ -238,6 +238,7 @@ def maybe_initialize(config, *, initialization_timeout: int | None = None) -> bo
     total,
     jax.devices()[0].platform,
   )
-  if jax.default_backend() == "cpu":  # before the first cross-process program: see compilecache
-    compilecache.enable(compilecache.OFF)
+  # Before the first cross-process program (the workdir checks): enable() keeps the cache off
+  # for a multi-process CPU run (see compilecache).
+  compilecache.enable(config.get("compile_cache", compilecache.AUTO))
   return True
