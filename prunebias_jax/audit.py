@@ -385,7 +385,7 @@ def audit(
   )
 
   def outputs(preds, logits, i):
-    return rec.Outputs(preds[i], None if logits is None else logits[i], {})
+    return rec.Outputs(preds[i], None if logits is None else logits[i])
 
   dense = [outputs(ref_preds, ref_logits, i) for i in range(len(ref_preds))]
   ref = rec.reference(y, g, C, dense[0])

@@ -1,9 +1,10 @@
 """cells/<unit>.npz: a finished unit's records and evaluated outputs, written once it is done.
 
-    meta                JSON {"unit": <name>, "key": <digest>, "records": [...]}
+    meta                JSON {"unit": <name>, "key": <digest>, "records": [...],
+                        "layer_names": [[layers of o<j>/layer_cka, depth order], ...]}
     o<j>/predictions    (n,) int32, for the unit's j-th model (its j-th record)
     o<j>/logits         (n, C)
-    o<j>/layer/<name>   (n, d): the similarity layers
+    o<j>/layer_cka      (layers, layers): CKA of each teacher layer with each of the model's
     o<j>/map/<name>     the SVCCA subset's pooled maps (the dense teacher's, analysis.svcca_conv)
 
 The run-level files (results.jsonl, cells.jsonl, ...) are assembled from these in plan order,
@@ -29,10 +30,13 @@ from absl import logging
 from prunebias_jax.checkpoint import Identity, digest
 from prunebias_jax.config import COSMETIC_KEYS, SWEEP_KEYS, flatten
 from prunebias_jax.files import atomic_writer
-from prunebias_jax.records import Outputs, Record
+from prunebias_jax.records import LayerCKA, Outputs, Record
 from prunebias_jax.workdir import CELLS
 
 DIR = CELLS
+# 2: similarity accumulated in the evaluation pass (layer_cka kept, no features); a file of an
+# older format is recomputed from the checkpoints.
+FORMAT = 2
 
 
 class Stored(NamedTuple):
@@ -51,22 +55,22 @@ def key(
   `models`: {checkpoint name: identity} of the unit's models and the teacher."""
   ignore = set(SWEEP_KEYS) | set(COSMETIC_KEYS) | {"runlocal_overrides"}
   fields = {k: v for k, v in flatten(json.loads(config.to_json())).items() if k not in ignore}
-  return digest({"unit": name, "cell": cell, "models": models, "config": fields})
+  return digest({"unit": name, "cell": cell, "models": models, "config": fields, "format": FORMAT})
 
 
 def write(
   workdir: Path, name: str, unit_key: str, records: Sequence[Record], outputs: Sequence[Outputs]
 ) -> None:
   """Writes the unit's file atomically (a reader never sees half of it)."""
-  arrays: dict[str, np.ndarray] = {
-    "meta": np.array(json.dumps({"unit": name, "key": unit_key, "records": list(records)}))
-  }
+  names = [None if o.layer_cka is None else list(o.layer_cka.names) for o in outputs]
+  meta = {"unit": name, "key": unit_key, "records": list(records), "layer_names": names}
+  arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
   for j, out in enumerate(outputs):
     arrays[f"o{j}/predictions"] = np.asarray(out.predictions)
+    if out.layer_cka is not None:
+      arrays[f"o{j}/layer_cka"] = np.asarray(out.layer_cka.matrix)
     if out.logits is not None:
       arrays[f"o{j}/logits"] = np.asarray(out.logits)
-    for layer, v in out.layers.items():
-      arrays[f"o{j}/layer/{layer}"] = np.asarray(v)
     for stage, v in (out.maps or {}).items():
       arrays[f"o{j}/map/{stage}"] = np.asarray(v)
   with atomic_writer(path(workdir, name)) as f:
@@ -90,13 +94,15 @@ def read(workdir: Path, name: str, unit_key: str) -> Stored | None:
     logging.warning("%s is unreadable (%s): recomputed", p, e)
     return None
   records = meta["records"]
+  names = meta.get("layer_names") or [None] * len(records)
   outputs = []
   for j in range(len(records)):
     prefix = f"o{j}/"
     part = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-    layers = {k[6:]: v for k, v in part.items() if k.startswith("layer/")}
     maps = {k[4:]: v for k, v in part.items() if k.startswith("map/")} or None
-    outputs.append(Outputs(part["predictions"], part.get("logits"), layers, maps))
+    # The similarity sums are not stored: the records already hold what they give.
+    layer_cka = None if names[j] is None else LayerCKA(names[j], part["layer_cka"])
+    outputs.append(Outputs(part["predictions"], part.get("logits"), None, layer_cka, maps))
   return Stored(records, outputs)
 
 

@@ -170,7 +170,8 @@ def dense_stage(
       models.append((seed, stages.train_dense(ctx, seed)))
       timings["dense" if seed == cfg.seed else f"dense_seed{seed}"] = time.perf_counter() - t
     trained["teacher"] = models[0][1].variables
-    outputs = [stages.evaluate_members(ctx, [model])[0] for _, model in models]
+    teacher = trained["teacher"]
+    outputs = [stages.evaluate_members(ctx, [model], teacher)[0] for _, model in models]
     test = ctx.data.test
     ref = rec.reference(
       test.labels,
@@ -229,7 +230,7 @@ def _cell(
     masks[group] = stages.initial_masks(ctx, teacher, cell.method, cell.sparsity, unit.group)
   members = stages.finetune(ctx, teacher, cell, unit.seeds, masks[group])
   records, outputs = [], []
-  for seed, m, out in zip(unit.seeds, members, stages.evaluate_members(ctx, members)):
+  for seed, m, out in zip(unit.seeds, members, stages.evaluate_members(ctx, members, teacher)):
     identity = {**base.identity, **cell.identity, "seed": seed}
     records.append(
       rec.full_record(

@@ -34,6 +34,7 @@ from prunebias_jax.pruning import mask_sparsity, sparsity_report
 from prunebias_jax.quantization import model_bytes
 
 Record = dict[str, Any]
+ArrayLike = Any
 
 
 def number(x: Any, digits: int = 6) -> float | list | None:
@@ -45,19 +46,30 @@ def number(x: Any, digits: int = 6) -> float | list | None:
   return round(v, digits) if np.isfinite(v) else None
 
 
+# A model's similarity to the reference, per layer ('logits', 'features', 'stage1', ...): the
+# sums over every test example (CKA) and over the SVCCA subset (`metrics.streaming`).
+Similarity = dict[str, tuple[pm.streaming.SimilarityStats, pm.streaming.SimilarityStats]]
+
+
+class LayerCKA(NamedTuple):
+  """Linear CKA of every (reference layer, model layer) pair, layers in depth order."""
+
+  names: list[str]
+  matrix: np.ndarray  # (layers, layers): reference rows, model columns
+
+
 @dataclasses.dataclass
 class Outputs:
   """One model's evaluation on the full test set (host arrays; `device` uploads them once)."""
 
   predictions: np.ndarray  # (n,) int32
   logits: np.ndarray | None  # (n, C); None for an audit of predictions alone
-  layers: dict[str, np.ndarray]  # name → (n, d); 'features' is the penultimate layer
+  # Against the run's reference (the dense teacher), accumulated during the evaluation pass;
+  # None where no features were seen (an audit, a unit read back from its file).
+  similarity: Similarity | None = None
+  layer_cka: LayerCKA | None = None  # kept in the unit's file: the report's CKA heatmap
   # analysis.svcca_conv: stage name → (m, h, w, c) maps of the m SVCCA examples, pooled.
   maps: dict[str, np.ndarray] | None = None
-
-  def similarity_layers(self) -> dict[str, np.ndarray]:
-    logits = {} if self.logits is None else {"logits": self.logits}
-    return {**self.layers, **logits}
 
   def without_maps(self) -> Outputs:
     """The same outputs without the spatial maps: what a run keeps once the model's record
@@ -66,11 +78,45 @@ class Outputs:
 
   @functools.cached_property
   def device(self) -> dict[str, jax.Array]:
-    """The similarity layers and 'predictions' as device arrays, uploaded on first use."""
-    return {
-      **{k: jnp.asarray(v) for k, v in self.similarity_layers().items()},
-      "predictions": jnp.asarray(self.predictions),
-    }
+    """'predictions' as a device array, uploaded on first use."""
+    return {"predictions": jnp.asarray(self.predictions)}
+
+
+def layer_cka_of(similarity: Similarity, joint: pm.streaming.SimilarityStats) -> LayerCKA:
+  """The layer × layer CKA of a model against the reference from the sums of all its layers
+  concatenated in sorted name order (`joint`, as `make_compare_fn` accumulates them)."""
+  names = sorted(similarity)
+  dims_x = [similarity[n][0].shift_x.shape[-1] for n in names]
+  dims_y = [similarity[n][0].shift_y.shape[-1] for n in names]
+  matrix = pm.streaming.cka_matrix_from_stats(joint, dims_x, dims_y)
+  order = sorted(range(len(names)), key=lambda i: depth_order(names[i]))
+  return LayerCKA([names[i] for i in order], matrix[np.ix_(order, order)])
+
+
+def similarity_of(
+  reference_layers: dict[str, ArrayLike], layers: dict[str, ArrayLike], svcca_index: np.ndarray
+) -> tuple[Similarity, LayerCKA]:
+  """`Outputs.similarity` and `.layer_cka` of features already in memory ({layer: (n, d)} of
+  the reference and of the model, the same layers): what the evaluation pass accumulates,
+  streamed in batches from the arrays (for features computed elsewhere, and tests)."""
+  if set(reference_layers) != set(layers):
+    raise ValueError(
+      f"layers {sorted(layers)} differ from the reference's {sorted(reference_layers)}"
+    )
+  similarity = {}
+  n = len(next(iter(layers.values())))
+  subset = np.zeros(n, np.float32)
+  subset[np.asarray(svcca_index)] = 1.0
+  for name, x in reference_layers.items():
+    similarity[name] = (
+      pm.streaming.similarity_stats(x, layers[name]),
+      pm.streaming.similarity_stats(x, layers[name], weights=subset),
+    )
+  flat = lambda tree: np.concatenate(
+    [np.asarray(tree[k], np.float32).reshape(n, -1) for k in sorted(tree)], axis=1
+  )
+  joint = pm.streaming.similarity_stats(flat(reference_layers), flat(layers))
+  return similarity, layer_cka_of(similarity, joint)
 
 
 class Reference(NamedTuple):
@@ -170,7 +216,7 @@ def model_record(
   crash_point("compare")
   return {
     **prediction_record(ref, model.predictions, seed, config),
-    "cka": number(pm.linear_cka(ref.outputs.device["features"], model.device["features"])),
+    "cka": number(pm.streaming.linear_cka_from_stats(model.similarity["features"][0])),
     **similarity_by_layer(ref.outputs, model, ref.svcca_index, config.analysis.svcca_rule),
     "svcca_examples_per_class": np.bincount(
       ref.labels[ref.svcca_index], minlength=ref.num_classes
@@ -311,27 +357,27 @@ def sparsity_fields(params: Any, masks: Any | None = None) -> Record:
 def similarity_by_layer(
   reference: Outputs, model: Outputs, svcca_index: np.ndarray, svcca_rule: str = "anatome"
 ) -> Record:
-  """{'layer_cka', 'layer_svcca': {layer: value}, 'cka_debiased', 'svcca'} against the
-  reference. CKA uses every test example; SVCCA the examples `svcca_index` (see `reference`)
-  under `svcca_rule` ('anatome': the authors' library's centring and count of kept
-  directions; 'centered': centre before the SVD, keep one more direction). 'svcca' is the
-  SVCCA distance of the logits, the layer the authors plotted against CEV.
+  """{'layer_cka', 'layer_svcca': {layer: value}, 'cka_debiased', 'svcca'} of `model` against
+  the reference its similarity sums were accumulated with. CKA uses every test example; SVCCA
+  the examples `svcca_index` (see `reference`) under `svcca_rule` ('anatome': the authors'
+  library's centring and count of kept directions; 'centered': centre before the SVD, keep one
+  more direction). 'svcca' is the SVCCA distance of the logits, the layer the authors plotted
+  against CEV. All from the d × d sums (`metrics.streaming`), in float64.
 
   When both outputs carry spatial maps (analysis.svcca_conv), 'layer_svcca_conv' adds the
   per-position convolutional SVCCA of each stage output, as the authors computed layers 1–3:
   one SVCCA per spatial position of the pooled maps over the same examples, averaged."""
-  ref_layers, layers = reference.device, model.device
-  index = jnp.asarray(svcca_index)
+  if model.similarity is None:
+    raise ValueError("these outputs carry no similarity sums (an audit or a stored unit)")
   compat = SVCCA_RULES[svcca_rule]
   layer_cka, layer_svcca = {}, {}
-  for name in sorted(reference.similarity_layers()):
-    x, y = ref_layers[name], layers[name]
-    layer_cka[name] = number(pm.linear_cka(x, y))
-    layer_svcca[name] = number(pm.svcca_distance(x[index], y[index], anatome_compat=compat))
+  for name, (every, subset) in sorted(model.similarity.items()):
+    layer_cka[name] = number(pm.streaming.linear_cka_from_stats(every))
+    layer_svcca[name] = number(pm.streaming.svcca_from_stats(subset, anatome_compat=compat))
   out = {
     "layer_cka": layer_cka,
     "layer_svcca": layer_svcca,
-    "cka_debiased": debiased_cka(ref_layers["features"], layers["features"]),
+    "cka_debiased": number(pm.streaming.debiased_cka_from_stats(model.similarity["features"][0])),
     "svcca": layer_svcca["logits"],
   }
   if reference.maps is not None and model.maps is not None:
@@ -779,17 +825,14 @@ def showcase(
   key = cell_key(top)
   members = outputs[key]
   modes = pm.modal_predictions(np.stack([o.predictions for o in members]), ref.num_classes)
-  names = sorted(ref.outputs.similarity_layers(), key=depth_order)
-  matrix = pm.cka_matrix(
-    [ref.outputs.device[n] for n in names], [members[0].device[n] for n in names]
-  )
+  layers = members[0].layer_cka  # accumulated in the evaluation pass, kept in the unit's file
   return Showcase(
     top,
     cie_indices[key],
     ref.outputs.predictions,
     np.asarray(modes),
-    np.asarray(matrix),
-    names,
+    np.asarray(layers.matrix),
+    list(layers.names),
   )
 
 

@@ -56,14 +56,17 @@ from prunebias_jax.records import (
   CONTROL_METHOD,
   Outputs,
   distill_of,
+  layer_cka_of,
   student_label,
   svcca_subset,
 )
 from prunebias_jax.train import (
+  compare,
   create_state,
   evaluate,
   fit,
   learning_rate_schedule,
+  make_compare_fn,
   make_eval_fn,
   make_optimizer,
   make_train_step,
@@ -94,6 +97,8 @@ class RunContext:
   identities: dict[str, Identity]  # checkpoint / stage name → how this run trains it
   legacy_ok: bool  # config.json unchanged: checkpoints without an identity may be restored
   eval_images: np.ndarray  # the test images, padded to (batches, eval batch, H, W, C)
+  eval_valid: np.ndarray  # (batches, eval batch) float32: 1 for a test image, 0 for padding
+  svcca_rows: np.ndarray  # (batches, eval batch) float32: 1 for the SVCCA subset's images
   map_images: np.ndarray | None  # analysis.svcca_conv: the SVCCA subset's images, padded
   map_examples: int  # how many of them are real (0 without analysis.svcca_conv)
   load_seconds: float
@@ -219,10 +224,13 @@ def prepare(
     jax.process_count(),
     cfg.data.batch_size,
   )
-  eval_images, _, _ = padded_eval_arrays(data.test, _eval_batch(cfg, len(data.test), parallel))
+  eval_batch = _eval_batch(cfg, len(data.test), parallel)
+  eval_images, _, eval_valid = padded_eval_arrays(data.test, eval_batch)
+  index = svcca_subset(data.test.labels, cfg.analysis.svcca_examples, cfg.seed)
+  svcca_rows = np.zeros(eval_valid.size, np.float32)
+  svcca_rows[index] = 1.0  # the examples `records.reference` will give SVCCA
   map_images, map_examples = None, 0
-  if cfg.analysis.svcca_conv:  # the examples `records.reference` will give SVCCA
-    index = svcca_subset(data.test.labels, cfg.analysis.svcca_examples, cfg.seed)
+  if cfg.analysis.svcca_conv:
     map_batch = _eval_batch(cfg, len(index), parallel)
     map_images, _, _ = padded_eval_arrays(data.test.take(index), map_batch)
     map_examples = len(index)
@@ -236,6 +244,8 @@ def prepare(
     identities=identities,
     legacy_ok=legacy_ok,
     eval_images=eval_images,
+    eval_valid=eval_valid,
+    svcca_rows=svcca_rows.reshape(eval_valid.shape),
     map_images=map_images,
     map_examples=map_examples,
     load_seconds=load_seconds,
@@ -848,27 +858,58 @@ def _members_masks(masks: Sequence[PyTree], shared: bool) -> PyTree:
 
 
 # ------------------------------------------------------------------------------------ evaluate
-def evaluate_members(ctx: RunContext, members: Sequence[Model]) -> list[Outputs]:
-  """Outputs (predictions, logits, per-layer features) of each model on the full test set;
-  the members of a population go through one vmapped, compiled pass. With
-  analysis.svcca_conv, a second pass over the SVCCA subset adds the pooled stage maps."""
+def evaluate_members(ctx: RunContext, members: Sequence[Model], reference: PyTree) -> list[Outputs]:
+  """Outputs of each model on the full test set: predictions, logits, and the similarity sums
+  against the `reference` variables (the dense teacher's), accumulated in the same pass
+  (`make_compare_fn`: no features kept). The members of a population go through one vmapped,
+  compiled pass. With analysis.svcca_conv, a second pass over the SVCCA subset adds the pooled
+  stage maps."""
   variables = _stack([m.variables for m in members])
   masks = None if members[0].masks is None else _stack([m.masks for m in members])
-  scheme = members[0].scheme
-  logits, layers = _evaluate_pass(ctx, variables, masks, len(members), ctx.eval_images, 0, scheme)
-  maps = [None] * len(members)
+  scheme, k = members[0].scheme, len(members)
+  key = ("compare", k, scheme)
+  if key not in ctx._compiled:
+    parallel = ctx.parallel
+    ctx._compiled[key] = make_compare_fn(
+      _student_model(ctx.config, ctx.model, scheme),
+      _student_model(ctx.config, ctx.model, None),
+      mean=ctx.data.mean,
+      std=ctx.data.std,
+      out_shardings=parallel.replicated,
+      partials=parallel.num_devices,
+      partial_sharding=parallel.batch,  # (partials, ...) sharded over the 'data' axis
+      population=k,
+      shared_masks=False,
+    )
+  logits, stats = compare(
+    ctx._compiled[key],
+    reference,
+    variables,
+    masks,
+    ctx.eval_images,
+    ctx.eval_valid,
+    ctx.svcca_rows,
+    len(ctx.data.test),
+    parallel=ctx.parallel,
+  )
+  if k == 1:
+    logits, stats = logits[None], jax.tree.map(lambda a: a[None], stats)
+  member = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
+  per_layer, joint = stats
+  maps = [None] * k
   if ctx.map_images is not None:
     size = ctx.config.analysis.svcca_conv_size
-    _, pooled = _evaluate_pass(ctx, variables, masks, len(members), ctx.map_images, size, scheme)
-    maps = [{name: v[j] for name, v in pooled.items()} for j in range(len(members))]
+    _, pooled = _evaluate_pass(ctx, variables, masks, k, ctx.map_images, size, scheme)
+    maps = [{name: v[j] for name, v in pooled.items()} for j in range(k)]
   return [
     Outputs(
       np.argmax(logits[j], -1).astype(np.int32),
       logits[j],
-      {name: v[j] for name, v in layers.items()},
+      member(per_layer, j),
+      layer_cka_of(member(per_layer, j), member(joint, j)),
       maps[j],
     )
-    for j in range(len(members))
+    for j in range(k)
   ]
 
 

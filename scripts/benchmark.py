@@ -632,6 +632,91 @@ def bench_metrics(args, results: list[dict]) -> None:
     results.append(row)
 
 
+def stream_child(n: int, d: int, num_classes: int, batch: int, out: str) -> None:
+  """CEV + SDE + linear CKA (and the debiased CKA and SVCCA the same sums give) with the
+  features streamed: batches of `batch` rows go through `metrics.streaming` (jitted update, the
+  sums on the device), so memory is O(d²) + one batch whatever n is. The batches cycle through
+  a pool of 8 generated blocks (generating 10⁷ × d normals would take longer than the metric);
+  labels and predictions (n int32 each) are in memory, as in a run. Runs in its own process
+  (`--_stream-child`)."""
+  from prunebias_jax.metrics import cev_from_changes, relative_rate_change, sde_from_changes
+  from prunebias_jax.metrics import streaming as st
+
+  pool = 8
+  labels, ref_pred, pred, x, y = metric_inputs(pool * batch, d, num_classes)
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, num_classes, n).astype(np.int32)
+  noise = lambda p: np.where(rng.random(n) < p, rng.integers(0, num_classes, n), labels)
+  ref_pred, pred = noise(0.2).astype(np.int32), noise(0.25).astype(np.int32)
+  blocks = [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(pool)]
+  update = jax.jit(st.similarity_stats_update, donate_argnums=0)
+  shift = jax.jit(st.with_shift)
+  total = jax.jit(st.similarity_stats_total)
+
+  def run():
+    stats = shift(st.similarity_stats_init(d, d), *blocks[0])
+    for i, start in enumerate(range(0, n, batch)):
+      bx, by = blocks[i % pool]
+      rows = min(batch, n - start)
+      stats = update(stats, bx[:rows], by[:rows])
+    stats = jax.device_get(total(stats))
+    change = relative_rate_change(labels, ref_pred, pred, num_classes)
+    cev = float(cev_from_changes(change.dfpr, change.dfnr, change.valid))
+    sde = float(sde_from_changes(change.dfpr, change.dfnr, change.valid))
+    return cev, sde, st.linear_cka_from_stats(stats), st.debiased_cka_from_stats(stats)
+
+  t0 = time.perf_counter()
+  value, mb = peak_rss_increase_mb(run)  # the first call compiles too: timed again below
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  run()
+  seconds = time.perf_counter() - t0
+  with open(out, "w") as f:
+    json.dump(
+      {
+        "n": n,
+        "d": d,
+        "num_classes": num_classes,
+        "batch": batch,
+        "seconds": seconds,
+        "first_call_s": first,
+        "peak_rss_increase_mb": mb,
+        "values": value,
+        "gflops": 6.0 * n * d * d / seconds / 1e9,  # the three d × d products, 2 flops each
+        "load_after": load(),
+      },
+      f,
+    )
+
+
+def bench_stream(args, results: list[dict]) -> None:
+  for d in args.stream_d:
+    for n in args.stream_n:
+      flops = 6.0 * n * d * d
+      if flops > args.stream_max_flops:
+        row = {"n": n, "d": d, "skipped": f"{flops:.1e} flops above --stream-max-flops"}
+        print(f"[stream] n={n} d={d}: not run ({row['skipped']})", flush=True)
+        results.append(row)
+        continue
+      with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "s.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--_stream-child"]
+        cmd += [str(n), str(d), str(args.metric_classes), str(args.stream_batch), out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+          row = {"n": n, "d": d, "error": proc.stderr[-2000:]}
+          print("[stream] failed:", row["error"], flush=True)
+        else:
+          with open(out) as f:
+            row = json.load(f)
+          print(
+            f"[stream] n={n} d={d} {row['seconds']:.2f}s {row['gflops']:.0f} GFLOP/s "
+            f"peak +{row['peak_rss_increase_mb']} MB load={row['load_after']}",
+            flush=True,
+          )
+      results.append(row)
+
+
 # ----------------------------------------------------------------------------- population
 
 
@@ -872,6 +957,30 @@ def markdown(report: dict) -> str:
       "(inputs: 2 × n × d float32). One subprocess per n.",
       "",
     ]
+  if report.get("stream"):
+    lines += [
+      "#### Metric kernels, streamed: CEV + SDE + linear CKA (+ debiased CKA) from d × d sums",
+      "",
+      _md_row("n", "d", "seconds", "GFLOP/s (6·n·d²)", "peak RSS increase MB", "CKA", "load"),
+      "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["stream"]:
+      if "error" in row or "skipped" in row:
+        why = row.get("skipped") or f"error: {row['error'][-200:]!r}"
+        lines.append(f"| {row['n']} | {row['d']} | not run: {why} | | | | |")
+        continue
+      lines.append(
+        _md_row(
+          row["n"],
+          row["d"],
+          f"{row['seconds']:.2f}",
+          f"{row['gflops']:.0f}",
+          _fmt(row["peak_rss_increase_mb"], ".0f"),
+          _fmt(row["values"][2], ".5f", "n/a"),
+          row["load_after"],
+        )
+      )
+    lines.append("")
   if report.get("population"):
     lines += [
       "#### Population: K students in one vmapped step vs K sequential steps (CE+KD, crop+flip)",
@@ -931,7 +1040,9 @@ def _strs(s: str) -> list[str]:
 def parse_args(argv=None):
   on_gpu = jax.devices()[0].platform == "gpu"
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sections", type=_strs, default=["train", "eval", "metrics", "population"])
+  p.add_argument(
+    "--sections", type=_strs, default=["train", "eval", "metrics", "stream", "population"]
+  )
   p.add_argument(
     "--quick", action="store_true", help="tiny sizes, 2 repeats, no torch.compile: a smoke run"
   )
@@ -970,6 +1081,16 @@ def parse_args(argv=None):
     "--markdown", default="", help="write/refresh the generated tables in this markdown file"
   )
   p.add_argument("--_metrics-child", nargs=6, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--stream-n", type=_ints, default=[100_000, 1_000_000, 10_000_000])
+  p.add_argument("--stream-d", type=_ints, default=[512, 2048])
+  p.add_argument("--stream-batch", type=int, default=4096, help="rows per streamed batch")
+  p.add_argument(
+    "--stream-max-flops",
+    type=float,
+    default=3e13,
+    help="skip a streamed (n, d) whose 6·n·d² flops exceed this (the row says so)",
+  )
+  p.add_argument("--_stream-child", nargs=5, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
     args.models, args.batches, args.steps, args.repeats = ["resnet20"], [16], 1, 2
@@ -978,11 +1099,16 @@ def parse_args(argv=None):
     args.metric_n, args.metric_d, args.metric_classes, args.metric_repeats = [2000], 64, 10, 2
     args.gram_max_n = 2000
     args.population, args.population_model, args.population_batch = 2, "small_cnn", 8
+    args.stream_n, args.stream_d, args.stream_batch = [5000], [32], 1024
   return args
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args._stream_child:
+    n, d, c, b, out = args._stream_child
+    stream_child(int(n), int(d), int(c), int(b), out)
+    return {}
   if args._metrics_child:
     n, d, c, r, g, out = args._metrics_child
     metrics_child(int(n), int(d), int(c), int(r), int(g), out)
@@ -1006,6 +1132,9 @@ def main(argv=None) -> dict:
   if "metrics" in args.sections:
     report["metrics"] = []
     bench_metrics(args, report["metrics"])
+  if "stream" in args.sections:
+    report["stream"] = []
+    bench_stream(args, report["stream"])
   if "population" in args.sections:
     report["population"] = []
     bench_population(args, report["population"])

@@ -5,6 +5,9 @@ mesh and a 4-device mesh, and prints as JSON, for CE and KD fine-tuning:
 - `step`: one train step from the same trained state and batch on each mesh (the step itself:
   only the order of the cross-device sums differs);
 - `eval`: the same variables evaluated on each mesh;
+- `compare`: the evaluation pass that accumulates the similarity sums against a reference, on
+  each mesh (the metrics from them, and whether the 4-device program reduces inside its loop
+  over batches);
 - `fit`: two epochs through `fit` on each mesh, next to the noise floor of that training, the
   difference two one-device runs show when the initial weights differ by one float32 ulp
   (nextafter up, and down). CE training here is chaotic: the ulp grows to ~1e-3 in 32 steps,
@@ -13,6 +16,7 @@ mesh and a 4-device mesh, and prints as JSON, for CE and KD fine-tuning:
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +25,17 @@ import numpy as np
 from configs.default import get_config
 from prunebias_jax.data import load_dataset
 from prunebias_jax.data.pipeline import padded_eval_arrays, steps_per_epoch, train_batches
+from prunebias_jax.metrics import streaming
 from prunebias_jax.models import get_model
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.pruning import apply_masks, prune
+from prunebias_jax.records import layer_cka_of
 from prunebias_jax.train import (
+  compare,
   create_state,
   evaluate,
   fit,
+  make_compare_fn,
   make_eval_fn,
   make_optimizer,
   make_train_step,
@@ -109,7 +117,43 @@ for kd in (False, True):
       eval_fn, one_state.variables, masks, eval_images, len(ds.test), parallel=parallel
     )
 
+  similarity, loop_reductions = {}, None
+  for mesh, parallel in meshes.items():
+    compare_fn = make_compare_fn(
+      model,
+      model,
+      mean=ds.mean,
+      std=ds.std,
+      out_shardings=parallel.replicated,
+      partials=parallel.num_devices,
+      partial_sharding=parallel.batch,
+    )
+    images, _, valid = padded_eval_arrays(ds.test, 256)
+    subset = (np.arange(valid.size) % 3 == 0).reshape(valid.shape).astype(np.float32)
+    args = (variables, one_state.variables, masks, images, valid, subset, len(ds.test))
+    _, (per_layer, joint) = compare(compare_fn, *args, parallel=parallel)
+    similarity[mesh] = {
+      **{f"cka/{k}": streaming.linear_cka_from_stats(a) for k, (a, _) in per_layer.items()},
+      **{f"svcca/{k}": streaming.svcca_from_stats(b) for k, (_, b) in per_layer.items()},
+      "debiased": streaming.debiased_cka_from_stats(per_layer["features"][0]),
+      "matrix": layer_cka_of(per_layer, joint).matrix.ravel().tolist(),
+      "count": float(per_layer["features"][0].sums.count),
+      "subset": float(per_layer["features"][1].sums.count),
+    }
+    if parallel.num_devices > 1:  # any all-reduce inside the while loop's body: per batch
+      put = lambda a: parallel.put_batch(a, parallel.eval_batches, axis=1)
+      hlo = compare_fn.lower(*parallel.replicate(args[:3]), *map(put, args[3:6])).compile()
+      text = hlo.as_text()
+      bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
+      blocks = re.split(r"\n(?=\S)", text)
+      in_body = [b for b in blocks for name in bodies if re.match(rf"%?{re.escape(name)}\b", b)]
+      loop_reductions = sum(b.count("all-reduce(") for b in in_body)
+      similarity["all_reduces"] = text.count("all-reduce(")
+      similarity["loops"] = len(bodies)
+  similarity["loop_reductions"] = loop_reductions
+
   out[f"kd={kd}"] = {
+    "compare": similarity,
     "step": {
       "max_variable_diff": max_diff(stepped["one"][0], stepped["four"][0]),
       "loss_one": stepped["one"][1],

@@ -103,7 +103,7 @@ def test_quick_run_of_the_jax_sections(bench, tmp_path):
     [
       "--quick",
       "--sections",
-      "train,metrics,population",
+      "train,metrics,stream,population",
       "--torch-variants=",
       "--json",
       str(out),
@@ -125,6 +125,13 @@ def test_quick_run_of_the_jax_sections(bench, tmp_path):
   assert train["items_per_s"] == pytest.approx(
     train_row["batch"] * steps / train["seconds_median"], rel=1e-12
   )
+  stream = saved["stream"][0]
+  assert "error" not in stream, stream.get("error")
+  assert stream["gflops"] == pytest.approx(6.0 * 5000 * 32 * 32 / stream["seconds"] / 1e9)
+  # The streamed CKA of the cycled pool equals the in-memory CKA of the same rows.
+  x, y = bench.metric_inputs(8 * 1024, 32, 10)[3:]
+  rows = np.concatenate([np.arange(8 * 1024)] * 2)[:5000]
+  assert stream["values"][2] == pytest.approx(float(linear_cka(x[rows], y[rows])), abs=2e-6)
   metrics = saved["metrics"][0]
   assert "error" not in metrics, metrics.get("error")
   values = {k: v["values"] for k, v in metrics["variants"].items()}

@@ -50,6 +50,18 @@ def test_train_and_eval_steps_match_on_one_and_four_devices():
     ev = r["eval"]
     assert ev["max_logit_diff"] < 1e-4 and ev["argmax_disagreements"] == 0, (kd, ev)
     assert ev["num_test"] == 719, (kd, ev)
+    # The similarity sums of the same pass: each device sums its own rows, one reduction at the
+    # end (none inside the loop over batches), the same metrics as one device.
+    sim = r["compare"]
+    one, four = sim["one"], sim["four"]
+    assert one["count"] == four["count"] == 719 and one["subset"] == four["subset"] == 240
+    for key in one:
+      if key.startswith(("cka/", "svcca/", "debiased")):
+        assert four[key] == pytest.approx(one[key], abs=1e-5), (kd, key)
+    assert four["matrix"] == pytest.approx(one["matrix"], abs=1e-5)
+    assert 0 < one["cka/features"] < 1 and one["svcca/logits"] > 0
+    assert sim["loops"] >= 1 and sim["loop_reductions"] == 0, (kd, sim)
+    assert sim["all_reduces"] >= 1, (kd, sim)
     # Two epochs through `fit`: CE training amplifies the reduction order (a one-ulp change of
     # the initial weights reaches ~3e-3 in 32 steps), so the 4-device run is held to a few
     # times the floor measured alongside it, not to a fixed tolerance.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -15,13 +16,33 @@ from prunebias_jax.config import base_config
 from prunebias_jax.report import correlation_table
 
 
+@dataclasses.dataclass
+class Evaluated(records.Outputs):
+  """Outputs with the features an evaluation pass would have seen (kept here for the tests'
+  references; the run keeps only the sums)."""
+
+  layers: dict = dataclasses.field(default_factory=dict)
+
+
 def outputs(preds, rng, n_classes):
   logits = rng.normal(size=(len(preds), n_classes)).astype(np.float32)
   logits[np.arange(len(preds)), preds] += 5
   feats = rng.normal(size=(len(preds), 6)).astype(np.float32)
-  return records.Outputs(
-    np.asarray(preds, np.int32), logits, {"features": feats, "stage1": feats[:, :3] ** 2}
-  )
+  layers = {"features": feats, "stage1": feats[:, :3] ** 2}
+  return Evaluated(np.asarray(preds, np.int32), logits, layers=layers)
+
+
+def compared(ref, model, index=None):
+  """`model` with its similarity sums against `ref` accumulated over its layers and logits,
+  as the evaluation pass gives them (records.similarity_of); SVCCA's subset `index`."""
+  index = np.arange(len(model.predictions)) if index is None else index
+  with_logits = lambda o: {**o.layers, "logits": o.logits}
+  sim, cka = records.similarity_of(with_logits(ref), with_logits(model), index)
+  return dataclasses.replace(model, similarity=sim, layer_cka=cka)
+
+
+def by_layer(ref, model, index, rule="anatome"):
+  return records.similarity_by_layer(ref, compared(ref, model, index), index, rule)
 
 
 def test_similarity_by_layer_identity_and_difference():
@@ -29,12 +50,12 @@ def test_similarity_by_layer_identity_and_difference():
   preds = rng.integers(0, 4, 200)
   ref = outputs(preds, rng, 4)
   index = np.arange(150)
-  same = records.similarity_by_layer(ref, ref, index)
+  same = by_layer(ref, ref, index)
   assert set(same["layer_cka"]) == {"features", "stage1", "logits"}
   assert all(v == pytest.approx(1.0, abs=1e-5) for v in same["layer_cka"].values())
   assert all(v == pytest.approx(0.0, abs=1e-4) for v in same["layer_svcca"].values())
   model = outputs(preds, rng, 4)
-  other = records.similarity_by_layer(ref, model, index)
+  other = by_layer(ref, model, index)
   layers = {"logits": (ref.logits, model.logits)} | {
     k: (v, model.layers[k]) for k, v in ref.layers.items()
   }
@@ -308,10 +329,10 @@ def test_svcca_sees_every_class_in_proportion_on_a_class_sorted_split():
   keep = np.concatenate([np.arange(950), np.arange(950, 1000)[:0]])
   labels, teacher = (
     labels[keep],
-    records.Outputs(
+    Evaluated(
       teacher.predictions[keep],
       teacher.logits[keep],
-      {k: v[keep] for k, v in teacher.layers.items()},
+      layers={k: v[keep] for k, v in teacher.layers.items()},
     ),
   )
   ref = records.reference(labels, None, 10, teacher, svcca_examples=190, seed=3)
@@ -341,7 +362,7 @@ def test_model_record_reports_exclude_beside_floor_and_flags_the_floor():
   cfg.analysis.bootstrap_resamples = 0
   cfg.analysis.svcca_examples = 0
   ref = records.reference(labels, None, 3, teacher)
-  rec = records.model_record(ref, student, 0, cfg)
+  rec = records.model_record(ref, compared(teacher, student), 0, cfg)
   assert rec["zero_rate_classes"] == 3 and rec["floor_decides"] is True
   # Independent NumPy: rates per class, exclude drops every class with a zero reference FPR
   # or FNR. Teacher FPR = (1/6, 1/6, 0), FNR = (0, 0, 1/2): every class has a zero rate,
@@ -349,7 +370,7 @@ def test_model_record_reports_exclude_beside_floor_and_flags_the_floor():
   assert rec["cev_exclude"] is None and rec["sde_exclude"] is None
   assert rec["cev"] is not None and rec["cev"] > 0
   cfg.metrics.zero_rate = "exclude"
-  same = records.model_record(ref, student, 0, cfg)
+  same = records.model_record(ref, compared(teacher, student), 0, cfg)
   assert same["cev"] == same["cev_exclude"] is None
 
 
@@ -385,7 +406,7 @@ def test_exclude_values_equal_a_numpy_reference():
   cfg.analysis.bootstrap_resamples = 0
   cfg.analysis.svcca_examples = 0
   ref = records.reference(labels, None, C, outputs(ref_pred, rng, C))
-  rec = records.model_record(ref, outputs(pred, rng, C), 0, cfg)
+  rec = records.model_record(ref, compared(ref.outputs, outputs(pred, rng, C)), 0, cfg)
   cev, sde, dropped = _numpy_exclude(labels, ref_pred, pred, C)
   assert dropped == rec["zero_rate_classes"] == 1 and rec["floor_decides"] is False
   assert rec["cev_exclude"] == pytest.approx(cev, rel=1e-4)
@@ -399,7 +420,7 @@ def test_svcca_rule_selects_the_anatome_rule_by_default():
   ref, other = outputs(preds, rng, 5), outputs(preds, rng, 5)
   index = np.arange(0, 300, 2)
   got = {
-    rule: records.similarity_by_layer(ref, other, index, rule)["layer_svcca"]["features"]
+    rule: by_layer(ref, other, index, rule)["layer_svcca"]["features"]
     for rule in ("anatome", "centered")
   }
   for rule, compat in (("anatome", True), ("centered", False)):
@@ -449,16 +470,16 @@ def test_conv_svcca_is_computed_from_the_maps_of_both_models():
   related = np.tanh(maps @ rng.normal(size=(5, 5))) + 0.3 * rng.normal(size=maps.shape)
   ref.maps, other.maps = {"stage1": maps}, {"stage1": related.astype(np.float32)}
   index = np.arange(120)
-  got = records.similarity_by_layer(ref, other, index, "anatome")["layer_svcca_conv"]
+  got = by_layer(ref, other, index, "anatome")["layer_svcca_conv"]
   want = metrics.svcca_conv_distance(maps, related, anatome_compat=True)
   assert got == {"stage1": pytest.approx(float(want), abs=1e-6)} and got["stage1"] > 0.05
-  centered = records.similarity_by_layer(ref, other, index, "centered")["layer_svcca_conv"]
+  centered = by_layer(ref, other, index, "centered")["layer_svcca_conv"]
   assert centered["stage1"] == pytest.approx(
     float(metrics.svcca_conv_distance(maps, related)), abs=1e-6
   )
-  same = records.similarity_by_layer(ref, ref, index, "anatome")["layer_svcca_conv"]
+  same = by_layer(ref, ref, index, "anatome")["layer_svcca_conv"]
   assert same["stage1"] == pytest.approx(0.0, abs=1e-5)
-  assert "layer_svcca_conv" not in records.similarity_by_layer(ref, ref.without_maps(), index)
+  assert "layer_svcca_conv" not in by_layer(ref, ref.without_maps(), index)
   with pytest.raises(ValueError, match="maps of"):  # maps of other examples than the subset
     records.reference(preds, None, 4, ref, svcca_examples=60)
 
@@ -467,10 +488,10 @@ def test_debiased_cka_of_fewer_than_4_examples_is_undefined_not_a_crash():
   rng = np.random.default_rng(7)
   ref = outputs(np.array([0, 1, 2]), rng, 3)
   other = outputs(np.array([0, 1, 1]), rng, 3)
-  sim = records.similarity_by_layer(ref, other, np.arange(3))
+  sim = by_layer(ref, other, np.arange(3))
   assert sim["cka_debiased"] is None
   assert "cka_debiased" in records.undefined_metrics(sim)
-  four = records.similarity_by_layer(
+  four = by_layer(
     outputs(np.arange(4) % 3, rng, 3), outputs(np.arange(4) % 3, rng, 3), np.arange(4)
   )
   assert isinstance(four["cka_debiased"], float)
@@ -494,9 +515,8 @@ def test_the_record_says_how_many_training_steps_were_skipped(training, skipped,
   ref = records.reference(labels, None, 3, outputs(labels, rng, 3))
   params = {"Conv_0": {"kernel": np.ones((3, 3, 1, 2), np.float32)}}
   identity = {"method": "random", "sparsity": 0.5, "kd": False, "temperature": None, "seed": 0}
-  r = records.full_record(
-    ref, outputs(labels, rng, 3), identity, base_config(), {"params": params}, None, training
-  )
+  model = compared(ref.outputs, outputs(labels, rng, 3))
+  r = records.full_record(ref, model, identity, base_config(), {"params": params}, None, training)
   assert r.get("nonfinite_steps") == skipped and r.get("every_step_skipped") == never
 
 
@@ -527,11 +547,21 @@ def test_the_showcase_cell_is_the_chosen_one_or_the_one_with_most_cies():
     key = (method, sparsity, kd, 4.0 if kd else None, distill)
     fields = ("method", "sparsity", "kd", "temperature", "distill")
     cells.append(dict(zip(fields, key), num_cie=num_cie))
-    outs[key] = [outputs(rng.integers(0, 3, 50), rng, 3)]
+    outs[key] = [compared(ref.outputs, outputs(rng.integers(0, 3, 50), rng, 3))]
     cie[key] = np.arange(num_cie)
   assert records.showcase(ref, cells, cie, outs).cell["num_cie"] == 9
   chosen = records.showcase(ref, cells, cie, outs, "b,0.90,kd")
   assert chosen.cell["method"] == "b" and len(chosen.cie_indices) == 4
   assert chosen.layer_names == ["stage1", "features", "logits"]  # depth order
+  # The heatmap's matrix, from the sums of the concatenated layers, against the in-memory
+  # cka_matrix of the features themselves.
+  member = outs[("b", 0.9, True, 4.0, "kd")][0]
+  layer = lambda o, name: o.logits if name == "logits" else o.layers[name]
+  want = metrics.cka_matrix(
+    [layer(ref.outputs, n) for n in chosen.layer_names],
+    [layer(member, n) for n in chosen.layer_names],
+  )
+  np.testing.assert_allclose(chosen.layer_cka, np.asarray(want), atol=2e-6)
+  assert chosen.layer_cka.shape == (3, 3) and abs(chosen.layer_cka[0, 1] - want[0, 1]) < 2e-6
   assert records.showcase(ref, cells, cie, outs, "a,0.5,kd").cell["num_cie"] == 2
   assert records.showcase(ref, cells, cie, outs, "a,0.5,sp+kd").cell["num_cie"] == 3

@@ -24,7 +24,7 @@ import pytest
 from prunebias_jax import cellfiles, claims, history, units
 from prunebias_jax.config import ConfigError, resolve_config, shard_index, validate_config
 from prunebias_jax.files import owner, remove_stale_temporaries, temporary_owner, write_atomic
-from prunebias_jax.records import Outputs
+from prunebias_jax.records import LayerCKA, Outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 methods × 2 sparsities × CE/KD = 8 cells of one seed, 2 dense epochs, 1 fine-tuning epoch.
@@ -290,7 +290,8 @@ def test_a_cell_file_round_trips_and_is_used_only_under_its_key(tmp_path):
     Outputs(
       rng.integers(0, 10, 50).astype(np.int32),
       rng.normal(size=(50, 10)).astype(np.float32),
-      {"features": rng.normal(size=(50, 8)).astype(np.float32)},
+      None,
+      LayerCKA(["stage1", "features"], rng.random((2, 2))) if j == 0 else None,
       {"stage1": rng.normal(size=(6, 2, 2, 4)).astype(np.float32)} if j == 0 else None,
     )
     for j in range(2)
@@ -302,11 +303,12 @@ def test_a_cell_file_round_trips_and_is_used_only_under_its_key(tmp_path):
   for a, b in zip(got.outputs, outs):
     assert a.predictions.dtype == np.int32 and np.array_equal(a.predictions, b.predictions)
     assert np.array_equal(a.logits, b.logits)
-    assert a.layers.keys() == b.layers.keys() and np.array_equal(
-      a.layers["features"], b.layers["features"]
-    )
+    assert a.similarity is None  # the sums are not stored: the records hold what they give
+    assert (a.layer_cka is None) == (b.layer_cka is None)
     assert (a.maps is None) == (b.maps is None)
   assert np.array_equal(got.outputs[0].maps["stage1"], outs[0].maps["stage1"])
+  assert got.outputs[0].layer_cka.names == ["stage1", "features"]
+  assert np.array_equal(got.outputs[0].layer_cka.matrix, outs[0].layer_cka.matrix)
   assert cellfiles.read(tmp_path, "unit", "k2") is None  # another config's file
   assert cellfiles.read(tmp_path, "missing", "k1") is None
   cellfiles.path(tmp_path, "unit").write_bytes(b"PK\x03\x04 cut short")

@@ -3,6 +3,7 @@
 See docs/metrics.md for the exact definitions.
 """
 
+from prunebias_jax.metrics import streaming
 from prunebias_jax.metrics.bias import (
   CONVENTIONS,
   ZERO_RATE_RULES,
@@ -101,6 +102,7 @@ __all__ = [
   "seed_interval",
   "sign_test",
   "spearman",
+  "streaming",
   "welch_t_test",
   "wilcoxon_signed_rank",
   "cie_report",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from prunebias_jax.data.pipeline import augment, normalize
+from prunebias_jax.metrics import streaming
 from prunebias_jax.metrics.similarity import adaptive_avg_pool
 from prunebias_jax.pruning.masks import apply_masks
 from prunebias_jax.train import distill
@@ -227,28 +228,11 @@ def make_eval_fn(
   population > 1: vmapped over stacked member variables (and masks unless shared) →
   (members, n, ·) outputs.
   """
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
+  layers_of = _layers_fn(model, mean, std, map_size)
 
   def evaluate(variables, masks, images):
     variables = {**variables, "params": apply_masks(variables["params"], masks)}
-
-    def one_batch(batch_images):
-      logits, state = model.apply(
-        variables, normalize(batch_images, mean, std), train=False, mutable=["intermediates"]
-      )
-      layers = {}
-      for name, (value, *_) in state["intermediates"].items():
-        value = value.astype(jnp.float32)
-        if map_size and value.ndim == 4:
-          h, w = min(map_size, value.shape[1]), min(map_size, value.shape[2])
-          layers[name] = adaptive_avg_pool(value, h, w)
-        elif not map_size:
-          layers[name] = (
-            value.mean(axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
-          )
-      return logits.astype(jnp.float32), layers
-
+    one_batch = lambda batch_images: layers_of(variables, batch_images)
     logits, layers = jax.lax.map(one_batch, images)
     merge = lambda x: x.reshape((-1,) + x.shape[2:])  # (batches, batch, ...) → (n, ...)
     return merge(logits), {name: merge(v) for name, v in layers.items()}
@@ -256,3 +240,111 @@ def make_eval_fn(
   if population > 1:
     evaluate = jax.vmap(evaluate, in_axes=(0, None if shared_masks else 0, None))
   return jax.jit(evaluate, out_shardings=out_shardings)
+
+
+def _layers_fn(model: nn.Module, mean, std, map_size: int = 0) -> Callable:
+  """`layers_of(variables, images) -> (logits, layers)` of one batch in eval mode: float32
+  logits and {'features', 'stage1', ...} as `make_eval_fn` describes them."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def layers_of(variables, batch_images):
+    logits, state = model.apply(
+      variables, normalize(batch_images, mean, std), train=False, mutable=["intermediates"]
+    )
+    layers = {}
+    for name, (value, *_) in state["intermediates"].items():
+      value = value.astype(jnp.float32)
+      if map_size and value.ndim == 4:
+        h, w = min(map_size, value.shape[1]), min(map_size, value.shape[2])
+        layers[name] = adaptive_avg_pool(value, h, w)
+      elif not map_size:
+        layers[name] = value.mean(axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
+    return logits.astype(jnp.float32), layers
+
+  return layers_of
+
+
+def make_compare_fn(
+  model: nn.Module,
+  reference_model: nn.Module,
+  *,
+  mean,
+  std,
+  out_shardings=None,
+  partials: int = 1,
+  partial_sharding=None,
+  population: int = 1,
+  shared_masks: bool = True,
+) -> Callable:
+  """Returns jitted `compare(reference_variables, variables, masks, images (B, bs, ...),
+  valid (B, bs), subset (B, bs)) -> (logits (n_pad, C), (stats, joint))`: the evaluation pass
+  that also measures similarity to a reference model, without keeping any features.
+
+  Each batch goes through the reference and the evaluated model, and every similarity layer
+  ('logits', 'features', 'stage1', ...; as `make_eval_fn`) of the pair is added into the sums
+  of `metrics.streaming` twice: over the `valid` rows (CKA, debiased CKA) and over the
+  `valid * subset` rows (SVCCA's subset). `stats` maps each layer to that pair of totals
+  (`SimilarityStats`, no partial axis); `joint` are the sums of all layers concatenated in
+  sorted name order (the layer × layer CKA matrix, `streaming.cka_matrix_from_stats`). The
+  shift is the first batch's mean over its valid rows (that batch goes through the models
+  once more, before the loop). `partials` = the devices the batch
+  rows are sharded over: each device adds its own rows into its own sums (`partial_sharding`
+  keeps them there), and the partials are added once, after the last batch. population > 1:
+  vmapped over stacked member variables (and masks unless shared), one reference: outputs
+  with a leading member axis.
+  """
+  layers_of = _layers_fn(model, mean, std)
+  reference_layers_of = _layers_fn(reference_model, mean, std)
+
+  def pair(reference_variables, variables, batch_images):
+    ref_logits, ref_layers = reference_layers_of(reference_variables, batch_images)
+    logits, layers = layers_of(variables, batch_images)
+    return logits, {**ref_layers, "logits": ref_logits}, {**layers, "logits": logits}
+
+  def keep_partials(stats):
+    if partial_sharding is None:
+      return stats
+    pin = lambda a: jax.lax.with_sharding_constraint(a, partial_sharding)
+    return stats._replace(
+      sums=jax.tree.map(pin, stats.sums), compensation=jax.tree.map(pin, stats.compensation)
+    )
+
+  def compare(reference_variables, variables, masks, images, valid, subset):
+    variables = {**variables, "params": apply_masks(variables["params"], masks)}
+    names = sorted(jax.eval_shape(pair, reference_variables, variables, images[0])[1])
+    stack = lambda tree: jnp.concatenate([tree[name] for name in names], axis=-1)
+    # The shifts: the means of batch 0's valid rows, from a pass over it before the loop (a
+    # cross-device mean inside the loop would be a reduction per batch).
+    _, ref0, layers0 = pair(reference_variables, variables, images[0])
+
+    def start(x, y):
+      empty = streaming.similarity_stats_init(x.shape[-1], y.shape[-1], partials)
+      return keep_partials(streaming.with_shift(empty, x, y, valid[0]))
+
+    begin = (
+      {name: (start(ref0[name], layers0[name]),) * 2 for name in names},
+      start(stack(ref0), stack(layers0)),
+    )
+
+    def step(carry, inputs):
+      batch_images, v, sub = inputs
+      logits, ref_layers, layers = pair(reference_variables, variables, batch_images)
+      per_layer, joint = carry
+      add = lambda stats, x, y, w: keep_partials(streaming.similarity_stats_update(stats, x, y, w))
+      per_layer = {
+        name: (add(every, ref_layers[name], layers[name], v),
+               add(chosen, ref_layers[name], layers[name], v * sub))
+        for name, (every, chosen) in per_layer.items()
+      }  # fmt: skip
+      joint = add(joint, stack(ref_layers), stack(layers), v)
+      return (per_layer, joint), logits
+
+    stats, logits = jax.lax.scan(step, begin, (images, valid, subset))
+    is_stats = lambda s: isinstance(s, streaming.SimilarityStats)
+    totals = jax.tree.map(streaming.similarity_stats_total, stats, is_leaf=is_stats)
+    return logits.reshape((-1,) + logits.shape[2:]), totals
+
+  if population > 1:
+    compare = jax.vmap(compare, in_axes=(None, 0, None if shared_masks else 0, None, None, None))
+  return jax.jit(compare, out_shardings=out_shardings)
