@@ -658,7 +658,9 @@ def stream_child(n: int, d: int, num_classes: int, batch: int, out: str) -> None
     for i, start in enumerate(range(0, n, batch)):
       bx, by = blocks[i % pool]
       rows = min(batch, n - start)
-      stats = update(stats, bx[:rows], by[:rows])
+      # Waited for, as metrics.streaming.similarity_stats does: queued calls would each hold
+      # a copy of their batch.
+      stats = jax.block_until_ready(update(stats, bx[:rows], by[:rows]))
     stats = jax.device_get(total(stats))
     change = relative_rate_change(labels, ref_pred, pred, num_classes)
     cev = float(cev_from_changes(change.dfpr, change.dfnr, change.valid))

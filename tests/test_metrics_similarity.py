@@ -225,3 +225,80 @@ def test_linear_cka_above_one_chunk_keeps_the_degenerate_cases(small_chunks):
     linear_cka(x, x, np.ones(299))
   with pytest.raises(ValueError, match="same number of examples"):
     linear_cka(x, x[:299])
+
+
+def test_debiased_cka_and_svcca_above_one_chunk_come_from_streamed_sums(small_chunks):
+  """Above CHUNK_ROWS the two other similarity functions stream their rows too (no centred
+  copy, no SVD of the data matrix): equal to their in-memory forms up to float32 rounding,
+  weights included, with the features 1e4 off zero."""
+  from prunebias_jax.metrics import debiased_linear_cka, svcca_distance
+
+  x, y, w = _offset_pair(3 * 64 + 17, 1e4)
+  keep = w > 0
+  calls = []
+  real = small_chunks.streaming.similarity_stats
+  spy = lambda *a, **k: calls.append(k["batch_size"]) or real(*a, **k)
+  small_chunks.streaming.similarity_stats = spy
+  try:
+    got = {
+      "debiased": float(debiased_linear_cka(x, y)),
+      "debiased_w": float(debiased_linear_cka(x, y, w)),
+      "svcca": float(svcca_distance(x, y)),
+      "svcca_anatome": float(svcca_distance(x, y, anatome_compat=True)),
+    }
+  finally:
+    small_chunks.streaming.similarity_stats = real
+  assert calls == [64] * 4  # every one of them streamed, in chunks of CHUNK_ROWS
+  # The in-memory forms, on the centred data (they are shift-invariant; centring first keeps
+  # their float32 two-pass arithmetic exact enough to compare), through jit (no streaming).
+  xc, yc = x - x.mean(0), y - y.mean(0)
+  xk, yk = x[keep] - x[keep].mean(0), y[keep] - y[keep].mean(0)
+  want = {
+    "debiased": float(jax.jit(debiased_linear_cka)(xc, yc)),
+    "debiased_w": float(jax.jit(debiased_linear_cka)(xk, yk)),
+    "svcca": float(jax.jit(svcca_distance)(xc, yc)),
+  }
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, abs=2e-6), key
+  assert 0.0 < got["svcca_anatome"] < 1.0
+  with pytest.raises(ValueError, match=r"weights must have shape \(209,\)"):
+    debiased_linear_cka(x, y, np.ones(208))
+
+
+def _peak_rss_increase_mb(fn):
+  """(fn(), MB): the rise of the process's peak resident set over its resident set before the
+  call (the kernel's high-water mark reset first); skips where /proc does not allow that."""
+  import gc
+
+  def kb(field):
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+  gc.collect()
+  base = kb("VmRSS")
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pytest.skip("the peak resident set cannot be reset here")
+  value = fn()
+  return value, (kb("VmHWM") - base) / 1024
+
+
+def test_similarity_of_large_inputs_needs_about_one_chunk_of_memory():
+  """600,000 × 64 float32 per input (146 MB each): each function's peak memory over the
+  inputs stays near a few chunks (measured: 16 MB linear, 52 MB debiased, 32 MB SVCCA), not a
+  copy of an input. Fails with centred copies, or with the chunks queued without waiting
+  (async dispatch held a copy of every batch: 330 MB)."""
+  from prunebias_jax.metrics import debiased_linear_cka, similarity, svcca_distance
+
+  rng = np.random.default_rng(0)
+  n, chunk = 600_000, similarity.CHUNK_ROWS
+  x = rng.standard_normal((n, 64), dtype=np.float32)
+  y = x[:, ::-1] + rng.standard_normal((n, 64), dtype=np.float32)
+  for fn in (linear_cka, debiased_linear_cka, svcca_distance):
+    warm = chunk + n % chunk  # compiles the chunk and the tail before the measured call
+    fn(x[:warm], y[:warm])
+    value, mb = _peak_rss_increase_mb(lambda: float(fn(x, y)))
+    assert mb < x.nbytes / 2**20 / 2, (fn.__name__, mb)
+    assert 0.0 < value < 1.0

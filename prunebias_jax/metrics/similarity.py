@@ -22,6 +22,7 @@ Also here (see docs/metrics.md, "Model similarity"):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
+
+from prunebias_jax.metrics import streaming
 
 __all__ = [
   "StreamingCKAState",
@@ -100,8 +103,7 @@ def linear_cka(
   """
   x, y = _shapes_checked(features_x, features_y)
   n = x.shape[0]
-  traced = any(isinstance(a, jax.core.Tracer) for a in (x, y, weights))
-  if n <= CHUNK_ROWS or traced:
+  if n <= CHUNK_ROWS or _traced(x, y, weights):
     return _linear_cka_jit(features_x, features_y, weights)
   if _on_cpu(x) and _on_cpu(y):
     return _linear_cka_host(x, y, weights, CHUNK_ROWS)
@@ -432,7 +434,10 @@ def debiased_linear_cka(
 
   Cost: like :func:`linear_cka`, ``O(n d^2)`` time with ``d x d`` products;
   only if ``n^2 < d1 d2`` (more features than examples) is an ``n x n`` Gram
-  matrix used instead, whichever is smaller.
+  matrix used instead, whichever is smaller.  Above ``CHUNK_ROWS`` examples
+  the inputs are never copied: the rows go through ``metrics.streaming`` in
+  chunks (extra memory ``O(d^2)`` plus one chunk) and the estimator is
+  evaluated from the sums in float64.
 
   Args:
     features_x: ``(n, ...)`` features, flattened to ``(n, d1)``.
@@ -454,7 +459,28 @@ def debiased_linear_cka(
     ValueError: ``n < 4`` (the estimator divides by ``n - 3``), or
       mismatched shapes.
   """
+  x, y = _shapes_checked(features_x, features_y)
+  if x.shape[0] > CHUNK_ROWS and not _traced(x, y, weights):
+    return _from_sums(streaming.debiased_cka_from_stats, x, y, weights)
   return _debiased_linear_cka_jit(features_x, features_y, weights)
+
+
+def _traced(*arrays: Any) -> bool:
+  return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _from_sums(metric, x: Any, y: Any, weights: ArrayLike | None) -> jax.Array:
+  """``metric`` of the d x d sums of ``metrics.streaming``, the rows added in chunks of
+  ``CHUNK_ROWS`` where the arrays are (a device array is sliced on its device): no centred
+  copy, extra memory ``O(d^2)`` plus one chunk. The metric itself runs in float64 on the
+  host."""
+  dtype = _compute_dtype()
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if weights.shape != (x.shape[0],):
+      raise ValueError(f"weights must have shape ({x.shape[0]},), got {weights.shape}")
+  stats = streaming.similarity_stats(x, y, batch_size=CHUNK_ROWS, weights=weights, dtype=dtype)
+  return jnp.asarray(metric(stats), dtype)
 
 
 def _debiased_linear_cka_jit(features_x, features_y, weights) -> jax.Array:
@@ -820,7 +846,11 @@ def svcca_distance(
   ``k`` is data dependent, so it is handled by masking columns of fixed-size
   arrays: the whole computation is traceable and jitted (``threshold`` and
   ``anatome_compat`` are static).  Cost: two thin SVDs, ``O(n d^2)``
-  (``d <= n``), plus a ``min(n,d1) x min(n,d2)`` SVD.  CCA is meaningful only
+  (``d <= n``), plus a ``min(n,d1) x min(n,d2)`` SVD.  Above ``CHUNK_ROWS``
+  examples the data matrices are not decomposed (their ``U`` alone would be
+  another ``n x d``): the rows go through ``metrics.streaming`` in chunks and
+  the SVDs come from the ``d x d`` Gram/covariance eigenpairs, in float64
+  (equal up to rounding; extra memory ``O(d^2)`` plus one chunk).  CCA is meaningful only
   for ``n`` well above ``k``; for ``n`` close to ``k_x + k_y`` the
   correlations are biased towards 1.
 
@@ -838,6 +868,12 @@ def svcca_distance(
     has zero centred variance.
   """
   threshold = _check_threshold(threshold)
+  rows_x, rows_y = _shapes_checked(features_x, features_y)
+  if rows_x.shape[0] > CHUNK_ROWS and not _traced(rows_x, rows_y):
+    metric = functools.partial(
+      streaming.svcca_from_stats, threshold=threshold, anatome_compat=bool(anatome_compat)
+    )
+    return _from_sums(metric, rows_x, rows_y, None)
   dtype = _compute_dtype()
   x, y = _flatten_pair(features_x, features_y, dtype)
   if x.shape[0] < 2:

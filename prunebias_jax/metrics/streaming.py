@@ -191,23 +191,32 @@ def similarity_stats_total(stats: SimilarityStats) -> SimilarityStats:
 
 
 def similarity_stats(
-  features_x: Any, features_y: Any, batch_size: int = 4096, weights: Any | None = None
+  features_x: Any,
+  features_y: Any,
+  batch_size: int = 4096,
+  weights: Any | None = None,
+  dtype: Any = jnp.float32,
 ) -> SimilarityStats:
   """The totals of in-memory features streamed in batches of ``batch_size`` rows (the shift
-  from the first batch): what an evaluation pass accumulates, for arrays already in memory."""
-  x = np.asarray(features_x).reshape(len(features_x), -1)
-  y = np.asarray(features_y).reshape(len(features_y), -1)
+  from the first batch): what an evaluation pass accumulates, for arrays already in memory.
+  A JAX array is sliced where it lives (no copy to the host); NumPy rows go to the default
+  device one batch at a time."""
+  rows = lambda a: a if isinstance(a, jax.Array) else np.asarray(a)
+  x, y = rows(features_x), rows(features_y)
+  x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"features_x has {x.shape[0]} rows and features_y {y.shape[0]}")
   if x.shape[0] == 0:
     raise ValueError("no examples to compare")
-  w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
-  stats = similarity_stats_init(x.shape[1], y.shape[1])
+  w = np.ones(x.shape[0], np.float32) if weights is None else rows(weights)
+  stats = similarity_stats_init(x.shape[1], y.shape[1], dtype=dtype)
   first = slice(0, batch_size)
   stats = _with_shift_jit(stats, x[first], y[first], w[first])
-  for start in range(0, len(x), batch_size):
-    rows = slice(start, start + batch_size)
-    stats = _update_jit(stats, x[rows], y[rows], w[rows])
+  for start in range(0, x.shape[0], batch_size):
+    batch = slice(start, start + batch_size)
+    # Waited for: dispatch is asynchronous, and every queued call would hold its own copy
+    # of a NumPy batch (the whole input, for a fast loop).
+    stats = jax.block_until_ready(_update_jit(stats, x[batch], y[batch], w[batch]))
   return jax.device_get(_total_jit(stats))
 
 
