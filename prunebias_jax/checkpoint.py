@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +142,15 @@ class ModelCheckpoint:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, tree: PyTree, meta: dict[str, Any]) -> None:
+  def save(self, step: int, tree: PyTree, meta: dict[str, Any], wait: bool = True) -> None:
     """Saves `tree` as `step` (a no-op when that step is already on disk: a resumed run
-    recomputes the same values, and a finished checkpoint is never rewritten)."""
+    recomputes the same values, and a finished checkpoint is never rewritten).
+
+    `wait=False`: returns once the arrays are copied off the devices (Orbax's blocking part),
+    while the files are written in the background; the step becomes visible (and the oldest
+    one is deleted) only when the write is complete, so a kill mid-write leaves the previous
+    checkpoints as they were. The next save, `wait()` and `close()` wait for it."""
+    self._manager.wait_until_finished()  # one save at a time
     if step in self._manager.all_steps():
       return
     _check_space(self.directory, tree)
@@ -152,6 +160,11 @@ class ModelCheckpoint:
     self._manager.save(
       step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
     )
+    if wait:
+      self._manager.wait_until_finished()
+
+  def wait(self) -> None:
+    """Blocks until a save started with `wait=False` is on disk."""
     self._manager.wait_until_finished()
 
   def _fail(self, step: int | None, reason: str) -> CheckpointError:
@@ -231,16 +244,28 @@ class ModelCheckpoint:
     return restored.state, meta
 
   def close(self) -> None:
+    self._manager.wait_until_finished()
     self._manager.close()
+
+
+# A multi-process run decides a time-based save at step multiples of this only: every process
+# must save at the same step, so process 0's clock decides, broadcast to the others (one small
+# collective per 50 steps instead of one per step).
+TIME_CHECK_STEPS = 50
 
 
 class StageCheckpoint:
   """Mid-stage checkpoints of one training stage: the whole train state (params, batch stats,
-  optimizer state, step) and the masks, every `every_steps` steps, keeping the last `keep`.
+  optimizer state, step) and the masks, every `every_steps` steps and every `every_seconds`
+  seconds of training (whichever comes first; 0 turns either off), keeping the last `keep`.
+  `background`: training goes on while the files are written (`ModelCheckpoint.save` with
+  wait=False), so a save costs the copy of the state off the devices; a kill during the write
+  leaves the previous checkpoint to resume from.
 
   The data order and the per-step RNG are pure functions of (seed, step), so the step count
-  is all a resumed run needs to continue exactly where the killed one was. `discard()` removes
-  the directory once the stage's final model checkpoint is safely written.
+  is all a resumed run needs to continue exactly where the killed one was (whenever the saves
+  happened). `discard()` removes the directory once the stage's final model checkpoint is
+  safely written.
   """
 
   def __init__(
@@ -250,22 +275,48 @@ class StageCheckpoint:
     keep: int = 2,
     expect: dict[str, Any] | None = None,
     identity: Identity | None = None,
+    every_seconds: float = 0.0,
+    background: bool = False,
+    clock: Callable[[], float] = time.monotonic,
   ):
     self.every_steps = int(every_steps)
+    self.every_seconds = float(every_seconds)
+    self.background = bool(background)
+    self._clock = clock
+    self._last = clock()
     self._ckpt = ModelCheckpoint(
       directory, max_to_keep=max(1, int(keep)), expect=expect, identity=identity
     )
     self.directory = self._ckpt.directory
 
   def due(self, steps_done: int, total: int) -> bool:
-    """Whether to save after `steps_done` steps (the stage's end is saved by the caller)."""
-    return self.every_steps > 0 and steps_done % self.every_steps == 0 and steps_done < total
+    """Whether to save after `steps_done` steps (the stage's end is saved by the caller): a
+    multiple of `every_steps`, or `every_seconds` since the last save (or the start)."""
+    if steps_done >= total:
+      return False
+    if self.every_steps > 0 and steps_done % self.every_steps == 0:
+      return True
+    if self.every_seconds <= 0:
+      return False
+    late = self._clock() - self._last >= self.every_seconds
+    if jax.process_count() == 1:
+      return late
+    if steps_done % TIME_CHECK_STEPS:
+      return False
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(int(late)))
 
   def latest_step(self) -> int | None:
     return self._ckpt.latest_step()
 
   def save(self, steps_done: int, tree: PyTree) -> None:
-    self._ckpt.save(steps_done, tree, {"steps_done": steps_done})
+    self._ckpt.save(steps_done, tree, {"steps_done": steps_done}, wait=not self.background)
+    self._last = self._clock()
+
+  def wait(self) -> None:
+    """Blocks until the last save is on disk."""
+    self._ckpt.wait()
 
   def restore(self, abstract_tree: PyTree) -> tuple[PyTree, int]:
     tree, meta = self._ckpt.restore(abstract_tree)

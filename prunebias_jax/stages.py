@@ -442,6 +442,10 @@ def _fit(
       else None,
       **kwargs,
     )
+  except BaseException:
+    if partial is not None:  # a save still being written in the background ends first
+      partial.close()
+    raise
   finally:
     step_log.close()
   return state, summary, partial

@@ -212,12 +212,27 @@ def stage_checkpoint(
   expect: dict[str, Any],
   identity: Identity,
 ) -> StageCheckpoint | None:
-  """Mid-stage checkpoints of `stage` per `config.checkpoint` (None when every_steps is 0)."""
-  if not cfg.every_steps:
+  """Mid-stage checkpoints of `stage` per `config.checkpoint` (None when every_steps and
+  every_seconds are both 0)."""
+  every_seconds = cfg.get("every_seconds", 0.0)  # a config.json of older runs lacks it
+  if not cfg.every_steps and not every_seconds:
     return None
   return StageCheckpoint(
-    partial_dir(workdir, stage), cfg.every_steps, cfg.keep, expect=expect, identity=identity
+    partial_dir(workdir, stage),
+    cfg.every_steps,
+    cfg.keep,
+    expect=expect,
+    identity=identity,
+    every_seconds=every_seconds,
+    background=background(cfg.get("background", "auto")),
   )
+
+
+def background(setting: str) -> bool:
+  """`checkpoint.background`: 'on', 'off', or 'auto' (on with an accelerator)."""
+  if setting == "auto":
+    return jax.default_backend() != "cpu"
+  return setting == "on"
 
 
 def check_checkpoints(

@@ -103,7 +103,9 @@ def _reprune(members: int):
   return hook
 
 
-def _run(setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatch):
+def _run(
+  setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatch, background=False
+):
   data, variables, optimizer, step = setup
   members = 1 if isinstance(seeds, int) else len(seeds)
   masks = prune(variables["params"], "global_magnitude", 0.5)
@@ -113,7 +115,7 @@ def _run(setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatc
       raise Interrupted(point)
 
   monkeypatch.setattr(loop, "crash_point", crash)
-  ckpt = StageCheckpoint(tmp_path / "partial", every_steps=every, keep=2)
+  ckpt = StageCheckpoint(tmp_path / "partial", every_steps=every, keep=2, background=background)
   state = _state(variables, optimizer, masks, members)
   try:
     return fit(
@@ -140,15 +142,18 @@ def _assert_bitwise_equal(a, b):
 
 
 @pytest.mark.parametrize(
-  "seeds,every,crash_at",
+  "seeds,every,crash_at,background",
   [
-    (3, 5, 17),  # resumes at step 15, mid-epoch 2 (its re-pruning already happened and was saved)
-    (3, 6, 13),  # resumes at step 12 = the epoch boundary (the re-pruning must run now)
-    (3, 5, 9),  # resumes at step 5, mid-epoch 1 (the re-pruning comes later)
-    ((3, 4), 5, 23),  # a population of two, resumed mid-epoch 2
+    (3, 5, 17, False),  # resumes at step 15, mid-epoch 2 (its re-pruning already happened)
+    (3, 6, 13, False),  # resumes at step 12 = the epoch boundary (the re-pruning must run now)
+    (3, 5, 9, False),  # resumes at step 5, mid-epoch 1 (the re-pruning comes later)
+    ((3, 4), 5, 23, False),  # a population of two, resumed mid-epoch 2
+    (3, 5, 17, True),  # saved in the background while the steps went on
   ],
 )
-def test_resumed_stage_equals_uninterrupted(setup, tmp_path, monkeypatch, seeds, every, crash_at):
+def test_resumed_stage_equals_uninterrupted(
+  setup, tmp_path, monkeypatch, seeds, every, crash_at, background
+):
   per_epoch = steps_per_epoch(len(setup[0].train), BATCH)
   assert per_epoch == 12  # the cases above are placed around this epoch boundary
   reference_state, _ = _run(
@@ -156,13 +161,25 @@ def test_resumed_stage_equals_uninterrupted(setup, tmp_path, monkeypatch, seeds,
   )
   with pytest.raises(Interrupted):
     _run(
-      setup, tmp_path / "b", seeds=seeds, every=every, crash_at=crash_at, monkeypatch=monkeypatch
+      setup,
+      tmp_path / "b",
+      seeds=seeds,
+      every=every,
+      crash_at=crash_at,
+      monkeypatch=monkeypatch,
+      background=background,
     )
   saved = StageCheckpoint(tmp_path / "b" / "partial", every_steps=every)
   assert saved.latest_step() == (crash_at // every) * every
   saved.close()
   state, summary = _run(
-    setup, tmp_path / "b", seeds=seeds, every=every, crash_at=None, monkeypatch=monkeypatch
+    setup,
+    tmp_path / "b",
+    seeds=seeds,
+    every=every,
+    crash_at=None,
+    monkeypatch=monkeypatch,
+    background=background,
   )
   assert summary["resumed_at_step"] == (crash_at // every) * every
   _assert_bitwise_equal(state, reference_state)
@@ -194,6 +211,79 @@ def test_checkpoints_keep_the_last_k(tmp_path):
   np.testing.assert_array_equal(restored["w"], np.arange(3.0) + 8)
   ckpt.discard()
   assert not (tmp_path / "p").exists()
+
+
+def test_time_based_saves_follow_the_clock(tmp_path):
+  """every_seconds alone: due once the clock has moved that far since the start or the last
+  save, whatever the step; with every_steps too, whichever comes first; never at the end."""
+  now = [100.0]
+  ckpt = StageCheckpoint(tmp_path / "p", every_steps=0, every_seconds=60.0, clock=lambda: now[0])
+  assert not ckpt.due(1, total=100)
+  now[0] = 159.9
+  assert not ckpt.due(7, total=100)
+  now[0] = 160.0
+  assert ckpt.due(7, total=100) and not ckpt.due(100, total=100)
+  ckpt.save(7, {"w": jnp.ones(2)})
+  assert not ckpt.due(8, total=100)  # the clock restarts at the save
+  now[0] = 219.0
+  assert not ckpt.due(9, total=100)
+  now[0] = 220.5
+  assert ckpt.due(9, total=100)
+  ckpt.close()
+  both = StageCheckpoint(tmp_path / "q", every_steps=4, every_seconds=60.0, clock=lambda: now[0])
+  assert both.due(4, total=100) and not both.due(5, total=100)
+  now[0] += 60.0
+  assert both.due(5, total=100)
+  both.close()
+
+
+def test_a_background_save_copies_the_state_before_it_is_donated(tmp_path):
+  """save() returns before the files are written, and the next step is given the saved
+  arrays to donate (to overwrite in place). What lands on disk is still the state as it was
+  at the save: Orbax copies the arrays off the device before save() returns (on the CPU the
+  copy is a view, and JAX then declines the donation rather than overwrite it)."""
+  ckpt = StageCheckpoint(tmp_path / "p", every_steps=1, background=True)
+  state = {"w": jnp.arange(1_000_000, dtype=jnp.float32), "b": jnp.full((7,), 3.0)}
+  before = jax.device_get(state)
+  ckpt.save(1, state)
+  step = jax.jit(lambda s: jax.tree.map(lambda a: a * 2.0 + 1.0, s), donate_argnums=0)
+  after = jax.block_until_ready(step(state))
+  ckpt.wait()
+  restored, steps_done = ckpt.restore(before)
+  assert steps_done == 1
+  np.testing.assert_array_equal(restored["w"], before["w"])
+  np.testing.assert_array_equal(restored["b"], before["b"])
+  np.testing.assert_array_equal(after["w"], before["w"] * 2.0 + 1.0)
+  ckpt.close()
+
+
+_KILL_DURING_WRITE = """
+import os, signal, sys
+import jax, numpy as np
+from prunebias_jax.checkpoint import StageCheckpoint
+ckpt = StageCheckpoint(sys.argv[1], every_steps=1, background=True)
+ckpt.save(1, {"w": np.full((8,), 1.0, np.float32)})
+ckpt.wait()
+big = np.random.default_rng(0).standard_normal(40_000_000).astype(np.float32)  # 160 MB
+ckpt.save(2, {"w": np.full((8,), 2.0, np.float32), "big": big})
+os.kill(os.getpid(), signal.SIGKILL)  # while step 2 is being written
+"""
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint(tmp_path):
+  import signal
+  import subprocess
+  import sys
+
+  proc = subprocess.run(
+    [sys.executable, "-c", _KILL_DURING_WRITE, str(tmp_path / "p")], capture_output=True
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  ckpt = StageCheckpoint(tmp_path / "p", every_steps=1)
+  assert ckpt.latest_step() == 1  # step 2 was never finalised: the rerun resumes from step 1
+  restored, steps_done = ckpt.restore({"w": np.zeros((8,), np.float32)})
+  assert steps_done == 1 and restored["w"].tolist() == [1.0] * 8
+  ckpt.close()
 
 
 class _PoisonAt:

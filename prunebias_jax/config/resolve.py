@@ -32,6 +32,8 @@ COSMETIC_KEYS = (
   "num_processes",
   "process_id",
   "checkpoint.every_steps",
+  "checkpoint.every_seconds",
+  "checkpoint.background",
   "checkpoint.keep",
   "monitor.every_steps",
   "monitor.test_accuracy",

@@ -456,6 +456,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     every,
     "an integer >= 0 (0 = only finished models)",
   )
+  seconds = cfg.checkpoint.every_seconds
+  _require(
+    _is_real(seconds) and seconds >= 0,
+    "checkpoint.every_seconds",
+    seconds,
+    "a number of seconds >= 0 (0 = no time-based saves)",
+  )
+  _choice(cfg, "checkpoint.background", ("auto", "on", "off"))
   _positive_int(cfg, "checkpoint.keep")
   _choice(cfg, "report.format", ("png", "pdf", "svg"))
   _cka_cell(cfg)

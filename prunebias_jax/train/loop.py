@@ -251,6 +251,8 @@ def fit(
           window_start = time.perf_counter()  # the save is not training throughput
       crash_point(f"{stage}:step{done}")
   except KeyboardInterrupt:  # Ctrl-C: one line; the last mid-stage checkpoint is intact
+    if checkpoint is not None:
+      checkpoint.wait()  # a save still being written finishes first
     saved = checkpoint.latest_step() if checkpoint is not None else None
     raise Interrupted(
       f"interrupted at {stage} step {done}/{total}; rerun the same command to resume"
