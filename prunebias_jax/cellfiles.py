@@ -5,6 +5,7 @@
     o<j>/predictions    (n,) int32, for the unit's j-th model (its j-th record)
     o<j>/logits         (n, C)
     o<j>/layer_cka      (layers, layers): CKA of each teacher layer with each of the model's
+    o<j>/confusion      (C, C) int32 counts [true, predicted] of the evaluation pass
     o<j>/map/<name>     the SVCCA subset's pooled maps (the dense teacher's, analysis.svcca_conv)
 
 The run-level files (results.jsonl, cells.jsonl, ...) are assembled from these in plan order,
@@ -69,6 +70,8 @@ def write(
     arrays[f"o{j}/predictions"] = np.asarray(out.predictions)
     if out.layer_cka is not None:
       arrays[f"o{j}/layer_cka"] = np.asarray(out.layer_cka.matrix)
+    if out.confusion is not None:
+      arrays[f"o{j}/confusion"] = np.asarray(out.confusion)
     if out.logits is not None:
       arrays[f"o{j}/logits"] = np.asarray(out.logits)
     for stage, v in (out.maps or {}).items():
@@ -102,7 +105,16 @@ def read(workdir: Path, name: str, unit_key: str) -> Stored | None:
     maps = {k[4:]: v for k, v in part.items() if k.startswith("map/")} or None
     # The similarity sums are not stored: the records already hold what they give.
     layer_cka = None if names[j] is None else LayerCKA(names[j], part["layer_cka"])
-    outputs.append(Outputs(part["predictions"], part.get("logits"), None, layer_cka, maps))
+    outputs.append(
+      Outputs(
+        part["predictions"],
+        part.get("logits"),
+        None,
+        layer_cka,
+        maps,
+        confusion=part.get("confusion"),
+      )
+    )
   return Stored(records, outputs)
 
 

@@ -70,6 +70,9 @@ class Outputs:
   layer_cka: LayerCKA | None = None  # kept in the unit's file: the report's CKA heatmap
   # analysis.svcca_conv: stage name → (m, h, w, c) maps of the m SVCCA examples, pooled.
   maps: dict[str, np.ndarray] | None = None
+  # (C, C) counts [true, predicted] accumulated in the evaluation pass (None: an audit);
+  # the records' rates and CEV/SDE come from them.
+  confusion: np.ndarray | None = None
 
   def without_maps(self) -> Outputs:
     """The same outputs without the spatial maps: what a run keeps once the model's record
@@ -169,7 +172,12 @@ SVCCA_RULES = {"anatome": True, "centered": False}  # rule → svcca_distance(an
 
 
 # ------------------------------------------------------------------------------------ per model
-def bias(ref: Reference, predictions: jax.Array, metrics_cfg: ml_collections.ConfigDict) -> Record:
+def bias(
+  ref: Reference,
+  predictions: jax.Array,
+  metrics_cfg: ml_collections.ConfigDict,
+  confusion: np.ndarray | None = None,
+) -> Record:
   """CEV, SDE, the per-class changes and the zero-rate count of `predictions` ((n,) for one
   model or (K, n) for a population, whose rates are averaged first) against the teacher.
 
@@ -178,6 +186,10 @@ def bias(ref: Reference, predictions: jax.Array, metrics_cfg: ml_collections.Con
   than a third of the classes hit the rule: then the rule, not the data, sets CEV."""
 
   def change_under(zero_rate: str):
+    if confusion is not None:  # the counts of the evaluation pass (the same values)
+      return pm.relative_rate_change_from_confusion(
+        ref.outputs.confusion, confusion, zero_rate=zero_rate, convention=metrics_cfg.convention
+      )
     return pm.relative_rate_change(
       ref.device_labels,
       ref.outputs.device["predictions"],
@@ -215,7 +227,7 @@ def model_record(
   """Metrics of one model against the dense teacher (all on the full test set)."""
   crash_point("compare")
   return {
-    **prediction_record(ref, model.predictions, seed, config),
+    **prediction_record(ref, model.predictions, seed, config, model.confusion),
     "cka": number(pm.streaming.linear_cka_from_stats(model.similarity["features"][0])),
     **similarity_by_layer(ref.outputs, model, ref.svcca_index, config.analysis.svcca_rule),
     "svcca_examples_per_class": np.bincount(
@@ -225,18 +237,33 @@ def model_record(
 
 
 def prediction_record(
-  ref: Reference, predictions: np.ndarray, seed: int, config: ml_collections.ConfigDict
+  ref: Reference,
+  predictions: np.ndarray,
+  seed: int,
+  config: ml_collections.ConfigDict,
+  confusion: np.ndarray | None = None,
 ) -> Record:
   """What one model's test predictions alone give against the reference: accuracy, per-class
   rates and their changes, CEV/SDE (both zero-rate rules), agreement, DPD/EOD with their change
   (with groups) and the bootstrap intervals (resamples drawn from `seed`). A run's records and
-  an audit of predictions from elsewhere (`prunebias_jax.audit`) both come from here."""
+  an audit of predictions from elsewhere (`prunebias_jax.audit`) both come from here.
+
+  `confusion`: the model's counts from the evaluation pass; with the reference's, accuracy,
+  rates and CEV/SDE come from them (equal to the values from the predictions: the same
+  integers), else from the predictions."""
   predictions = np.asarray(predictions)
   preds = jnp.asarray(predictions)
-  rates = pm.per_class_rates(ref.device_labels, preds, ref.num_classes)
+  counted = confusion is not None and ref.outputs.confusion is not None
+  confusion = confusion if counted else None
+  if counted:
+    rates = pm.rates_from_confusion(confusion)
+    accuracy = np.trace(confusion) / len(ref.labels)
+  else:
+    rates = pm.per_class_rates(ref.device_labels, preds, ref.num_classes)
+    accuracy = np.mean(predictions == ref.labels)
   record = {
-    "accuracy": number(np.mean(predictions == ref.labels)),
-    **bias(ref, preds, config.metrics),
+    "accuracy": number(accuracy),
+    **bias(ref, preds, config.metrics, confusion),
     "agreement": number(pm.prediction_agreement(ref.outputs.device["predictions"], preds)),
     "per_class_recall": number(1.0 - np.asarray(rates.fnr)),
     "fpr": number(rates.fpr),

@@ -97,6 +97,7 @@ class RunContext:
   identities: dict[str, Identity]  # checkpoint / stage name → how this run trains it
   legacy_ok: bool  # config.json unchanged: checkpoints without an identity may be restored
   eval_images: np.ndarray  # the test images, padded to (batches, eval batch, H, W, C)
+  eval_labels: np.ndarray  # (batches, eval batch) int32, 0 for padding
   eval_valid: np.ndarray  # (batches, eval batch) float32: 1 for a test image, 0 for padding
   svcca_rows: np.ndarray  # (batches, eval batch) float32: 1 for the SVCCA subset's images
   map_images: np.ndarray | None  # analysis.svcca_conv: the SVCCA subset's images, padded
@@ -225,7 +226,7 @@ def prepare(
     cfg.data.batch_size,
   )
   eval_batch = _eval_batch(cfg, len(data.test), parallel)
-  eval_images, _, eval_valid = padded_eval_arrays(data.test, eval_batch)
+  eval_images, eval_labels, eval_valid = padded_eval_arrays(data.test, eval_batch)
   index = svcca_subset(data.test.labels, cfg.analysis.svcca_examples, cfg.seed)
   svcca_rows = np.zeros(eval_valid.size, np.float32)
   svcca_rows[index] = 1.0  # the examples `records.reference` will give SVCCA
@@ -244,6 +245,7 @@ def prepare(
     identities=identities,
     legacy_ok=legacy_ok,
     eval_images=eval_images,
+    eval_labels=eval_labels,
     eval_valid=eval_valid,
     svcca_rows=svcca_rows.reshape(eval_valid.shape),
     map_images=map_images,
@@ -863,11 +865,11 @@ def _members_masks(masks: Sequence[PyTree], shared: bool) -> PyTree:
 
 # ------------------------------------------------------------------------------------ evaluate
 def evaluate_members(ctx: RunContext, members: Sequence[Model], reference: PyTree) -> list[Outputs]:
-  """Outputs of each model on the full test set: predictions, logits, and the similarity sums
-  against the `reference` variables (the dense teacher's), accumulated in the same pass
-  (`make_compare_fn`: no features kept). The members of a population go through one vmapped,
-  compiled pass. With analysis.svcca_conv, a second pass over the SVCCA subset adds the pooled
-  stage maps."""
+  """Outputs of each model on the full test set: predictions, logits, the confusion counts,
+  and the similarity sums against the `reference` variables (the dense teacher's),
+  accumulated in the same pass (`make_compare_fn`: no features kept). The members of a
+  population go through one vmapped, compiled pass. With analysis.svcca_conv, a second pass
+  over the SVCCA subset adds the pooled stage maps."""
   variables = _stack([m.variables for m in members])
   masks = None if members[0].masks is None else _stack([m.masks for m in members])
   scheme, k = members[0].scheme, len(members)
@@ -891,6 +893,7 @@ def evaluate_members(ctx: RunContext, members: Sequence[Model], reference: PyTre
     variables,
     masks,
     ctx.eval_images,
+    ctx.eval_labels,
     ctx.eval_valid,
     ctx.svcca_rows,
     len(ctx.data.test),
@@ -899,7 +902,7 @@ def evaluate_members(ctx: RunContext, members: Sequence[Model], reference: PyTre
   if k == 1:
     logits, stats = logits[None], jax.tree.map(lambda a: a[None], stats)
   member = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
-  per_layer, joint = stats
+  per_layer, joint, confusion = stats
   maps = [None] * k
   if ctx.map_images is not None:
     size = ctx.config.analysis.svcca_conv_size
@@ -912,6 +915,7 @@ def evaluate_members(ctx: RunContext, members: Sequence[Model], reference: PyTre
       member(per_layer, j),
       layer_cka_of(member(per_layer, j), member(joint, j)),
       maps[j],
+      confusion=np.asarray(confusion[j]),
     )
     for j in range(k)
   ]

@@ -128,10 +128,12 @@ for kd in (False, True):
       partials=parallel.num_devices,
       partial_sharding=parallel.batch,
     )
-    images, _, valid = padded_eval_arrays(ds.test, 256)
+    images, labels, valid = padded_eval_arrays(ds.test, 256)
     subset = (np.arange(valid.size) % 3 == 0).reshape(valid.shape).astype(np.float32)
-    args = (variables, one_state.variables, masks, images, valid, subset, len(ds.test))
-    _, (per_layer, joint) = compare(compare_fn, *args, parallel=parallel)
+    args = (variables, one_state.variables, masks, images, labels, valid, subset, len(ds.test))
+    student_logits, (per_layer, joint, confusion) = compare(compare_fn, *args, parallel=parallel)
+    counted = np.zeros((10, 10), np.int64)
+    np.add.at(counted, (ds.test.labels, student_logits.argmax(-1)), 1)
     similarity[mesh] = {
       **{f"cka/{k}": streaming.linear_cka_from_stats(a) for k, (a, _) in per_layer.items()},
       **{f"svcca/{k}": streaming.svcca_from_stats(b) for k, (_, b) in per_layer.items()},
@@ -139,10 +141,12 @@ for kd in (False, True):
       "matrix": layer_cka_of(per_layer, joint).matrix.ravel().tolist(),
       "count": float(per_layer["features"][0].sums.count),
       "subset": float(per_layer["features"][1].sums.count),
+      "confusion": np.asarray(confusion).tolist(),
+      "confusion_matches_logits": bool(np.array_equal(confusion, counted)),
     }
     if parallel.num_devices > 1:  # any all-reduce inside the while loop's body: per batch
       put = lambda a: parallel.put_batch(a, parallel.eval_batches, axis=1)
-      hlo = compare_fn.lower(*parallel.replicate(args[:3]), *map(put, args[3:6])).compile()
+      hlo = compare_fn.lower(*parallel.replicate(args[:3]), *map(put, args[3:7])).compile()
       text = hlo.as_text()
       bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
       blocks = re.split(r"\n(?=\S)", text)

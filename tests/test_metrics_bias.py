@@ -24,6 +24,7 @@ from prunebias_jax.metrics import (
   per_class_rates,
   rate_denominators,
   relative_rate_change,
+  relative_rate_change_from_confusion,
   sde_from_changes,
   symmetric_distance_error,
 )
@@ -518,3 +519,34 @@ def test_zero_rate_rules_on_a_hand_worked_case(rule, convention):
 def test_a_bad_rule_or_convention_is_refused_by_its_name(call, name, value):
   with pytest.raises(ValueError, match=rf"^{name} must be one of \(.*\), got '{value}'$"):
     call(np.array([0, 1, 2, 1]))
+
+
+@pytest.mark.parametrize("zero_rate", ["floor", "exclude"])
+@pytest.mark.parametrize("convention", ["simon_says", "nas2022"])
+def test_changes_from_confusion_counts_equal_those_from_predictions(zero_rate, convention):
+  """What the evaluation pass counts gives bit for bit what the predictions give: one model and
+  a population of 3 (rates averaged first), with a class the reference never misses (a zero
+  reference FNR) and a class absent from the labels."""
+  rng = np.random.default_rng(4)
+  C, n = 6, 400
+  labels = rng.integers(0, C - 1, n)  # class 5 never occurs
+  ref = np.where(rng.random(n) < 0.7, labels, rng.integers(0, C, n))
+  ref[labels == 0] = 0
+  pop = np.where(rng.random((3, n)) < 0.6, labels, rng.integers(0, C, (3, n)))
+  for pred in (pop[0], pop):
+    want = relative_rate_change(labels, ref, pred, C, zero_rate=zero_rate, convention=convention)
+    cm_ref = np.asarray(confusion_matrix(labels, ref, C))
+    cm = np.asarray(confusion_matrix(labels, pred, C))
+    got = relative_rate_change_from_confusion(
+      cm_ref, cm, zero_rate=zero_rate, convention=convention
+    )
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(got.num_zero_rate_classes) >= 1
+
+
+def test_changes_from_confusion_refuse_mismatched_counts():
+  with pytest.raises(ValueError, match=r"must be \(\.\.\., C, C\) of one C, got \(3, 3\) and"):
+    relative_rate_change_from_confusion(np.ones((3, 3)), np.ones((4, 4)))
+  with pytest.raises(ValueError, match="zero_rate must be one of"):
+    relative_rate_change_from_confusion(np.ones((3, 3)), np.ones((3, 3)), zero_rate="drop")

@@ -60,6 +60,9 @@ def test_train_and_eval_steps_match_on_one_and_four_devices():
         assert four[key] == pytest.approx(one[key], abs=1e-5), (kd, key)
     assert four["matrix"] == pytest.approx(one["matrix"], abs=1e-5)
     assert 0 < one["cka/features"] < 1 and one["svcca/logits"] > 0
+    # The confusion counts of the same pass: exact, equal to counting the returned logits.
+    assert one["confusion"] == four["confusion"] and sum(map(sum, one["confusion"])) == 719
+    assert one["confusion_matches_logits"] and four["confusion_matches_logits"]
     assert sim["loops"] >= 1 and sim["loop_reductions"] == 0, (kd, sim)
     assert sim["all_reduces"] >= 1, (kd, sim)
     # Two epochs through `fit`: CE training amplifies the reduction order (a one-ulp change of

@@ -374,6 +374,33 @@ def test_model_record_reports_exclude_beside_floor_and_flags_the_floor():
   assert same["cev"] == same["cev_exclude"] is None
 
 
+def test_records_from_the_passes_counts_equal_records_from_predictions():
+  """The evaluation pass's confusion counts give the same accuracy, rates and CEV/SDE as the
+  predictions (an audit's path); counts of other predictions would not."""
+  rng = np.random.default_rng(12)
+  C, n = 4, 300
+  labels = rng.integers(0, C, n)
+  ref_pred = np.where(rng.random(n) < 0.75, labels, rng.integers(0, C, n))
+  pred = np.where(rng.random(n) < 0.6, labels, rng.integers(0, C, n))
+  cfg = base_config()
+  cfg.analysis.bootstrap_resamples = 0
+  counts = lambda p: np.asarray(metrics.confusion_matrix(labels, p, C)).astype(np.int32)
+  teacher = outputs(ref_pred, rng, C)
+  plain = records.reference(labels, None, C, teacher)
+  counted = records.reference(
+    labels, None, C, dataclasses.replace(teacher, confusion=counts(ref_pred))
+  )
+  student = compared(teacher, outputs(pred, rng, C))
+  want = records.model_record(plain, student, 0, cfg)
+  got = records.model_record(counted, dataclasses.replace(student, confusion=counts(pred)), 0, cfg)
+  assert got == want
+  other = np.where(rng.random(n) < 0.5, labels, pred)
+  wrong = records.model_record(
+    counted, dataclasses.replace(student, confusion=counts(other)), 0, cfg
+  )
+  assert wrong["cev"] != want["cev"] and wrong["accuracy"] != want["accuracy"]
+
+
 def _numpy_exclude(labels, ref_pred, pred, C):
   """CEV/SDE (simon_says) over the classes whose reference FPR and FNR are both non-zero."""
 

@@ -11,6 +11,7 @@ from prunebias_jax.metrics.bias import (
   cev_from_changes,
   combined_error_variance,
   relative_rate_change,
+  relative_rate_change_from_confusion,
   sde_from_changes,
   symmetric_distance_error,
 )
@@ -131,6 +132,7 @@ __all__ = [
   "rate_denominators",
   "rates_from_confusion",
   "relative_rate_change",
+  "relative_rate_change_from_confusion",
   "sde_from_changes",
   "symmetric_distance_error",
 ]

@@ -47,6 +47,7 @@ from prunebias_jax.metrics.confusion import (
   _check_num_classes,
   per_class_rates,
   rate_denominators,
+  rates_from_confusion,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
   "cev_from_changes",
   "combined_error_variance",
   "relative_rate_change",
+  "relative_rate_change_from_confusion",
   "sde_from_changes",
   "symmetric_distance_error",
 ]
@@ -150,7 +152,11 @@ def _relative_rate_change_jit(
   ref_fpr, ref_fnr = _population_mean_rates(labels, reference_predictions, num_classes, weights)
   cmp_fpr, cmp_fnr = _population_mean_rates(labels, predictions, num_classes, weights)
   negatives, positives = rate_denominators(labels, num_classes, weights)
+  return _change(ref_fpr, ref_fnr, cmp_fpr, cmp_fnr, negatives, positives, zero_rate, convention)
 
+
+def _change(ref_fpr, ref_fnr, cmp_fpr, cmp_fnr, negatives, positives, zero_rate, convention):
+  """The relative changes of `relative_rate_change` from the (C,) rates and denominators."""
   defined = (negatives > 0) & (positives > 0)
   zero_fpr = ref_fpr <= 0
   zero_fnr = ref_fnr <= 0
@@ -177,6 +183,54 @@ def _relative_rate_change_jit(
     valid=valid,
     num_zero_rate_classes=hit.sum().astype(jnp.int32),
   )
+
+
+def relative_rate_change_from_confusion(
+  reference_confusion: ArrayLike,
+  confusion: ArrayLike,
+  *,
+  zero_rate: str = "floor",
+  convention: str = "simon_says",
+) -> BiasChange:
+  """`relative_rate_change` from confusion counts ``M[t, p]`` (``(C, C)``, or ``(K, C, C)`` for
+  a population, whose rates are averaged first) instead of per-example predictions: what an
+  evaluation pass accumulates. The rates are those of `rates_from_confusion`; the denominators
+  ``FN_c + TP_c = n_c`` and ``FP_c + TN_c = n - n_c`` come from the reference's row sums (the
+  labels), so the result equals `relative_rate_change` on the predictions the counts came from.
+  """
+  _check_choice("zero_rate", zero_rate, ZERO_RATE_RULES)
+  _check_choice("convention", convention, CONVENTIONS)
+  ref, cmp = jnp.asarray(reference_confusion), jnp.asarray(confusion)
+  c = ref.shape[-1]
+  if ref.ndim < 2 or ref.shape[-2:] != (c, c) or cmp.shape[-2:] != (c, c):
+    raise ValueError(
+      f"confusion counts must be (..., C, C) of one C, got {ref.shape} and {cmp.shape}"
+    )
+  return _change_from_confusion_jit(ref, cmp, zero_rate, convention)
+
+
+def _change_from_confusion_jit(ref, cmp, zero_rate, convention) -> BiasChange:
+  c = ref.shape[-1]
+  ref_rates, cmp_rates = rates_from_confusion(ref), rates_from_confusion(cmp)
+  mean = lambda r: r.reshape((-1, c)).mean(axis=0)
+  counts = ref.reshape((-1, c, c))[0].astype(jnp.float32)  # the labels: any member's row sums
+  positives = counts.sum(axis=1)
+  negatives = counts.sum() - positives
+  return _change(
+    mean(ref_rates.fpr),
+    mean(ref_rates.fnr),
+    mean(cmp_rates.fpr),
+    mean(cmp_rates.fnr),
+    negatives,
+    positives,
+    zero_rate,
+    convention,
+  )
+
+
+_change_from_confusion_jit = jax.jit(
+  _change_from_confusion_jit, static_argnames=("zero_rate", "convention")
+)
 
 
 # jax.jit by assignment, not as a decorator: mutation testing reaches only undecorated

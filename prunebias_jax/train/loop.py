@@ -339,14 +339,16 @@ def compare(
   variables: PyTree,
   masks: PyTree | None,
   images: np.ndarray,
+  labels: np.ndarray,
   valid: np.ndarray,
   subset: np.ndarray,
   num_examples: int,
   parallel: DataParallel | None = None,
-) -> tuple[np.ndarray, dict]:
-  """Logits of the first `num_examples` rows of the padded set and the similarity sums against
-  the reference (`make_compare_fn`); `valid` and `subset` (num_batches, batch) are sharded
-  like the images (multi-host: each process gives its slice)."""
+) -> tuple[np.ndarray, tuple]:
+  """Logits of the first `num_examples` rows of the padded set, the similarity sums against
+  the reference and the confusion counts (`make_compare_fn`); `labels`, `valid` and `subset`
+  (num_batches, batch) are sharded like the images (multi-host: each process gives its
+  slice)."""
   parallel = DataParallel() if parallel is None else parallel
   local = parallel.process_slice(images.shape[1])
   reference_variables, variables, masks = parallel.replicate(
@@ -354,7 +356,15 @@ def compare(
   )
   put = lambda a: parallel.put_batch(a[:, local], parallel.eval_batches, axis=1)
   logits, stats = jax.device_get(
-    compare_fn(reference_variables, variables, masks, put(images), put(valid), put(subset))
+    compare_fn(
+      reference_variables,
+      variables,
+      masks,
+      put(images),
+      put(labels),
+      put(valid),
+      put(subset),
+    )
   )
   rows = (slice(None),) * (logits.ndim - 2) + (slice(num_examples),)
   return np.asarray(logits[rows]), stats

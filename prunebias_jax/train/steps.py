@@ -278,8 +278,10 @@ def make_compare_fn(
   shared_masks: bool = True,
 ) -> Callable:
   """Returns jitted `compare(reference_variables, variables, masks, images (B, bs, ...),
-  valid (B, bs), subset (B, bs)) -> (logits (n_pad, C), (stats, joint))`: the evaluation pass
-  that also measures similarity to a reference model, without keeping any features.
+  labels (B, bs), valid (B, bs), subset (B, bs)) -> (logits (n_pad, C), (stats, joint,
+  confusion))`: the evaluation pass that also measures similarity to a reference model,
+  without keeping any features, and counts the model's confusion matrix (`confusion[t, p]`,
+  int32 (C, C), over the valid rows).
 
   Each batch goes through the reference and the evaluated model, and every similarity layer
   ('logits', 'features', 'stage1', ...; as `make_eval_fn`) of the pair is added into the sums
@@ -310,7 +312,7 @@ def make_compare_fn(
       sums=jax.tree.map(pin, stats.sums), compensation=jax.tree.map(pin, stats.compensation)
     )
 
-  def compare(reference_variables, variables, masks, images, valid, subset):
+  def compare(reference_variables, variables, masks, images, labels, valid, subset):
     variables = {**variables, "params": apply_masks(variables["params"], masks)}
     names = sorted(jax.eval_shape(pair, reference_variables, variables, images[0])[1])
     stack = lambda tree: jnp.concatenate([tree[name] for name in names], axis=-1)
@@ -322,15 +324,28 @@ def make_compare_fn(
       empty = streaming.similarity_stats_init(x.shape[-1], y.shape[-1], partials)
       return keep_partials(streaming.with_shift(empty, x, y, valid[0]))
 
+    classes = layers0["logits"].shape[-1]
+    pin = lambda a: (
+      a if partial_sharding is None else jax.lax.with_sharding_constraint(a, partial_sharding)
+    )
     begin = (
       {name: (start(ref0[name], layers0[name]),) * 2 for name in names},
       start(stack(ref0), stack(layers0)),
+      pin(jnp.zeros((partials, classes, classes), jnp.int32)),
     )
 
+    def count(confusion, batch_labels, logits, v):
+      """Each device's rows into its own (C, C) counts (as the similarity sums)."""
+      split = lambda a: a.reshape((partials, -1) + a.shape[1:])
+      truth = jax.nn.one_hot(split(batch_labels), classes, dtype=jnp.int32)
+      guess = jax.nn.one_hot(split(jnp.argmax(logits, -1)), classes, dtype=jnp.int32)
+      guess = guess * split(v).astype(jnp.int32)[..., None]
+      return pin(confusion + jnp.einsum("pmt,pmq->ptq", truth, guess))
+
     def step(carry, inputs):
-      batch_images, v, sub = inputs
+      batch_images, batch_labels, v, sub = inputs
       logits, ref_layers, layers = pair(reference_variables, variables, batch_images)
-      per_layer, joint = carry
+      per_layer, joint, confusion = carry
       add = lambda stats, x, y, w: keep_partials(streaming.similarity_stats_update(stats, x, y, w))
       per_layer = {
         name: (add(every, ref_layers[name], layers[name], v),
@@ -338,13 +353,18 @@ def make_compare_fn(
         for name, (every, chosen) in per_layer.items()
       }  # fmt: skip
       joint = add(joint, stack(ref_layers), stack(layers), v)
-      return (per_layer, joint), logits
+      confusion = count(confusion, batch_labels, logits, v)
+      return (per_layer, joint, confusion), logits
 
-    stats, logits = jax.lax.scan(step, begin, (images, valid, subset))
+    (per_layer, joint, confusion), logits = jax.lax.scan(
+      step, begin, (images, labels, valid, subset)
+    )
     is_stats = lambda s: isinstance(s, streaming.SimilarityStats)
-    totals = jax.tree.map(streaming.similarity_stats_total, stats, is_leaf=is_stats)
-    return logits.reshape((-1,) + logits.shape[2:]), totals
+    totals = jax.tree.map(streaming.similarity_stats_total, (per_layer, joint), is_leaf=is_stats)
+    return logits.reshape((-1,) + logits.shape[2:]), (*totals, confusion.sum(axis=0))
 
   if population > 1:
-    compare = jax.vmap(compare, in_axes=(None, 0, None if shared_masks else 0, None, None, None))
+    compare = jax.vmap(
+      compare, in_axes=(None, 0, None if shared_masks else 0, None, None, None, None)
+    )
   return jax.jit(compare, out_shardings=out_shardings)
