@@ -2,14 +2,17 @@
 that compiled programs land there and are loaded back, and that "off" writes nothing.
 
 The JAX side runs in fresh interpreters: the test session has its own cache (conftest.py), and
-JAX decides once per process whether a cache is used."""
+JAX decides once per process whether a cache is used. The compile count of a run (issue 15)
+is read from JAX's own compile log in fresh interpreters too."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,55 @@ def test_a_file_is_not_a_cache_directory(tiny_config, tmp_path):
     validate_config(tiny_config)
   tiny_config.compile_cache = str(tmp_path / "new")  # need not exist yet
   validate_config(tiny_config)
+
+
+def _compiled_functions(workdir, sparsities: str) -> Counter:
+  """{function: how many times XLA compiled it} in one CLI run of `sparsities` (JAX's own
+  compile log; the persistent cache off, so every compilation shows)."""
+  env = {**os.environ, "JAX_LOG_COMPILES": "1", "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  args = [
+    "--config",
+    "configs/default.py",
+    "--config.runlocal=True",
+    "--config.pruning.methods=('l1_filter',)",
+    f"--config.pruning.sparsities={sparsities}",
+    "--config.compile_cache=off",
+    f"--workdir={workdir}",
+  ]
+  proc = subprocess.run(
+    [sys.executable, "-m", "prunebias_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return Counter(re.findall(r"Compiling jit\(([^)]+)\)", proc.stderr))
+
+
+# What may compile again for more cells: the run-level analysis over all cells (bootstrap and
+# permutation statistics, percentiles) takes arrays whose length is the number of cells, and
+# the small element-wise ops around it. Training, evaluation and the per-model metrics must
+# not: their shapes do not depend on the cells.
+RUN_LEVEL = {
+  "_bootstrap_distribution_jit",
+  "_cluster_bootstrap_jit",
+  "nanpercentile",
+  "convert_element_type",
+  "broadcast_in_dim",
+}
+
+
+def test_more_cells_compile_nothing_more_but_the_run_level_analysis(tmp_path):
+  """One sparsity, then four (same model and batch shapes): every training, evaluation and
+  per-model function compiles as often in both runs; only the run-level analysis recompiles."""
+  one = _compiled_functions(tmp_path / "one", "(0.5,)")
+  four = _compiled_functions(tmp_path / "four", "(0.5,0.6,0.7,0.8)")
+  grew = {name: (one[name], four[name]) for name in one | four if four[name] > one[name]}
+  assert set(grew) <= RUN_LEVEL, grew
+  assert sum(four.values()) - sum(one.values()) <= 12, (sum(one.values()), sum(four.values()))
+  for heavy in ("step", "compare"):  # the train step, the evaluation pass with the metrics
+    assert one[heavy] == four[heavy] >= 1, (heavy, one[heavy], four[heavy])
+  assert one["evaluate"] == four["evaluate"]  # the monitor's test-accuracy pass, if on
