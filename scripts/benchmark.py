@@ -135,12 +135,19 @@ def environment(torch_mod) -> dict[str, Any]:
     "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
     "peak_bf16_flops": peak_bf16_flops(dev.device_kind) if dev.platform != "cpu" else None,
   }
+  try:  # the accelerator's runtime as JAX sees it (CUDA / driver on a GPU)
+    env["platform_version"] = dev.client.platform_version
+  except Exception:  # noqa: BLE001 - not every backend has it
+    env["platform_version"] = None
   if isinstance(torch_mod, str):
     env["torch"] = torch_mod
   else:
     env["torch"] = torch_mod.__version__
     env["torch_threads"] = torch_mod.get_num_threads()
     env["torch_cuda"] = bool(torch_mod.cuda.is_available())
+    env["torch_cuda_version"] = torch_mod.version.cuda
+    env["cudnn"] = torch_mod.backends.cudnn.version() if env["torch_cuda"] else None
+    env["cudnn_benchmark"] = bool(torch_mod.backends.cudnn.benchmark)
   return env
 
 
@@ -160,6 +167,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
 
 
 def flops_of(compiled) -> float | None:
+  """FLOPs from XLA's cost analysis of a compiled or a lowered (pre-optimisation) program; the
+  compiled count may miss the work of library custom calls (cuDNN convolutions on a GPU)."""
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -216,36 +225,57 @@ def bench_train(args, torch_mod, results: list[dict]) -> None:
         _, teacher, masks, _, step, state = _jax_train_setup(name, batch, dtype)
         key = jax.random.key(1)
         t0 = time.perf_counter()
-        compiled = step.lower(state, ji, jl, key, teacher, a, t).compile()
+        lowered = step.lower(state, ji, jl, key, teacher, a, t)
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
-        f = flops_of(compiled)
+        f, f_lowered = flops_of(compiled), flops_of(lowered)
+        f = f_lowered if f_lowered else f  # the model's FLOPs, before XLA rewrites them
         if dtype == "float32" or flops is None:
           flops = f
         box = [state]
 
         def run(compiled=compiled, box=box, teacher=teacher, key=key):
-          for _ in range(args.steps):
+          for _ in range(row["steps"]):
             box[0], metrics = compiled(box[0], ji, jl, key, teacher, a, t)
           jax.block_until_ready((box[0], metrics))
 
         run()
+        if vname == "jax":  # steps per repetition: at least --min-repeat-seconds of work
+          t0 = time.perf_counter()
+          run()
+          per_step = (time.perf_counter() - t0) / row["steps"]
+          row["steps"] = max(args.steps, math.ceil(args.min_repeat_seconds / max(per_step, 1e-9)))
         fns[vname] = run
-        row["variants"][vname] = {"compile_s": compile_s, "flops_per_step": f}
+        row["variants"][vname] = {
+          "compile_s": compile_s,
+          "flops_per_step": f,
+          "flops_per_step_compiled": flops_of(compiled),
+        }
       if isinstance(torch_mod, str):
         row["errors"]["torch"] = torch_mod
       else:
         _add_torch_train_variants(args, torch_mod, name, images, labels, fns, row, on_gpu)
       times = interleaved(fns, args.repeats)
       row["load_after"] = load()
-      _finish_rows(row, times, batch * args.steps, flops, args.steps)
+      _finish_rows(row, times, batch * row["steps"], flops, row["steps"])
       results.append(row)
       _print_row("train", row)
+
+
+# torch_variants → torch.compile's mode (False: eager); a `_cl` suffix adds channels-last.
+TORCH_COMPILE_MODES = {
+  "eager": False,
+  "compile": "default",
+  "compile_max": "max-autotune-no-cudagraphs",
+}
 
 
 def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gpu) -> None:
   import torch_reference as tr
 
   device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+  if device == "cuda":
+    torch.backends.cudnn.benchmark = True  # cuDNN picks the fastest kernels for these shapes
   ti = torch.from_numpy(images.copy()).to(device)
   tl = torch.from_numpy(labels.astype(np.int64)).to(device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -263,7 +293,7 @@ def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gp
           mean=MEAN,
           std=STD,
           channels_last=cl,
-          compile=vname.startswith("compile"),
+          compile=TORCH_COMPILE_MODES.get(vname.removesuffix("_cl"), False),
           alpha=ALPHA,
           temperature=TEMPERATURE,
           amp_dtype=None if amp == "float32" else getattr(torch, amp),
@@ -282,7 +312,7 @@ def _add_torch_train_variants(args, torch, name, images, labels, fns, row, on_gp
         continue
 
       def run(step=step):
-        for _ in range(args.steps):
+        for _ in range(row["steps"]):
           loss = step(ti, tl)
         sync()
         return loss
@@ -636,7 +666,8 @@ def stream_child(n: int, d: int, num_classes: int, batch: int, out: str) -> None
   """CEV + SDE + linear CKA (and the debiased CKA and SVCCA the same sums give) with the
   features streamed: batches of `batch` rows go through `metrics.streaming` (jitted update, the
   sums on the device), so memory is O(d²) + one batch whatever n is. The batches cycle through
-  a pool of 8 generated blocks (generating 10⁷ × d normals would take longer than the metric);
+  a pool of 8 generated blocks held on the device (generating 10⁷ × d normals would take longer
+  than the metric);
   labels and predictions (n int32 each) are in memory, as in a run. Runs in its own process
   (`--_stream-child`)."""
   from prunebias_jax.metrics import cev_from_changes, relative_rate_change, sde_from_changes
@@ -648,7 +679,11 @@ def stream_child(n: int, d: int, num_classes: int, batch: int, out: str) -> None
   labels = rng.integers(0, num_classes, n).astype(np.int32)
   noise = lambda p: np.where(rng.random(n) < p, rng.integers(0, num_classes, n), labels)
   ref_pred, pred = noise(0.2).astype(np.int32), noise(0.25).astype(np.int32)
-  blocks = [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(pool)]
+  # On the device once (an accelerator would otherwise time the host-to-device copies).
+  blocks = [
+    (jax.device_put(x[i * batch : (i + 1) * batch]), jax.device_put(y[i * batch : (i + 1) * batch]))
+    for i in range(pool)
+  ]
   update = jax.jit(st.similarity_stats_update, donate_argnums=0)
   shift = jax.jit(st.with_shift)
   total = jax.jit(st.similarity_stats_total)
@@ -1050,7 +1085,14 @@ def parse_args(argv=None):
   )
   p.add_argument("--models", type=_strs, default=["resnet20", "resnet18"])
   p.add_argument("--batches", type=_ints, default=[128, 512])
-  p.add_argument("--steps", type=int, default=2, help="train steps per timed repetition")
+  p.add_argument("--steps", type=int, default=2, help="train steps per timed repetition (at least)")
+  p.add_argument(
+    "--min-repeat-seconds",
+    type=float,
+    default=0.1,
+    help="more steps per repetition until one JAX repetition takes this long: a few ms of "
+    "GPU work per repetition would time the launch and the sync, not the step",
+  )
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument(
     "--jax-dtypes",
@@ -1063,7 +1105,9 @@ def parse_args(argv=None):
     "--torch-variants",
     type=_strs,
     default=["eager", "eager_cl", "compile_cl"],
-    help="eager | eager_cl | compile | compile_cl (cl = channels-last)",
+    help="eager | eager_cl | compile | compile_cl | compile_max | compile_max_cl (cl = "
+    "channels-last; compile: torch.compile's default mode, compile_max: "
+    "max-autotune-no-cudagraphs)",
   )
   p.add_argument("--eval-n", type=int, default=10000)
   p.add_argument("--eval-batch", type=int, default=500)
@@ -1096,6 +1140,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.models, args.batches, args.steps, args.repeats = ["resnet20"], [16], 1, 2
+    args.min_repeat_seconds = 0.0
     args.torch_variants = [v for v in args.torch_variants if not v.startswith("compile")]
     args.eval_n, args.eval_batch = 256, 128
     args.metric_n, args.metric_d, args.metric_classes, args.metric_repeats = [2000], 64, 10, 2

@@ -161,12 +161,15 @@ def make_step(
   mean,
   std,
   channels_last: bool = False,
-  compile: bool = False,
+  compile: bool | str = False,
   alpha: float = 0.9,
   temperature: float = 4.0,
   amp_dtype=None,
 ) -> Callable:
   """`step(images_u8 NHWC, labels) -> loss` (a 0-d tensor; no host sync inside the step).
+
+  compile: False (eager), True or "default" (torch.compile), or a torch.compile mode such as
+  "max-autotune-no-cudagraphs".
 
   amp_dtype (e.g. torch.bfloat16): autocast the forward passes (float32 params, and the loss
   on float32 logits), the counterpart of `get_model(..., dtype="bfloat16")`.
@@ -192,9 +195,10 @@ def make_step(
     with torch.no_grad():
       torch._foreach_mul_(weights, masks)
 
-  if compile:
-    forward_loss = torch.compile(forward_loss)
-    update = torch.compile(update)
+  if compile:  # True: torch.compile's default mode; a string: that mode
+    mode = None if compile is True or compile == "default" else compile
+    forward_loss = torch.compile(forward_loss, mode=mode)
+    update = torch.compile(update, mode=mode)
 
   def step(images, labels):
     opt.zero_grad(set_to_none=True)

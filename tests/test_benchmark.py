@@ -169,3 +169,33 @@ def test_peak_rss_increase_counts_memory_touched_and_freed_inside_the_call(bench
   assert size_mb * 0.9 <= mb <= size_mb * 1.5
   _, idle = bench.peak_rss_increase_mb(lambda: None)
   assert idle < size_mb * 0.25  # the peak of the earlier call was reset, not carried over
+
+
+def test_the_gpu_check_script_lists_every_part_issue_15_asks_for():
+  """scripts/gpu_check.sh --dry-run: the parts, each bounded in time, within 8 minutes in all."""
+  import re
+  import subprocess
+
+  proc = subprocess.run(
+    ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "/tmp/unused"],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert proc.returncode == 0, proc.stderr
+  parts = dict(re.findall(r"^== (\S+) \(at most (\d+) s\)", proc.stdout, re.M))
+  assert set(parts) == {
+    "train_resnet20",
+    "train_resnet18",
+    "population",
+    "metrics",
+    "flag_conv_nhwc",
+    "flag_graph_min_1",
+  }
+  assert sum(map(int, parts.values())) <= 8 * 60
+  text = proc.stdout
+  assert "--models resnet20 --batches 128,512 --jax-dtypes float32,bfloat16" in text
+  assert "--models resnet18 --batches 512" in text
+  assert "compile_max_cl" in text and "--population 8" in text and "--metric-n 1000000" in text
+  assert "XLA_FLAGS=--xla_gpu_force_conv_nhwc=true" in text
+  assert "XLA_FLAGS=--xla_gpu_graph_min_graph_size=1" in text
