@@ -764,17 +764,9 @@ def bench_population(args, results: list[dict]) -> None:
   from prunebias_jax.train import create_state, make_train_step
 
   model = get_model(name, 10)
-  pop = make_train_step(
-    model,
-    opt,
-    mean=MEAN,
-    std=STD,
-    crop_padding=4,
-    flip=True,
-    kd=True,
-    population=k,
-    shared_masks=True,
-  )
+  kw = dict(mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True, population=k)
+  pop = make_train_step(model, opt, shared_masks=True, members="vmap", **kw)
+  mapped = make_train_step(model, opt, shared_masks=True, members="map", **kw)
   single = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (k, bs, 32, 32, 3), dtype=np.uint8))
@@ -787,7 +779,7 @@ def bench_population(args, results: list[dict]) -> None:
     lambda *xs: jnp.stack(xs),
     *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)],
   ).replace(masks=jax.tree.map(jnp.array, masks))  # shared masks: one unstacked set
-  box = {"seq": seq, "pop": stacked}
+  box = {"seq": seq, "pop": stacked, "map": jax.tree.map(jnp.array, stacked)}
 
   def run_sequential():
     for _ in range(args.steps):
@@ -800,13 +792,23 @@ def bench_population(args, results: list[dict]) -> None:
       box["pop"], m = pop(box["pop"], images, labels, keys, teacher, a, t)
     jax.block_until_ready(box["pop"])
 
+  def run_mapped():
+    for _ in range(args.steps):
+      box["map"], m = mapped(box["map"], images, labels, keys, teacher, a, t)
+    jax.block_until_ready(box["map"])
+
   t0 = time.perf_counter()
   run_sequential()
   seq_compile = time.perf_counter() - t0
   t0 = time.perf_counter()
   run_population()
   pop_compile = time.perf_counter() - t0
-  times = interleaved({"sequential": run_sequential, "vmap": run_population}, args.repeats)
+  t0 = time.perf_counter()
+  run_mapped()
+  map_compile = time.perf_counter() - t0
+  times = interleaved(
+    {"sequential": run_sequential, "vmap": run_population, "map": run_mapped}, args.repeats
+  )
   row: dict[str, Any] = {
     "model": name,
     "population": k,
@@ -817,19 +819,21 @@ def bench_population(args, results: list[dict]) -> None:
     "variants": {
       "sequential": {"first_call_s": seq_compile},
       "vmap": {"first_call_s": pop_compile},
+      "map": {"first_call_s": map_compile},
     },
   }
   row["load_after"] = load()
   _finish_rows(row, times, k * bs * args.steps, None, args.steps)
-  row["speedup_vs_sequential"] = (
-    row["variants"]["sequential"]["seconds_median"] / row["variants"]["vmap"]["seconds_median"]
-  )
+  seconds = lambda v: row["variants"][v]["seconds_median"]
+  row["speedup_vs_sequential"] = seconds("sequential") / seconds("vmap")
+  row["map_speedup_vs_sequential"] = seconds("sequential") / seconds("map")
   results.append(row)
   print(
     f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
     f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s "
     f"vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
-    f"speedup={row['speedup_vs_sequential']:.2f}x",
+    f"map={row['variants']['map']['items_per_s']:.0f}/s "
+    f"speedup vmap={row['speedup_vs_sequential']:.2f}x map={row['map_speedup_vs_sequential']:.2f}x",
     flush=True,
   )
 
@@ -1020,10 +1024,12 @@ def markdown(report: dict) -> str:
     lines.append("")
   if report.get("population"):
     lines += [
-      "#### Population: K students in one vmapped step vs K sequential steps (CE+KD, crop+flip)",
+      "#### Population: K students in one step (vmapped, or mapped one after the other) vs K "
+      "sequential steps (CE+KD, crop+flip)",
       "",
-      "| model | K | batch/member | sequential img/s | vmapped img/s | speedup | load |",
-      "|---|---|---|---|---|---|---|",
+      "| model | K | batch/member | sequential img/s | vmapped img/s | speedup | mapped img/s "
+      "| speedup | load |",
+      "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["population"]:
       v = row["variants"]
@@ -1035,6 +1041,8 @@ def markdown(report: dict) -> str:
           f"{v['sequential']['items_per_s']:.0f}",
           f"{v['vmap']['items_per_s']:.0f}",
           f"{row['speedup_vs_sequential']:.2f}×",
+          f"{v['map']['items_per_s']:.0f}",
+          f"{row['map_speedup_vs_sequential']:.2f}×",
           row["load_after"],
         )
       )

@@ -148,6 +148,9 @@ def test_quick_run_of_the_jax_sections(bench, tmp_path):
     seq["seconds_median"] / vmap["seconds_median"], rel=1e-12
   )
   assert vmap["seconds_median"] == statistics.median(vmap["seconds_all"])
+  assert population["map_speedup_vs_sequential"] == pytest.approx(
+    seq["seconds_median"] / population["variants"]["map"]["seconds_median"], rel=1e-12
+  )
   md = (tmp_path / "r.md").read_text()
   assert "Masked CE+KD train step" in md and "Metric kernels" in md and "Population" in md
   assert f"{population['speedup_vs_sequential']:.2f}×" in md

@@ -56,6 +56,7 @@ def make_train_step(
   method: str | None = None,
   weights: DistillWeights | None = None,
   teacher_model: nn.Module | None = None,
+  members: str = "vmap",
 ) -> Callable:
   """Returns jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T, indices)`.
 
@@ -64,9 +65,12 @@ def make_train_step(
   pruned weight. With kd=True the teacher sees the same augmented batch in inference mode.
   `state` is donated. `alpha` and `T` are traced, so a temperature sweep compiles once.
 
-  population > 1: the same step `jax.vmap`-ed over a leading member axis of state, images,
-  labels and rng (and `state.masks` unless `shared_masks`); the teacher is shared. N students of a
-  cell then train in one compiled step.
+  population > 1: the same step over a leading member axis of state, images, labels and rng
+  (and `state.masks` unless `shared_masks`); the teacher is shared. N students of a cell then
+  train in one compiled step, as `members` says: 'vmap' batches the members into each
+  operation (what keeps an accelerator busy), 'map' runs them one after the other inside the
+  program (`lax.map`: each member's convolutions stay plain ones, which the CPU runs far faster
+  than the grouped convolutions a vmapped step becomes).
 
   skip_nonfinite: a step whose loss is NaN/Inf leaves params, batch stats and optimizer state
   as they were (the step counter still advances, so the learning-rate schedule and the data
@@ -195,13 +199,39 @@ def make_train_step(
       distill=0,
       frozen=0,
     )
-    members = jax.vmap(
-      step, in_axes=(state_axes, 0, 0, 0, None, None, None, 0), out_axes=(state_axes, 0)
-    )
+    if members == "vmap":
+      batched = jax.vmap(
+        step, in_axes=(state_axes, 0, 0, 0, None, None, None, 0), out_axes=(state_axes, 0)
+      )
+    elif members == "map":
+      batched = _members_one_by_one(step, shared_masks)
+    else:
+      raise ValueError(f"members must be 'vmap' or 'map', got {members!r}")
     step = lambda state, images, labels, rng, teacher_variables, alpha, temperature, indices=None: (
-      members(state, images, labels, rng, teacher_variables, alpha, temperature, indices)
+      batched(state, images, labels, rng, teacher_variables, alpha, temperature, indices)
     )
   return jax.jit(step, donate_argnums=(0,))
+
+
+def _members_one_by_one(step: Callable, shared_masks: bool) -> Callable:
+  """The population step as `lax.map` of the one-member `step` over the member axis (shared
+  masks and the teacher's inputs held fixed)."""
+
+  def batched(state, images, labels, rng, teacher_variables, alpha, temperature, indices):
+    masks = state.masks if shared_masks else None
+
+    def one(member):
+      member_state, *batch = member
+      if shared_masks:
+        member_state = member_state.replace(masks=masks)
+      new, metrics = step(member_state, *batch[:3], teacher_variables, alpha, temperature, batch[3])
+      return (new.replace(masks=None) if shared_masks else new), metrics
+
+    stacked = state.replace(masks=None) if shared_masks else state
+    new, metrics = jax.lax.map(one, (stacked, images, labels, rng, indices))
+    return (new.replace(masks=masks) if shared_masks else new), metrics
+
+  return batched
 
 
 def make_eval_fn(
