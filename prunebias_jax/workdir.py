@@ -37,7 +37,7 @@ from absl import logging
 from prunebias_jax.checkpoint import Identity, IdentityMismatch, ModelCheckpoint, StageCheckpoint
 from prunebias_jax.claims import LOCKS, WORKERS
 from prunebias_jax.config import COSMETIC_KEYS, SWEEP_KEYS, base_config, flatten
-from prunebias_jax.errors import ConfigError
+from prunebias_jax.errors import CheckpointError, ConfigError
 from prunebias_jax.files import check_writable, remove_stale_temporaries, write_json_atomic
 
 CELLS = "cells"  # cells/<unit>.npz: each finished unit's records (`cellfiles`)
@@ -260,16 +260,23 @@ def check_checkpoints(
     dirs += [d for d in (root / PARTIAL).iterdir() if d.is_dir()]
   stale: list[tuple[Path, IdentityMismatch]] = []
   for d in sorted(dirs):
-    ckpt = ModelCheckpoint(
-      d, expect=expect, identity=identities.get(d.name), legacy_ok=legacy_ok, cleanup_tmp=False
-    )
-    try:
-      if ckpt.latest_step() is not None:
-        ckpt.read_meta()
-    except IdentityMismatch as e:
-      stale.append((d, e))
-    finally:
-      ckpt.close()
+    # Another worker of a sweep may be saving (or discarding) this stage's mid-stage
+    # checkpoint right now: a step it is still writing reads as damaged for a moment, so a
+    # partial checkpoint is read again before it is refused; one that vanished is fine.
+    tries = PARTIAL_READS if d.parent.name == PARTIAL else 1
+    for attempt in range(1, tries + 1):
+      try:
+        _read_checkpoint(d, expect, identities.get(d.name), legacy_ok)
+        break
+      except IdentityMismatch as e:
+        stale.append((d, e))
+        break
+      except (CheckpointError, FileNotFoundError):
+        if not d.is_dir():
+          break
+        if attempt == tries:
+          raise
+        time.sleep(PARTIAL_READ_WAIT_S)
   finished = [(d, e) for d, e in stale if d.parent.name != PARTIAL]
   if finished and not overwrite:
     more = f" ({len(finished) - 1} more checkpoint(s) differ)" if len(finished) > 1 else ""
@@ -284,6 +291,26 @@ def check_checkpoints(
       logging.warning("%s %s deleted (trained differently: %s)", what, d, e.differences)
       shutil.rmtree(d)
   barrier("stale checkpoints deleted")
+
+
+# A mid-stage checkpoint that cannot be read is read again this many times, this far apart,
+# before the run refuses it (see check_checkpoints).
+PARTIAL_READS = 15
+PARTIAL_READ_WAIT_S = 1.0
+
+
+def _read_checkpoint(
+  directory: Path, expect: dict[str, Any], identity: Identity | None, legacy_ok: bool
+) -> None:
+  """Reads the latest step's metadata of `directory` (CheckpointError / IdentityMismatch)."""
+  ckpt = ModelCheckpoint(
+    directory, expect=expect, identity=identity, legacy_ok=legacy_ok, cleanup_tmp=False
+  )
+  try:
+    if ckpt.latest_step() is not None:
+      ckpt.read_meta()
+  finally:
+    ckpt.close()
 
 
 def finish_stage(partial: StageCheckpoint | None) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -798,3 +799,37 @@ def test_skipped_steps_are_recorded_and_an_untrained_model_is_marked(tmp_path):
   cells = [json.loads(line) for line in (tmp_path / "w" / "cells.jsonl").read_text().splitlines()]
   table = report.results_table(dense, cells, flagged={("random", 0.5)})
   assert "| random ‼ | 0.5 |" in table
+
+
+@pytest.mark.parametrize("then", ["repaired", "removed", "left damaged"])
+def test_a_mid_stage_checkpoint_being_written_by_another_worker_is_read_again(
+  tmp_path, monkeypatch, then
+):
+  """A sweep worker's setup reads every checkpoint while other workers may be saving theirs: a
+  mid-stage step it cannot read yet is read again (and one that is discarded meanwhile is
+  fine); one that stays unreadable is still refused."""
+  import threading
+
+  from prunebias_jax import workdir as wd
+  from prunebias_jax.checkpoint import StageCheckpoint
+
+  monkeypatch.setattr(wd, "PARTIAL_READ_WAIT_S", 0.05)
+  stage = tmp_path / "checkpoints" / "partial" / "l1_filter_s0.5_kd_seed0"
+  ckpt = StageCheckpoint(stage, every_steps=5)
+  ckpt.save(5, {"w": jnp.ones(3)})
+  ckpt.close()
+  (meta,) = stage.glob("5/meta/metadata")
+  good = meta.read_bytes()
+  meta.write_bytes(b"\x00 being written")
+  fix = {"repaired": lambda: meta.write_bytes(good), "removed": lambda: shutil.rmtree(stage)}
+  timer = threading.Timer(0.2, fix.get(then, lambda: None))
+  timer.start()
+  try:
+    check = lambda: wd.check_checkpoints(tmp_path, {}, {}, True, False, delete=False)
+    if then == "left damaged":
+      with pytest.raises(CheckpointError, match="metadata is unreadable"):
+        check()
+    else:
+      check()
+  finally:
+    timer.join()

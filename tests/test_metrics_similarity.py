@@ -287,9 +287,10 @@ def _peak_rss_increase_mb(fn):
 
 def test_similarity_of_large_inputs_needs_about_one_chunk_of_memory():
   """600,000 × 64 float32 per input (146 MB each): each function's peak memory over the
-  inputs stays near a few chunks (measured: 16 MB linear, 52 MB debiased, 32 MB SVCCA), not a
-  copy of an input. Fails with centred copies, or with the chunks queued without waiting
-  (async dispatch held a copy of every batch: 330 MB)."""
+  inputs stays below one copy of an input (measured alone: 16 MB linear, 52 MB debiased, 32 MB
+  SVCCA; 81 MB debiased in a full test session, whose allocator holds more per thread). Fails
+  with a centred copy of an input, or with the chunks queued without waiting (async dispatch
+  held a copy of every batch: 330 MB)."""
   from prunebias_jax.metrics import debiased_linear_cka, similarity, svcca_distance
 
   rng = np.random.default_rng(0)
@@ -300,5 +301,5 @@ def test_similarity_of_large_inputs_needs_about_one_chunk_of_memory():
     warm = chunk + n % chunk  # compiles the chunk and the tail before the measured call
     fn(x[:warm], y[:warm])
     value, mb = _peak_rss_increase_mb(lambda: float(fn(x, y)))
-    assert mb < x.nbytes / 2**20 / 2, (fn.__name__, mb)
+    assert mb < 0.9 * x.nbytes / 2**20, (fn.__name__, mb)
     assert 0.0 < value < 1.0
