@@ -767,6 +767,7 @@ def bench_population(args, results: list[dict]) -> None:
   kw = dict(mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True, population=k)
   pop = make_train_step(model, opt, shared_masks=True, members="vmap", **kw)
   mapped = make_train_step(model, opt, shared_masks=True, members="map", **kw)
+  in_turn = make_train_step(model, opt, shared_masks=True, members="sequential", **kw)
   single = make_train_step(model, opt, mean=MEAN, std=STD, crop_padding=4, flip=True, kd=True)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (k, bs, 32, 32, 3), dtype=np.uint8))
@@ -779,7 +780,12 @@ def bench_population(args, results: list[dict]) -> None:
     lambda *xs: jnp.stack(xs),
     *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)],
   ).replace(masks=jax.tree.map(jnp.array, masks))  # shared masks: one unstacked set
-  box = {"seq": seq, "pop": stacked, "map": jax.tree.map(jnp.array, stacked)}
+  box = {
+    "seq": seq,
+    "pop": stacked,
+    "map": jax.tree.map(jnp.array, stacked),
+    "turn": jax.tree.map(jnp.array, stacked),
+  }
 
   def run_sequential():
     for _ in range(args.steps):
@@ -797,6 +803,11 @@ def bench_population(args, results: list[dict]) -> None:
       box["map"], m = mapped(box["map"], images, labels, keys, teacher, a, t)
     jax.block_until_ready(box["map"])
 
+  def run_in_turn():
+    for _ in range(args.steps):
+      box["turn"], m = in_turn(box["turn"], images, labels, keys, teacher, a, t)
+    jax.block_until_ready(box["turn"])
+
   t0 = time.perf_counter()
   run_sequential()
   seq_compile = time.perf_counter() - t0
@@ -806,8 +817,17 @@ def bench_population(args, results: list[dict]) -> None:
   t0 = time.perf_counter()
   run_mapped()
   map_compile = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  run_in_turn()
+  turn_compile = time.perf_counter() - t0
   times = interleaved(
-    {"sequential": run_sequential, "vmap": run_population, "map": run_mapped}, args.repeats
+    {
+      "sequential": run_sequential,
+      "vmap": run_population,
+      "map": run_mapped,
+      "population_sequential": run_in_turn,
+    },
+    args.repeats,
   )
   row: dict[str, Any] = {
     "model": name,
@@ -820,6 +840,7 @@ def bench_population(args, results: list[dict]) -> None:
       "sequential": {"first_call_s": seq_compile},
       "vmap": {"first_call_s": pop_compile},
       "map": {"first_call_s": map_compile},
+      "population_sequential": {"first_call_s": turn_compile},
     },
   }
   row["load_after"] = load()
@@ -827,13 +848,16 @@ def bench_population(args, results: list[dict]) -> None:
   seconds = lambda v: row["variants"][v]["seconds_median"]
   row["speedup_vs_sequential"] = seconds("sequential") / seconds("vmap")
   row["map_speedup_vs_sequential"] = seconds("sequential") / seconds("map")
+  # population_step='sequential' (the member steps through the population's split and join)
+  row["in_turn_speedup_vs_sequential"] = seconds("sequential") / seconds("population_sequential")
   results.append(row)
   print(
     f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
     f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s "
     f"vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
     f"map={row['variants']['map']['items_per_s']:.0f}/s "
-    f"speedup vmap={row['speedup_vs_sequential']:.2f}x map={row['map_speedup_vs_sequential']:.2f}x",
+    f"speedup vmap={row['speedup_vs_sequential']:.2f}x map={row['map_speedup_vs_sequential']:.2f}x "
+    f"in turn={row['in_turn_speedup_vs_sequential']:.2f}x",
     flush=True,
   )
 
@@ -1028,8 +1052,8 @@ def markdown(report: dict) -> str:
       "sequential steps (CE+KD, crop+flip)",
       "",
       "| model | K | batch/member | sequential img/s | vmapped img/s | speedup | mapped img/s "
-      "| speedup | load |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| speedup | in turn (population_step=sequential) img/s | speedup | load |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["population"]:
       v = row["variants"]
@@ -1043,6 +1067,8 @@ def markdown(report: dict) -> str:
           f"{row['speedup_vs_sequential']:.2f}×",
           f"{v['map']['items_per_s']:.0f}",
           f"{row['map_speedup_vs_sequential']:.2f}×",
+          f"{v['population_sequential']['items_per_s']:.0f}",
+          f"{row['in_turn_speedup_vs_sequential']:.2f}×",
           row["load_after"],
         )
       )

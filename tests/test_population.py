@@ -1,5 +1,5 @@
-"""Populations: N students trained in one step (vmapped or mapped over the members) equal N
-separate runs."""
+"""Populations: N students trained together (one vmapped step, or each member's own step in
+turn) equal N separate runs."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def tiny(workdir_config_changes: dict):
   return cfg
 
 
-@pytest.mark.parametrize("step", ["vmap", "map"])
+@pytest.mark.parametrize("step", ["vmap", "sequential"])
 def test_population_of_three_equals_three_separate_runs(tmp_path, step):
   separate = experiment.run(tiny({"seeds": (0, 1, 2)}), tmp_path / "separate")
   together = experiment.run(
@@ -45,10 +45,11 @@ def test_population_of_three_equals_three_separate_runs(tmp_path, step):
   ):
     assert (a["method"], a["seed"], a["kd"]) == (b["method"], b["seed"], b["kd"])
     assert a["realized_sparsity_per_layer"] == b["realized_sparsity_per_layer"]  # same masks
-    # The vmapped step convolves with per-member weights (a grouped convolution), and the mapped
-    # one runs inside a loop that XLA fuses differently; both round differently from a plain
-    # step, and 24 SGD steps amplify that into a few flipped test predictions (seen on jax
-    # 0.12: 6 of 719 for one class's FPR). Masks must match exactly.
+    # The vmapped step convolves with per-member weights (a grouped convolution), which rounds
+    # differently from a plain one; 24 SGD steps amplify that into a few flipped test
+    # predictions (seen on jax 0.12: 6 of 719 for one class's FPR). Masks must match exactly.
+    if step == "sequential":  # each member's own step: the separate run's very numbers
+      assert (a["accuracy"], a["cka"], a["fpr"]) == (b["accuracy"], b["cka"], b["fpr"])
     assert abs(a["accuracy"] - b["accuracy"]) <= 8 / 719
     np.testing.assert_allclose(a["cka"], b["cka"], atol=1e-2)
     np.testing.assert_allclose(a["fpr"], b["fpr"], atol=10 / 719)

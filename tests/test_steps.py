@@ -199,13 +199,14 @@ def test_kd_step_loss_is_the_kd_objective_of_student_and_teacher_on_the_same_bat
   assert float(metrics["loss"]) == pytest.approx((1 - alpha) * ce + alpha * temp**2 * kl, rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["vmap", "map"])
+@pytest.mark.parametrize("mode", ["vmap", "map", "sequential"])
 @pytest.mark.parametrize("shared_masks", [True, False])
 def test_population_step_is_each_members_own_step(shared_masks, mode):
-  """population=2: one step, vmapped or mapped over the members, equals the single-member step
-  of each member (its own params, batch and rng; masks shared or per member). Mapped, the
-  members run the same operations inside a loop, which XLA fuses differently: equal to ~1e-9,
-  not bit for bit."""
+  """population=2: one step, vmapped, mapped or in turn over the members, equals the
+  single-member step of each member (its own params, batch and rng; masks shared or per
+  member). Mapped, the members run the same operations inside a loop, which XLA fuses
+  differently: equal to ~1e-9, not bit for bit; in turn, they are that very step: bit for
+  bit."""
   model = get_model("small_cnn", 5)
   members = [model.init(jax.random.key(i), jnp.zeros((1, 8, 8, 1)), train=False) for i in (0, 1)]
   masks = [prune(m["params"], "global_magnitude", 0.5) for m in members]
@@ -236,6 +237,9 @@ def test_population_step_is_each_members_own_step(shared_masks, mode):
       got.params,
       state_k.params,
     )
+    if mode == "sequential":
+      jax.tree.map(lambda g, w: np.testing.assert_array_equal(g[k], w), got.params, state_k.params)
+      np.testing.assert_array_equal(metrics["loss"][k], metrics_k["loss"])
   if shared_masks:  # one unbatched set, given back as it came
     jax.tree.map(np.testing.assert_array_equal, got.masks, shared_before)
 

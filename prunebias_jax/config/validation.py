@@ -464,7 +464,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     "a number of seconds >= 0 (0 = no time-based saves)",
   )
   _choice(cfg, "checkpoint.background", ("auto", "on", "off"))
-  _choice(cfg, "population_step", ("auto", "vmap", "map"))
+  _choice(cfg, "population_step", ("auto", "vmap", "map", "sequential"))
   _positive_int(cfg, "checkpoint.keep")
   _choice(cfg, "report.format", ("png", "pdf", "svg"))
   _cka_cell(cfg)

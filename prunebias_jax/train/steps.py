@@ -3,6 +3,7 @@ full-test-set evaluation."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -67,10 +68,11 @@ def make_train_step(
 
   population > 1: the same step over a leading member axis of state, images, labels and rng
   (and `state.masks` unless `shared_masks`); the teacher is shared. N students of a cell then
-  train in one compiled step, as `members` says: 'vmap' batches the members into each
-  operation (what keeps an accelerator busy), 'map' runs them one after the other inside the
-  program (`lax.map`: each member's convolutions stay plain ones, which the CPU runs far faster
-  than the grouped convolutions a vmapped step becomes).
+  train together, as `members` says: 'vmap' batches the members into each operation of one
+  compiled step (what keeps an accelerator busy); 'map' runs them one after the other inside
+  that step (`lax.map`); 'sequential' calls the one-member step once per member (K programs
+  per step, the state split and joined on the device: on the CPU, where a vmapped step's
+  grouped convolutions and a mapped step's loop both run far slower than plain steps).
 
   skip_nonfinite: a step whose loss is NaN/Inf leaves params, batch stats and optimizer state
   as they were (the step counter still advances, so the learning-rate schedule and the data
@@ -205,12 +207,47 @@ def make_train_step(
       )
     elif members == "map":
       batched = _members_one_by_one(step, shared_masks)
+    elif members == "sequential":
+      return _members_in_turn(jax.jit(step, donate_argnums=(0,)), shared_masks)
     else:
-      raise ValueError(f"members must be 'vmap' or 'map', got {members!r}")
+      raise ValueError(f"members must be 'vmap', 'map' or 'sequential', got {members!r}")
     step = lambda state, images, labels, rng, teacher_variables, alpha, temperature, indices=None: (
       batched(state, images, labels, rng, teacher_variables, alpha, temperature, indices)
     )
   return jax.jit(step, donate_argnums=(0,))
+
+
+def _members_in_turn(single: Callable, shared_masks: bool) -> Callable:
+  """The population step as K calls of the jitted one-member step `single` (one program per
+  member, as K separate runs would take), the stacked state split and joined by one jitted
+  call each."""
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def split(stacked, k):
+    return [jax.tree.map(lambda a: a[j], stacked) for j in range(k)]
+
+  @jax.jit
+  def join(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+  def step(state, images, labels, rng, teacher_variables, alpha, temperature, indices=None):
+    k = images.shape[0]
+    masks = state.masks if shared_masks else None
+    parts = split(state.replace(masks=None) if shared_masks else state, k)
+    out = []
+    for j, member in enumerate(parts):
+      if shared_masks:  # the step donates its state, masks included: pass on what it returns
+        member = member.replace(masks=masks)
+      batch = (images[j], labels[j], rng[j])
+      index = None if indices is None else indices[j]
+      new, metrics = single(member, *batch, teacher_variables, alpha, temperature, index)
+      if shared_masks:
+        masks, new = new.masks, new.replace(masks=None)
+      out.append((new, metrics))
+    new, metrics = join(out)
+    return (new.replace(masks=masks) if shared_masks else new), metrics
+
+  return step
 
 
 def _members_one_by_one(step: Callable, shared_masks: bool) -> Callable:
