@@ -780,55 +780,35 @@ def bench_population(args, results: list[dict]) -> None:
     lambda *xs: jnp.stack(xs),
     *[create_state(params, teacher["batch_stats"], opt) for _ in range(k)],
   ).replace(masks=jax.tree.map(jnp.array, masks))  # shared masks: one unstacked set
-  box = {
-    "seq": seq,
-    "pop": stacked,
-    "map": jax.tree.map(jnp.array, stacked),
-    "turn": jax.tree.map(jnp.array, stacked),
-  }
 
-  def run_sequential():
+  def run_sequential():  # `seq` is updated in place, one member state per slot
     for _ in range(args.steps):
       for j in range(k):
-        box["seq"][j], m = single(box["seq"][j], images[j], labels[j], keys[j], teacher, a, t)
-    jax.block_until_ready(box["seq"])
+        seq[j], m = single(seq[j], images[j], labels[j], keys[j], teacher, a, t)
+    jax.block_until_ready(seq)
 
-  def run_population():
-    for _ in range(args.steps):
-      box["pop"], m = pop(box["pop"], images, labels, keys, teacher, a, t)
-    jax.block_until_ready(box["pop"])
+  def population_run(step, state):
+    box = {"state": state}
 
-  def run_mapped():
-    for _ in range(args.steps):
-      box["map"], m = mapped(box["map"], images, labels, keys, teacher, a, t)
-    jax.block_until_ready(box["map"])
+    def run():
+      for _ in range(args.steps):
+        box["state"], m = step(box["state"], images, labels, keys, teacher, a, t)
+      jax.block_until_ready(box["state"])
 
-  def run_in_turn():
-    for _ in range(args.steps):
-      box["turn"], m = in_turn(box["turn"], images, labels, keys, teacher, a, t)
-    jax.block_until_ready(box["turn"])
+    return run
 
-  t0 = time.perf_counter()
-  run_sequential()
-  seq_compile = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run_population()
-  pop_compile = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run_mapped()
-  map_compile = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  run_in_turn()
-  turn_compile = time.perf_counter() - t0
-  times = interleaved(
-    {
-      "sequential": run_sequential,
-      "vmap": run_population,
-      "map": run_mapped,
-      "population_sequential": run_in_turn,
-    },
-    args.repeats,
-  )
+  runs = {
+    "sequential": run_sequential,
+    "vmap": population_run(pop, stacked),
+    "map": population_run(mapped, jax.tree.map(jnp.array, stacked)),
+    "population_sequential": population_run(in_turn, jax.tree.map(jnp.array, stacked)),
+  }
+  first_call = {}
+  for variant, run in runs.items():  # compiles
+    t0 = time.perf_counter()
+    run()
+    first_call[variant] = {"first_call_s": time.perf_counter() - t0}
+  times = interleaved(runs, args.repeats)
   row: dict[str, Any] = {
     "model": name,
     "population": k,
@@ -836,12 +816,7 @@ def bench_population(args, results: list[dict]) -> None:
     "steps": args.steps,
     "repeats": args.repeats,
     "augmentation": "crop 4 + flip (in the step)",
-    "variants": {
-      "sequential": {"first_call_s": seq_compile},
-      "vmap": {"first_call_s": pop_compile},
-      "map": {"first_call_s": map_compile},
-      "population_sequential": {"first_call_s": turn_compile},
-    },
+    "variants": first_call,
   }
   row["load_after"] = load()
   _finish_rows(row, times, k * bs * args.steps, None, args.steps)

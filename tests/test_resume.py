@@ -4,6 +4,8 @@ uninterrupted stage; a NaN loss stops with the stage, step and last finite loss,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,28 +161,15 @@ def test_resumed_stage_equals_uninterrupted(
   reference_state, _ = _run(
     setup, tmp_path / "a", seeds=seeds, every=0, crash_at=None, monkeypatch=monkeypatch
   )
+  run_b = functools.partial(
+    _run, setup, tmp_path / "b", seeds=seeds, every=every, monkeypatch=monkeypatch
+  )
   with pytest.raises(Interrupted):
-    _run(
-      setup,
-      tmp_path / "b",
-      seeds=seeds,
-      every=every,
-      crash_at=crash_at,
-      monkeypatch=monkeypatch,
-      background=background,
-    )
+    run_b(crash_at=crash_at, background=background)
   saved = StageCheckpoint(tmp_path / "b" / "partial", every_steps=every)
   assert saved.latest_step() == (crash_at // every) * every
   saved.close()
-  state, summary = _run(
-    setup,
-    tmp_path / "b",
-    seeds=seeds,
-    every=every,
-    crash_at=None,
-    monkeypatch=monkeypatch,
-    background=background,
-  )
+  state, summary = run_b(crash_at=None, background=background)
   assert summary["resumed_at_step"] == (crash_at // every) * every
   _assert_bitwise_equal(state, reference_state)
   _assert_bitwise_equal(state.masks, reference_state.masks)

@@ -371,10 +371,10 @@ def make_compare_fn(
     logits, layers = layers_of(variables, batch_images)
     return logits, {**ref_layers, "logits": ref_logits}, {**layers, "logits": logits}
 
+  def pin(a):  # a (partials, ...) accumulator stays split over the devices
+    return a if partial_sharding is None else jax.lax.with_sharding_constraint(a, partial_sharding)
+
   def keep_partials(stats):
-    if partial_sharding is None:
-      return stats
-    pin = lambda a: jax.lax.with_sharding_constraint(a, partial_sharding)
     return stats._replace(
       sums=jax.tree.map(pin, stats.sums), compensation=jax.tree.map(pin, stats.compensation)
     )
@@ -392,9 +392,6 @@ def make_compare_fn(
       return keep_partials(streaming.with_shift(empty, x, y, valid[0]))
 
     classes = layers0["logits"].shape[-1]
-    pin = lambda a: (
-      a if partial_sharding is None else jax.lax.with_sharding_constraint(a, partial_sharding)
-    )
     begin = (
       {name: (start(ref0[name], layers0[name]),) * 2 for name in names},
       start(stack(ref0), stack(layers0)),
