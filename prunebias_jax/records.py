@@ -226,10 +226,11 @@ def model_record(
 ) -> Record:
   """Metrics of one model against the dense teacher (all on the full test set)."""
   crash_point("compare")
+  similarity = similarity_by_layer(ref.outputs, model, ref.svcca_index, config.analysis.svcca_rule)
   return {
     **prediction_record(ref, model.predictions, seed, config, model.confusion),
-    "cka": number(pm.streaming.linear_cka_from_stats(model.similarity["features"][0])),
-    **similarity_by_layer(ref.outputs, model, ref.svcca_index, config.analysis.svcca_rule),
+    "cka": similarity["layer_cka"]["features"],  # the headline: the penultimate layer's
+    **similarity,
     "svcca_examples_per_class": np.bincount(
       ref.labels[ref.svcca_index], minlength=ref.num_classes
     ).tolist(),
