@@ -289,9 +289,11 @@ class StageCheckpoint:
     )
     self.directory = self._ckpt.directory
 
-  def due(self, steps_done: int, total: int) -> bool:
+  def due(self, steps_done: int, total: int, since: int | None = None) -> bool:
     """Whether to save after `steps_done` steps (the stage's end is saved by the caller): a
-    multiple of `every_steps`, or `every_seconds` since the last save (or the start)."""
+    multiple of `every_steps`, or `every_seconds` since the last save (or the start). `since`:
+    the step count the caller last asked at (default `steps_done - 1`; the scanned loop asks
+    once per chunk of steps, and its chunks end at every multiple of `every_steps`)."""
     if steps_done >= total:
       return False
     if self.every_steps > 0 and steps_done % self.every_steps == 0:
@@ -301,7 +303,8 @@ class StageCheckpoint:
     late = self._clock() - self._last >= self.every_seconds
     if jax.process_count() == 1:
       return late
-    if steps_done % TIME_CHECK_STEPS:
+    since = steps_done - 1 if since is None else since
+    if steps_done // TIME_CHECK_STEPS == since // TIME_CHECK_STEPS:  # no check point passed
       return False
     from jax.experimental import multihost_utils
 

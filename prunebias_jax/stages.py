@@ -72,6 +72,7 @@ from prunebias_jax.train import (
   make_train_step,
 )
 from prunebias_jax.train.distill import CRDState, init_crd, parse_method
+from prunebias_jax.train.loop import SCAN_STEPS
 from prunebias_jax.train.steps import DistillWeights
 
 PyTree = Any
@@ -460,6 +461,8 @@ def _fit(
       checkpoint=partial,
       nonfinite=cfg.nonfinite,
       step_log=step_log,
+      loop=cfg.get("train_loop", "auto"),
+      scan_steps=cfg.get("scan_steps", SCAN_STEPS),
       learning_rate=learning_rate_schedule(
         _optim(ctx, stage_cfg, method), steps_per_epoch(len(split), batch_size), epochs
       ),

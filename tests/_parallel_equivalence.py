@@ -8,7 +8,8 @@ mesh and a 4-device mesh, and prints as JSON, for CE and KD fine-tuning:
 - `compare`: the evaluation pass that accumulates the similarity sums against a reference, on
   each mesh (the metrics from them, and whether the 4-device program reduces inside its loop
   over batches);
-- `fit`: two epochs through `fit` on each mesh, next to the noise floor of that training, the
+- `fit`: two epochs through `fit` on each mesh (and through the scanned loop on 4 devices: the
+  batches gathered on the devices inside the chunk), next to the noise floor of that training, the
   difference two one-device runs show when the initial weights differ by one float32 ulp
   (nextafter up, and down). CE training here is chaotic: the ulp grows to ~1e-3 in 32 steps,
   so no fixed tolerance on the trained weights separates a sharding bug from the reduction
@@ -65,7 +66,7 @@ out = {}
 for kd in (False, True):
   step = make_train_step(model, opt, mean=ds.mean, std=ds.std, crop_padding=1, flip=True, kd=kd)
 
-  def train(mesh: str, params):
+  def train(mesh: str, params, loop: str = "step"):
     state, summary = fit(
       initial_state(params),
       step,
@@ -79,10 +80,13 @@ for kd in (False, True):
       temperature=TEMPERATURE,
       progress_seconds=1e9,
       parallel=meshes[mesh],
+      loop=loop,
+      scan_steps=5,  # 12 steps an epoch: chunks of 4, the batches gathered on the devices
     )
     return jax.device_get(state), summary["train_loss"]
 
   trained = {mesh: train(mesh, variables["params"]) for mesh in meshes}
+  scanned = train("four", variables["params"], loop="scan")
   noise = [
     train(
       "one",
@@ -173,6 +177,9 @@ for kd in (False, True):
       "noise_variable_diff": max(max_diff(one_state.variables, s.variables) for s, _ in noise),
       "loss_diff": abs(one_loss - trained["four"][1]),
       "noise_loss_diff": max(abs(one_loss - loss) for _, loss in noise),
+      "scan_max_variable_diff": max_diff(one_state.variables, scanned[0].variables),
+      "scan_loss_diff": abs(one_loss - scanned[1]),
+      "scan_steps": int(scanned[0].step),
     },
   }
 print("RESULT " + json.dumps(out))

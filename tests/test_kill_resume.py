@@ -40,12 +40,12 @@ def _command(workdir: Path) -> list[str]:
   return [sys.executable, "-m", "prunebias_jax.main", *ARGS, f"--workdir={workdir}"]
 
 
-def _run(workdir: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def _run(workdir: Path, kill_at: str | None = None, *extra: str) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "PRUNEBIAS_JAX_KILL_AT"}
   if kill_at:
     env["PRUNEBIAS_JAX_KILL_AT"] = kill_at
   return subprocess.run(
-    _command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    _command(workdir) + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
   )
 
 
@@ -153,6 +153,30 @@ def test_killed_anywhere_and_rerun_gives_the_uninterrupted_results(reference, tm
   assert not any((workdir / "checkpoints" / "partial").iterdir())
   for name in RESULTS:
     assert (workdir / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_the_scanned_loop_killed_mid_chunk_reruns_to_its_uninterrupted_results(tmp_path):
+  """train_loop=scan (chunks of 16 steps, cut by the saves every 5): SIGKILLed mid-chunk in
+  the dense stage (step 7 of the chunk 6-10) and in the KD student's (step 9), each rerun
+  resumes from the last save; the end is byte for byte an uninterrupted scanned run's. (Its
+  own reference: on the CPU a scanned convolution rounds differently, jax-ml/jax#12868.)"""
+  scan = "--config.train_loop=scan"
+  reference = _run(tmp_path / "ref", None, scan)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  assert "dense: 32 steps in scanned chunks of 16" in reference.stderr
+  workdir = tmp_path / "w"
+  logs = []
+  for point in ("dense:step7", "l1_filter_s0.5_kd_seed0:step9"):
+    proc = _run(workdir, point, scan)
+    assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-3000:])
+    logs.append(proc.stderr)
+    _assert_nothing_half_written(workdir)
+  assert "dense: resumed from the mid-stage checkpoint at step 5/32" in logs[1]
+  final = _run(workdir, None, scan)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert "l1_filter_s0.5_kd_seed0: resumed from the mid-stage checkpoint at step 5" in final.stderr
+  for name in RESULTS:
+    assert (workdir / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
 _INFO_OR_WARNING = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d")  # absl's log line prefix

@@ -71,6 +71,11 @@ def test_train_and_eval_steps_match_on_one_and_four_devices():
     f = r["fit"]
     assert f["max_variable_diff"] <= 5 * f["noise_variable_diff"] + 1e-5, (kd, f)
     assert f["loss_diff"] <= 5 * f["noise_loss_diff"] + 1e-5, (kd, f)
+    # The scanned loop on 4 devices (its convolutions rounded another way, jax-ml/jax#12868):
+    # within the same floor.
+    assert f["scan_steps"] == 24
+    assert f["scan_max_variable_diff"] <= 5 * f["noise_variable_diff"] + 1e-5, (kd, f)
+    assert f["scan_loss_diff"] <= 5 * f["noise_loss_diff"] + 1e-5, (kd, f)
 
 
 def run(workdir: Path, devices: int, *extra: str) -> subprocess.CompletedProcess:

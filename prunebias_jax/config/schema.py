@@ -89,6 +89,13 @@ def base_config() -> ml_collections.ConfigDict:
   # program per member, in turn: on the CPU, where vmap ran at 0.18× and map at 0.03× of
   # sequential), or "auto" (sequential on the CPU, vmap elsewhere; logged).
   config.population_step = "auto"
+  # The training loop: "scan" keeps the training split on the device and runs chunks of up to
+  # `scan_steps` steps in one compiled lax.scan (one host sync per chunk at most); "step"
+  # dispatches one step at a time from host batches; "auto" scans on an accelerator when the
+  # split takes at most a quarter of one device's memory, and steps on the CPU (XLA:CPU runs
+  # convolutions inside a loop far slower: jax-ml/jax#12868).
+  config.train_loop = "auto"
+  config.scan_steps = 32
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "digits"  # 'digits' (embedded) | 'tfds' | 'image_folder'

@@ -465,6 +465,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   )
   _choice(cfg, "checkpoint.background", ("auto", "on", "off"))
   _choice(cfg, "population_step", ("auto", "vmap", "map", "sequential"))
+  _choice(cfg, "train_loop", ("auto", "scan", "step"))
+  _positive_int(cfg, "scan_steps")
   _positive_int(cfg, "checkpoint.keep")
   _choice(cfg, "report.format", ("png", "pdf", "svg"))
   _cka_cell(cfg)

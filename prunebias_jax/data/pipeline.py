@@ -31,6 +31,15 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """(steps_per_epoch, batch_size) int32: row b holds the examples of the epoch's batch b, in
+  increasing order (a sorted gather is cache friendlier); what `train_batches` gathers, and
+  what the scanned loop uploads once per epoch to gather on the device."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  order = epoch_permutation(num_examples, seed, epoch)[: per_epoch * batch_size]
+  return np.sort(order.reshape(per_epoch, batch_size), axis=1).astype(np.int32)
+
+
 def train_batches(
   split: Split,
   batch_size: int,
@@ -53,13 +62,11 @@ def train_batches(
   epoch = start_epoch + skip // per_epoch
   first = skip % per_epoch
   while num_epochs is None or epoch < start_epoch + num_epochs:
-    order = epoch_permutation(n, seed, epoch)
+    rows = epoch_batches(n, batch_size, seed, epoch)
     for b in range(first, per_epoch):
-      idx = np.sort(
-        order[b * batch_size : (b + 1) * batch_size]
-      )  # sorted gather is cache friendlier
+      idx = rows[b]
       if with_indices:
-        yield epoch, split.images[idx], split.labels[idx], idx.astype(np.int32)
+        yield epoch, split.images[idx], split.labels[idx], idx
       else:
         yield epoch, split.images[idx], split.labels[idx]
     first = 0

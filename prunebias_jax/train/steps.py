@@ -58,8 +58,9 @@ def make_train_step(
   weights: DistillWeights | None = None,
   teacher_model: nn.Module | None = None,
   members: str = "vmap",
-) -> Callable:
-  """Returns jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T, indices)`.
+) -> TrainStep:
+  """Returns the jitted `step(state, images_u8, labels, rng, teacher_variables, alpha, T,
+  indices)` as a `TrainStep` (which also holds the function it jits, for the scanned loop).
 
   The forward pass uses params ⊙ state.masks (so pruned weights get zero gradient); after the
   optimizer update the params are re-masked, so momentum and weight decay cannot revive a
@@ -208,13 +209,31 @@ def make_train_step(
     elif members == "map":
       batched = _members_one_by_one(step, shared_masks)
     elif members == "sequential":
-      return _members_in_turn(jax.jit(step, donate_argnums=(0,)), shared_masks)
+      return TrainStep(_members_in_turn(jax.jit(step, donate_argnums=(0,)), shared_masks), None)
     else:
       raise ValueError(f"members must be 'vmap', 'map' or 'sequential', got {members!r}")
     step = lambda state, images, labels, rng, teacher_variables, alpha, temperature, indices=None: (
       batched(state, images, labels, rng, teacher_variables, alpha, temperature, indices)
     )
-  return jax.jit(step, donate_argnums=(0,))
+  return TrainStep(jax.jit(step, donate_argnums=(0,)), step)
+
+
+class TrainStep:
+  """A train step: calling it runs the jitted step (`jitted`, state donated); `body` is the
+  function it jits, which the scanned loop (`train.loop`) runs inside its own `lax.scan`, or
+  None where the step is several programs (population_step='sequential'). Anything else
+  (`lower`, ...) is the jitted function's."""
+
+  def __init__(self, jitted: Callable, body: Callable | None):
+    self.jitted = jitted
+    self.body = body
+    self.chunks: dict = {}  # the scanned loop's jitted chunks of this step, by their settings
+
+  def __call__(self, *args, **kwargs):
+    return self.jitted(*args, **kwargs)
+
+  def __getattr__(self, name: str):
+    return getattr(self.jitted, name)
 
 
 def _members_in_turn(single: Callable, shared_masks: bool) -> Callable:
