@@ -23,6 +23,12 @@ Sections (`--sections`, comma separated):
   CKA as in common PyTorch CKA packages, only where n x n fits: `--gram-max-n`). Time and the
   peak RSS increase of each kernel; one subprocess per n.
 * ``population``: `--population` students in one vmapped step vs as many sequential steps.
+* ``loop``: `fit` (per-step and scanned loop) around a no-op step with the real ResNet KD
+  pytrees (the loop's own cost per step) and around the real step with the default checkpoint
+  cadence, each ÷ the bare step called back to back.
+* ``compile``: the runlocal sweep (`--compile-config`, `--compile-args`) in fresh processes with
+  the compilation cache off, cold, warm, and warm on a finished workdir: wall time, XLA
+  programs compiled, cache hits, seconds compiling.
 
 Every timing: warm-up first (compilation excluded and reported separately), then `--repeats`
 interleaved repetitions (all variants of a row one after another, so machine noise hits all
@@ -39,6 +45,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -837,6 +845,244 @@ def bench_population(args, results: list[dict]) -> None:
   )
 
 
+# ----------------------------------------------------------------------------- training loop
+
+
+def _noop_step():
+  """A TrainStep whose body does no training: it counts the step and reports zero metrics, so
+  `fit` around it times the loop alone (batch gather, RNG, dispatch, sums, syncs) over the
+  real pytrees it is given."""
+  from prunebias_jax.train.steps import TrainStep
+
+  def body(state, images, labels, rng, teacher, alpha, temperature, indices=None):
+    zero = jnp.float32(0.0)
+    metrics = {"loss": zero, "ce": zero, "accuracy": zero, "nonfinite": jnp.int32(0)}
+    return state.replace(step=state.step + 1), metrics
+
+  return TrainStep(jax.jit(body, donate_argnums=(0,)), body)
+
+
+def bench_loop(args, results: list[dict]) -> None:
+  """`fit` around a no-op step (host overhead per step, real ResNet KD pytrees) and around the
+  real step with the config's checkpoint cadence, both ÷ the bare step, per loop
+  ('step': host batches one step at a time; 'scan': the split on the device, chunks of
+  `scan_steps` in one lax.scan). On the CPU the scanned real step is not run: XLA:CPU runs a
+  convolution inside a loop ~30x slower (jax-ml/jax#12868)."""
+  from prunebias_jax.checkpoint import StageCheckpoint
+  from prunebias_jax.config import base_config
+  from prunebias_jax.data.dataset import Split
+  from prunebias_jax.train import fit
+
+  on_cpu = jax.default_backend() == "cpu"
+  name, batch, per_epoch = args.loop_model, args.loop_batch, args.loop_steps
+  _, teacher, _, _, step, state = _jax_train_setup(name, batch, "float32", augment=True)
+  rng = np.random.default_rng(0)
+  n = per_epoch * batch
+  split = Split(
+    rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+    rng.integers(0, 10, (n,)).astype(np.int32),
+  )
+  cadence = base_config().checkpoint
+  states = {}
+
+  def fitted(step_fn, loop: str, epochs: int, checkpoints: bool):
+    def run():
+      directory = tempfile.mkdtemp(prefix="bench-loop-") if checkpoints else None
+      ckpt = (
+        StageCheckpoint(
+          directory,
+          cadence.every_steps,
+          every_seconds=cadence.every_seconds,
+          background=not on_cpu,  # checkpoint.background=auto
+        )
+        if checkpoints
+        else None
+      )
+      key = (id(step_fn), loop)
+      start = states.pop(key, None) or jax.tree.map(jnp.array, state)
+      try:
+        out, _ = fit(
+          start,
+          step_fn,
+          split,
+          stage="bench",
+          batch_size=batch,
+          epochs=epochs,
+          seed=0,
+          teacher_variables=teacher,
+          alpha=ALPHA,
+          temperature=TEMPERATURE,
+          progress_seconds=10.0,
+          checkpoint=ckpt,
+          loop=loop,
+          scan_steps=args.scan_steps,
+        )
+        jax.block_until_ready(out)
+      finally:
+        if ckpt is not None:
+          ckpt.close()
+          shutil.rmtree(directory, ignore_errors=True)
+      states[key] = out.replace(step=jnp.zeros_like(out.step))  # the next repetition's start
+
+    return run
+
+  noop = _noop_step()
+  ji = jax.device_put(split.images[:batch])
+  jl = jax.device_put(split.labels[:batch])
+  a, t, key = jnp.float32(ALPHA), jnp.float32(TEMPERATURE), jax.random.key(1)
+
+  def bare(step_fn, steps: int):
+    box = [jax.tree.map(jnp.array, state)]
+
+    def run():
+      for _ in range(steps):
+        box[0], m = step_fn(box[0], ji, jl, key, teacher, a, t)
+      jax.block_until_ready(box[0])
+
+    return run
+
+  # 1. The loop alone: a no-op step over `loop_epochs` epochs.
+  noop_steps = per_epoch * args.loop_epochs
+  runs = {
+    "bare_noop": bare(noop, noop_steps),
+    "fit_step_noop": fitted(noop, "step", args.loop_epochs, False),
+    "fit_scan_noop": fitted(noop, "scan", args.loop_epochs, False),
+  }
+  first = {}
+  for variant, run in runs.items():
+    t0 = time.perf_counter()
+    run()
+    first[variant] = {"first_call_s": time.perf_counter() - t0}
+  times = interleaved(runs, args.repeats)
+  row: dict[str, Any] = {
+    "model": name,
+    "batch": batch,
+    "steps": noop_steps,
+    "scan_steps": args.scan_steps,
+    "repeats": args.repeats,
+    "what": "no-op step (real state + teacher pytrees)",
+    "variants": first,
+  }
+  row["load_after"] = load()
+  _finish_rows(row, times, batch * noop_steps, None, noop_steps)
+  for variant in runs:
+    v = row["variants"][variant]
+    v["ms_per_step"] = 1e3 * v["seconds_median"] / noop_steps
+  results.append(row)
+  print(
+    f"[loop] no-op step, {noop_steps} steps, load={row['load_after']}: "
+    + ", ".join(f"{k} {v['ms_per_step']:.3f} ms/step" for k, v in row["variants"].items()),
+    flush=True,
+  )
+
+  # 2. The real step through fit() (checkpoint cadence of the default config) ÷ bare step.
+  real_steps = per_epoch * args.fit_epochs
+  runs = {
+    "bare": bare(step, real_steps),
+    "fit_step": fitted(step, "step", args.fit_epochs, True),
+  }
+  if not on_cpu:
+    runs["fit_scan"] = fitted(step, "scan", args.fit_epochs, True)
+  first = {}
+  for variant, run in runs.items():
+    t0 = time.perf_counter()
+    run()
+    first[variant] = {"first_call_s": time.perf_counter() - t0}
+  times = interleaved(runs, args.repeats)
+  row = {
+    "model": name,
+    "batch": batch,
+    "steps": real_steps,
+    "scan_steps": args.scan_steps,
+    "repeats": args.repeats,
+    "what": "masked CE+KD step, crop+flip; checkpoints every "
+    f"{cadence.every_steps} steps / {cadence.every_seconds:.0f} s",
+    "variants": first,
+  }
+  if on_cpu:
+    row["errors"] = {"fit_scan": "not run on the CPU (jax-ml/jax#12868: ~30x slower there)"}
+  row["load_after"] = load()
+  _finish_rows(row, times, batch * real_steps, None, real_steps)
+  bare_rate = row["variants"]["bare"]["items_per_s"]
+  for variant in runs:
+    v = row["variants"][variant]
+    v["vs_bare"] = v["items_per_s"] / bare_rate
+  results.append(row)
+  print(
+    f"[loop] {name} b{batch}, {real_steps} steps, load={row['load_after']}: "
+    + ", ".join(
+      f"{k} {v['items_per_s']:.0f} img/s ({v['vs_bare']:.2f}x bare)"
+      for k, v in row["variants"].items()
+    ),
+    flush=True,
+  )
+
+
+# ----------------------------------------------------------------------------- compilation
+
+
+_FINISHED = re.compile(r"Finished XLA compilation of (.+?) in ([0-9.eE+-]+) sec")
+
+
+def bench_compile(args, results: list[dict]) -> None:
+  """The command on `--compile-config` (default: the runlocal sweep) four times in fresh
+  processes: cache off, cache cold (a new directory being filled), cache warm, and a warm
+  rerun on the finished workdir; wall time, XLA programs compiled (JAX's `jax_log_compiles`
+  lines), persistent-cache hits and the seconds spent compiling."""
+  root = os.path.dirname(HERE)
+  cache = tempfile.mkdtemp(prefix="bench-xla-cache-")
+  workdirs: list[str] = []
+  rows = []
+  plan = [("cache off", "off", True), ("cache cold", cache, True), ("cache warm", cache, True)]
+  plan.append(("cache warm, rerun", cache, False))
+  try:
+    for what, setting, fresh in plan:
+      if fresh:
+        workdirs.append(tempfile.mkdtemp(prefix="bench-compile-run-"))
+      command = [
+        sys.executable,
+        "-m",
+        "prunebias_jax.main",
+        "--config",
+        args.compile_config,
+        *args.compile_args,
+        f"--config.compile_cache={setting}",
+        f"--workdir={workdirs[-1]}",
+      ]
+      env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+      env["JAX_LOG_COMPILES"] = "1"
+      t0 = time.perf_counter()
+      proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+      wall = time.perf_counter() - t0
+      finished = _FINISHED.findall(proc.stderr)
+      row = {
+        "run": what,
+        "command": " ".join(command[1:]),
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "programs": len(finished),
+        "cache_hits": proc.stderr.count("Persistent compilation cache hit"),
+        "compile_s": sum(float(sec) for _, sec in finished),
+        "load_after": load(),
+      }
+      if proc.returncode:
+        row["error"] = proc.stderr[-2000:]
+      rows.append(row)
+      print(
+        f"[compile] {what}: {wall:.1f} s, {row['programs']} programs "
+        f"({row['cache_hits']} from the cache, {row['compile_s']:.1f} s compiling), "
+        f"exit {proc.returncode}, load={row['load_after']}",
+        flush=True,
+      )
+  finally:
+    for path in (cache, *workdirs):
+      shutil.rmtree(path, ignore_errors=True)
+  off = rows[0]["wall_s"]
+  for row in rows:
+    row["vs_cache_off"] = row["wall_s"] / off
+  results.append({"config": args.compile_config, "args": args.compile_args, "runs": rows})
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -1048,6 +1294,54 @@ def markdown(report: dict) -> str:
         )
       )
     lines.append("")
+  if report.get("loop"):
+    lines += [
+      "#### The training loop: `fit` ÷ the bare step (the same steps called back to back on one "
+      "device-resident batch)",
+      "",
+      "| model | batch | what | steps | variant | ms/step | img/s | ÷ bare | load |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["loop"]:
+      bare = row["variants"].get("bare_noop") or row["variants"].get("bare")
+      for variant, v in row["variants"].items():
+        lines.append(
+          _md_row(
+            row["model"],
+            row["batch"],
+            row["what"],
+            row["steps"],
+            variant.replace("_", " "),
+            f"{1e3 * v['seconds_median'] / row['steps']:.3f}",
+            f"{v['items_per_s']:.0f}",
+            f"{v['items_per_s'] / bare['items_per_s']:.2f}×",
+            row["load_after"],
+          )
+        )
+      for variant, why in row.get("errors", {}).items():
+        lines.append(_md_row(row["model"], row["batch"], row["what"], "", variant, why, "", "", ""))
+    lines.append("")
+  for block in report.get("compile", []):
+    lines += [
+      f"#### Compilation: `{block['config']}` {' '.join(block['args'])}, each run a fresh "
+      "process (Python start-up and imports included)",
+      "",
+      "| run | wall s | ÷ cache off | XLA programs | from the cache | s compiling | load |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for row in block["runs"]:
+      lines.append(
+        _md_row(
+          row["run"] + (f" (exit {row['returncode']})" if row["returncode"] else ""),
+          f"{row['wall_s']:.1f}",
+          f"{row['vs_cache_off']:.2f}",
+          row["programs"],
+          row["cache_hits"],
+          f"{row['compile_s']:.1f}",
+          row["load_after"],
+        )
+      )
+    lines.append("")
   return "\n".join(lines) + "\n"
 
 
@@ -1087,7 +1381,9 @@ def parse_args(argv=None):
   on_gpu = jax.devices()[0].platform == "gpu"
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument(
-    "--sections", type=_strs, default=["train", "eval", "metrics", "stream", "population"]
+    "--sections",
+    type=_strs,
+    default=["train", "eval", "metrics", "stream", "population", "loop", "compile"],
   )
   p.add_argument(
     "--quick", action="store_true", help="tiny sizes, 2 repeats, no torch.compile: a smoke run"
@@ -1131,6 +1427,24 @@ def parse_args(argv=None):
   p.add_argument("--population", type=int, default=8)
   p.add_argument("--population-model", default="resnet20")
   p.add_argument("--population-batch", type=int, default=64, help="per-member batch")
+  p.add_argument("--loop-model", default="resnet20")
+  p.add_argument("--loop-batch", type=int, default=128)
+  p.add_argument("--loop-steps", type=int, default=64, help="steps per epoch of the loop rows")
+  p.add_argument("--loop-epochs", type=int, default=4, help="epochs of the no-op loop rows")
+  p.add_argument(
+    "--fit-epochs",
+    type=int,
+    default=0,
+    help="epochs of the real-step rows (0: 1 on the CPU, 8 else)",
+  )
+  p.add_argument("--scan-steps", type=int, default=32, help="the scanned loop's chunk length")
+  p.add_argument("--compile-config", default="configs/default.py")
+  p.add_argument(
+    "--compile-args",
+    type=lambda x: x.split(),
+    default=["--config.runlocal=True"],
+    help="extra arguments of the compile section's command (space separated)",
+  )
   p.add_argument("--json", default="", help="write the full results (every timing) as JSON here")
   p.add_argument(
     "--markdown", default="", help="write/refresh the generated tables in this markdown file"
@@ -1147,6 +1461,8 @@ def parse_args(argv=None):
   )
   p.add_argument("--_stream-child", nargs=5, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if not args.fit_epochs:
+    args.fit_epochs = 8 if on_gpu else 1
   if args.quick:
     args.models, args.batches, args.steps, args.repeats = ["resnet20"], [16], 1, 2
     args.min_repeat_seconds = 0.0
@@ -1156,6 +1472,8 @@ def parse_args(argv=None):
     args.gram_max_n = 2000
     args.population, args.population_model, args.population_batch = 2, "small_cnn", 8
     args.stream_n, args.stream_d, args.stream_batch = [5000], [32], 1024
+    args.loop_model, args.loop_batch, args.loop_steps, args.loop_epochs = "resnet20", 16, 8, 2
+    args.fit_epochs, args.scan_steps = 1, 4
   return args
 
 
@@ -1194,6 +1512,12 @@ def main(argv=None) -> dict:
   if "population" in args.sections:
     report["population"] = []
     bench_population(args, report["population"])
+  if "loop" in args.sections:
+    report["loop"] = []
+    bench_loop(args, report["loop"])
+  if "compile" in args.sections:
+    report["compile"] = []
+    bench_compile(args, report["compile"])
   report["load_end"] = load()
   text = markdown(report)
   print(text)

@@ -10,8 +10,9 @@
 # Parts (issue 15, item 6): masked CE+KD train step, ResNet-20 b128/b512 and ResNet-18 b512, f32
 # and bf16, against PyTorch eager channels-last and torch.compile (default and
 # max-autotune-no-cudagraphs), cudnn.benchmark on; a population of 8 vs 8 sequential steps;
-# metric kernels at n = 1M (inputs on the device) and streamed; two XLA flag rows. Not yet
-# here: fit() end to end (images/s with the real checkpoint cadence ÷ bare-step images/s).
+# metric kernels at n = 1M (inputs on the device) and streamed; two XLA flag rows; fit() end to
+# end, per-step and scanned loop (images/s with the default checkpoint cadence ÷ bare-step
+# images/s, and the loop's own cost per step around a no-op step).
 # Needs: pip install -e '.[bench]' with a CUDA build of torch, and jax[cuda].
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,31 +54,30 @@ if [ "$dry" -eq 0 ]; then
 fi
 
 torch="eager_cl,compile_cl,compile_max_cl"
-part train_resnet20 170 -- --sections train --models resnet20 --batches 128,512 \
+part train_resnet20 150 -- --sections train --models resnet20 --batches 128,512 \
   --jax-dtypes float32,bfloat16 --torch-variants "$torch" --repeats 5
-part train_resnet18 130 -- --sections train --models resnet18 --batches 512 \
+part train_resnet18 120 -- --sections train --models resnet18 --batches 512 \
   --jax-dtypes float32,bfloat16 --torch-variants "$torch" --repeats 5
 part population 50 -- --sections population --population 8 --population-model resnet20 \
   --population-batch 128 --repeats 5
-part metrics 70 -- --sections metrics,stream --metric-n 1000000 --metric-d 512 \
+part metrics 60 -- --sections metrics,stream --metric-n 1000000 --metric-d 512 \
   --metric-repeats 3 --stream-n 1000000,10000000 --stream-d 512,2048 --stream-max-flops 3e14
-part flag_conv_nhwc 30 XLA_FLAGS=--xla_gpu_force_conv_nhwc=true -- --sections train \
+part flag_conv_nhwc 25 XLA_FLAGS=--xla_gpu_force_conv_nhwc=true -- --sections train \
   --models resnet20 --batches 128 --torch-variants "" --repeats 5
-part flag_graph_min_1 30 XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 -- --sections train \
+part flag_graph_min_1 25 XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 -- --sections train \
   --models resnet20 --batches 128 --torch-variants "" --repeats 5
+part loop 50 -- --sections loop --loop-model resnet20 --loop-batch 128 --loop-steps 390 \
+  --loop-epochs 1 --fit-epochs 2 --repeats 3
 
 [ "$dry" -eq 1 ] && exit 0
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
   cat "$out/nvidia-smi.csv" 2>/dev/null
-  for f in train_resnet20 train_resnet18 population metrics flag_conv_nhwc flag_graph_min_1; do
+  for f in train_resnet20 train_resnet18 population metrics flag_conv_nhwc flag_graph_min_1 loop; do
     echo
     echo "## $f"
     if [ -s "$out/$f.md" ]; then cat "$out/$f.md"; else echo "(no table: see $f.log)"; fi
   done
-  echo
-  echo "## not measured by this script"
-  echo "fit() end to end ÷ bare step (needs the scanned loop of issue 15)."
 } >"$out/gpu_check.md"
 echo "== wrote $out/gpu_check.md"

@@ -350,6 +350,8 @@ def test_config_file_returning_no_configdict_is_named_with_overrides_too(returne
     ("checkpoint.background", "maybe", "checkpoint.background='maybe' is not allowed; expected"),
     ("population_step", "pmap", "population_step='pmap' is not allowed; expected one of: auto"),
     ("population_step", "serial", "expected one of: auto, vmap, map, sequential"),
+    ("train_loop", "jit", "train_loop='jit' is not allowed; expected one of: auto, scan, step"),
+    ("scan_steps", "0", "scan_steps=0"),
     ("data.label_attribute", "", "data.label_attribute"),
     # Once accepted: every digit resized to 10 GB before the first step (the fuzz found it by
     # running the machine out of memory).

@@ -103,7 +103,7 @@ def test_quick_run_of_the_jax_sections(bench, tmp_path):
     [
       "--quick",
       "--sections",
-      "train,metrics,stream,population",
+      "train,metrics,stream,population,loop",
       "--torch-variants=",
       "--json",
       str(out),
@@ -151,9 +151,24 @@ def test_quick_run_of_the_jax_sections(bench, tmp_path):
   assert population["map_speedup_vs_sequential"] == pytest.approx(
     seq["seconds_median"] / population["variants"]["map"]["seconds_median"], rel=1e-12
   )
+  noop, real = saved["loop"]
+  assert noop["steps"] == 16 and real["steps"] == 8  # --quick: 8 steps an epoch; 2 and 1 epochs
+  for row in (noop, real):
+    for v in row["variants"].values():
+      assert v["seconds_median"] == statistics.median(v["seconds_all"])
+  assert noop["variants"]["fit_scan_noop"]["ms_per_step"] == pytest.approx(
+    1e3 * noop["variants"]["fit_scan_noop"]["seconds_median"] / 16, rel=1e-12
+  )
+  assert real["variants"]["fit_step"]["vs_bare"] == pytest.approx(
+    real["variants"]["bare"]["seconds_median"] / real["variants"]["fit_step"]["seconds_median"],
+    rel=1e-12,
+  )
+  if jax.default_backend() == "cpu":
+    assert set(real["variants"]) == {"bare", "fit_step"} and "jax-ml/jax#12868" in str(real)
   md = (tmp_path / "r.md").read_text()
   assert "Masked CE+KD train step" in md and "Metric kernels" in md and "Population" in md
   assert f"{population['speedup_vs_sequential']:.2f}×" in md
+  assert "The training loop" in md and f"{real['variants']['fit_step']['vs_bare']:.2f}×" in md
   assert report["environment"]["platform"] == jax.devices()[0].platform
 
 
@@ -194,6 +209,7 @@ def test_the_gpu_check_script_lists_every_part_issue_15_asks_for():
     "metrics",
     "flag_conv_nhwc",
     "flag_graph_min_1",
+    "loop",
   }
   assert sum(map(int, parts.values())) <= 8 * 60
   text = proc.stdout
@@ -202,3 +218,4 @@ def test_the_gpu_check_script_lists_every_part_issue_15_asks_for():
   assert "compile_max_cl" in text and "--population 8" in text and "--metric-n 1000000" in text
   assert "XLA_FLAGS=--xla_gpu_force_conv_nhwc=true" in text
   assert "XLA_FLAGS=--xla_gpu_graph_min_graph_size=1" in text
+  assert "--sections loop --loop-model resnet20 --loop-batch 128" in text
