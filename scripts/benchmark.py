@@ -811,6 +811,7 @@ def bench_population(args, results: list[dict]) -> None:
     "map": population_run(mapped, jax.tree.map(jnp.array, stacked)),
     "population_sequential": population_run(in_turn, jax.tree.map(jnp.array, stacked)),
   }
+  runs = {k: v for k, v in runs.items() if k == "sequential" or k in args.population_variants}
   first_call = {}
   for variant, run in runs.items():  # compiles
     t0 = time.perf_counter()
@@ -828,19 +829,19 @@ def bench_population(args, results: list[dict]) -> None:
   }
   row["load_after"] = load()
   _finish_rows(row, times, k * bs * args.steps, None, args.steps)
-  seconds = lambda v: row["variants"][v]["seconds_median"]
-  row["speedup_vs_sequential"] = seconds("sequential") / seconds("vmap")
-  row["map_speedup_vs_sequential"] = seconds("sequential") / seconds("map")
+  seconds = lambda v: row["variants"][v]["seconds_median"] if v in runs else None
+  speedup = lambda v: seconds("sequential") / seconds(v) if v in runs else None
+  row["speedup_vs_sequential"] = speedup("vmap")
+  row["map_speedup_vs_sequential"] = speedup("map")
   # population_step='sequential' (the member steps through the population's split and join)
-  row["in_turn_speedup_vs_sequential"] = seconds("sequential") / seconds("population_sequential")
+  row["in_turn_speedup_vs_sequential"] = speedup("population_sequential")
   results.append(row)
   print(
     f"[population] {name} K={k} batch/member={bs} load={row['load_after']} "
-    f"sequential={row['variants']['sequential']['items_per_s']:.0f}/s "
-    f"vmap={row['variants']['vmap']['items_per_s']:.0f}/s "
-    f"map={row['variants']['map']['items_per_s']:.0f}/s "
-    f"speedup vmap={row['speedup_vs_sequential']:.2f}x map={row['map_speedup_vs_sequential']:.2f}x "
-    f"in turn={row['in_turn_speedup_vs_sequential']:.2f}x",
+    + " ".join(f"{v}={row['variants'][v]['items_per_s']:.0f}/s" for v in runs)
+    + f" speedup vmap={_fmt(row['speedup_vs_sequential'], '.2f')}x "
+    f"map={_fmt(row['map_speedup_vs_sequential'], '.2f')}x "
+    f"in turn={_fmt(row['in_turn_speedup_vs_sequential'], '.2f')}x",
     flush=True,
   )
 
@@ -1278,18 +1279,20 @@ def markdown(report: dict) -> str:
     ]
     for row in report["population"]:
       v = row["variants"]
+      rate = lambda name: _fmt(v[name]["items_per_s"] if name in v else None, ".0f", "not run")
+      times = lambda x: _fmt(x, ".2f", "–") + ("×" if x is not None else "")
       lines.append(
         _md_row(
           row["model"],
           row["population"],
           row["batch_per_member"],
-          f"{v['sequential']['items_per_s']:.0f}",
-          f"{v['vmap']['items_per_s']:.0f}",
-          f"{row['speedup_vs_sequential']:.2f}×",
-          f"{v['map']['items_per_s']:.0f}",
-          f"{row['map_speedup_vs_sequential']:.2f}×",
-          f"{v['population_sequential']['items_per_s']:.0f}",
-          f"{row['in_turn_speedup_vs_sequential']:.2f}×",
+          rate("sequential"),
+          rate("vmap"),
+          times(row["speedup_vs_sequential"]),
+          rate("map"),
+          times(row["map_speedup_vs_sequential"]),
+          rate("population_sequential"),
+          times(row["in_turn_speedup_vs_sequential"]),
           row["load_after"],
         )
       )
@@ -1427,6 +1430,12 @@ def parse_args(argv=None):
   p.add_argument("--population", type=int, default=8)
   p.add_argument("--population-model", default="resnet20")
   p.add_argument("--population-batch", type=int, default=64, help="per-member batch")
+  p.add_argument(
+    "--population-variants",
+    type=_strs,
+    default=["vmap", "map", "population_sequential"],
+    help="beside the sequential reference: vmap | map | population_sequential",
+  )
   p.add_argument("--loop-model", default="resnet20")
   p.add_argument("--loop-batch", type=int, default=128)
   p.add_argument("--loop-steps", type=int, default=64, help="steps per epoch of the loop rows")
