@@ -95,7 +95,13 @@ def scan_length(
   why = None
   if loop == "auto" and jax.default_backend() == "cpu":
     # XLA:CPU runs a convolution inside a loop body far slower than the same one outside
-    # (jax-ml/jax#12868; measured: a small CNN's scanned step 30x slower than its own step).
+    # (jax-ml/jax#12868; measured: a small CNN's scanned step ~30x slower than its own step).
+    logging.log_first_n(
+      logging.INFO,
+      "training one step at a time (train_loop=auto on the CPU: XLA:CPU runs convolutions "
+      "inside a scanned loop far slower, jax-ml/jax#12868)",
+      1,
+    )
     return 0
   if getattr(step_fn, "body", None) is None:
     why = "the step is several programs (population_step='sequential')"
@@ -168,6 +174,8 @@ def _chunk_fn(
         shapes = jax.eval_shape(run, carry)[1]
         return carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+      # Skipped steps cost nothing but the branch (a select over the whole state would copy
+      # it each step); on a GPU the branch reads one predicate per step.
       return jax.lax.cond(j < count, run, skip, carry)
 
     carry, metrics = jax.lax.scan(
