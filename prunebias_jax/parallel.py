@@ -67,6 +67,14 @@ class DataParallel:
     global_shape[axis] *= jax.process_count()
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
+  def replicate_host(self, array: np.ndarray) -> jax.Array:
+    """A host array that every process holds whole (a training split, an epoch's batch
+    indices), replicated on every device. Built from each process's own copy: `device_put`
+    of host data across processes first gathers every process's copy to check that they
+    agree, which for a training split is the whole split sent to every process."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, self.replicated, lambda index: array[index])
+
   def replicate(self, tree: PyTree) -> PyTree:
     """Every leaf replicated on every device (None leaves stay None)."""
     if jax.process_count() > 1:

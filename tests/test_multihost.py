@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _shared_runs import ROOT, cli, env, free_port, multi_args, run_pair
+from _shared_runs import ROOT, cli, env, free_port, multi_args, run_pair, run_processes
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,21 @@ def test_multi_process_settings_of_a_single_process_run_are_refused_not_ignored(
   with pytest.raises(ConfigError, match=r"config.num_processes=-1 is not allowed"):
     maybe_initialize(ConfigDict({**base, "num_processes": -1}))
   assert maybe_initialize(ConfigDict({**base, "num_processes": None})) is False
+
+
+def test_the_scanned_loop_on_two_processes_equals_their_per_step_loop(shared_runs, tmp_path):
+  """train_loop=scan across 2 processes × 2 devices (the split and each epoch's indices put
+  on the devices from each process's own copy, batches gathered and sharded in the chunk):
+  the same final state, bit for bit, as the per-step loop of the same processes (a model
+  XLA:CPU compiles alike in and out of a loop)."""
+  if shared_runs.skip:
+    pytest.skip(shared_runs.skip)
+  port, out = free_port(), tmp_path / "out.json"
+  script = str(ROOT / "tests" / "_scan_multihost.py")
+  cmds = [[sys.executable, script, f"127.0.0.1:{port}", str(i), str(out)] for i in range(2)]
+  logs = [tmp_path / f"proc{i}.log" for i in range(2)]
+  codes = run_processes(cmds, env(2, PYTHONPATH=str(ROOT)), logs, timeout=300)
+  assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+  result = json.loads(out.read_text())
+  assert result["devices"] == 4 and result["processes"] == 2 and result["steps"] == 24
+  assert result["equal"], result

@@ -380,7 +380,7 @@ def fit(
         _megabytes(split.images.nbytes + split.labels.nbytes),
       )
       run_chunk = _chunk_fn(step_fn, length, population, indexed, parallel)
-      images, labels = parallel.replicate((split.images, split.labels))
+      images, labels = map(parallel.replicate_host, (split.images, split.labels))
       order_epoch, order = -1, None
       while done < total:
         epoch, row = divmod(done, per_epoch)
@@ -389,10 +389,8 @@ def fit(
           if epoch_hook is not None:
             state = parallel.replicate(epoch_hook(epoch, state))
         if epoch != order_epoch:  # the epoch's batches, as one index matrix
-          order_epoch, order = (
-            epoch,
-            parallel.replicate(_epoch_rows(split, batch_size, seeds, epoch, population, length)),
-          )
+          rows = _epoch_rows(split, batch_size, seeds, epoch, population, length)
+          order_epoch, order = epoch, parallel.replicate_host(rows)
         end = min((epoch + 1) * per_epoch, done + length)
         if checkpoint is not None and checkpoint.every_steps > 0:
           end = min(end, (done // checkpoint.every_steps + 1) * checkpoint.every_steps)
