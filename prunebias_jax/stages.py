@@ -406,10 +406,12 @@ def train_step(
 def population_step(config: ml_collections.ConfigDict) -> str:
   """`config.population_step` resolved: 'auto' is 'sequential' on the CPU (measured there, 8
   ResNet-20 students: a vmapped step at 0.18× and a mapped one at 0.03× the speed of 8
-  sequential steps, docs/benchmarks.md) and 'vmap' on an accelerator."""
+  sequential steps, docs/benchmarks.md) and 'vmap' on an accelerator, or wherever
+  `train_loop='scan'` asks for the scanned loop (which runs one program: not 'sequential')."""
   setting = config.get("population_step", "auto")
   if setting == "auto":
-    return "sequential" if jax.default_backend() == "cpu" else "vmap"
+    scan = config.get("train_loop", "auto") == "scan"
+    return "sequential" if jax.default_backend() == "cpu" and not scan else "vmap"
   return setting
 
 

@@ -330,3 +330,22 @@ def test_the_loop_rule_and_its_errors(setup, monkeypatch):
     loop.scan_length(step, data.train, 12, "loop", 5)
   with pytest.raises(ValueError, match="scan_steps=0; allowed: an integer >= 1"):
     loop.scan_length(step, data.train, 12, "scan", 0)
+
+
+def test_a_scanned_population_needs_one_program(tiny_config):
+  from prunebias_jax.config import validate_config
+  from prunebias_jax.errors import ConfigError
+  from prunebias_jax.stages import population_step
+
+  tiny_config.population, tiny_config.train_loop = 2, "scan"
+  tiny_config.population_step = "sequential"
+  with pytest.raises(ConfigError, match="train_loop='scan' cannot run population_step='seq"):
+    validate_config(tiny_config)
+  # 'auto' takes one program when the scanned loop is asked for (the CPU's 'sequential' else).
+  tiny_config.population_step = "auto"
+  validate_config(tiny_config)
+  assert population_step(tiny_config) == "vmap"
+  tiny_config.train_loop = "auto"
+  assert population_step(tiny_config) == (
+    "sequential" if jax.default_backend() == "cpu" else "vmap"
+  )

@@ -467,6 +467,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "population_step", ("auto", "vmap", "map", "sequential"))
   _choice(cfg, "train_loop", ("auto", "scan", "step"))
   _positive_int(cfg, "scan_steps")
+  if cfg.train_loop == "scan" and cfg.population_step == "sequential" and cfg.population > 1:
+    raise ConfigError(
+      "config.train_loop='scan' cannot run population_step='sequential' (one program per "
+      "member); use population_step='vmap', 'map' or 'auto', or train_loop='step' or 'auto'"
+    )
   _positive_int(cfg, "checkpoint.keep")
   _choice(cfg, "report.format", ("png", "pdf", "svg"))
   _cka_cell(cfg)

@@ -17,7 +17,7 @@ from prunebias_jax.checkpoint import StageCheckpoint
 from prunebias_jax.choices import NONFINITE_RULES
 from prunebias_jax.data.dataset import Split
 from prunebias_jax.data.pipeline import epoch_batches, steps_per_epoch, train_batches
-from prunebias_jax.errors import Interrupted, NonFiniteLossError
+from prunebias_jax.errors import ConfigError, Interrupted, NonFiniteLossError
 from prunebias_jax.faults import crash_point
 from prunebias_jax.parallel import DataParallel
 from prunebias_jax.train.state import TrainState
@@ -112,7 +112,9 @@ def scan_length(
     )
   if why is not None:
     if loop == "scan":
-      raise ValueError(f"loop='scan' cannot run here: {why}; use loop='step' or 'auto'")
+      raise ConfigError(
+        f"train_loop='scan' cannot run here: {why}; use train_loop='step' or 'auto'"
+      )
     logging.info("training one step at a time from host batches: %s", why)
     return 0
   chunks = -(-per_epoch // scan_steps)
