@@ -67,20 +67,19 @@ class DataParallel:
     global_shape[axis] *= jax.process_count()
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
-  def replicate_host(self, array: np.ndarray) -> jax.Array:
-    """A host array that every process holds whole (a training split, an epoch's batch
-    indices), replicated on every device. Built from each process's own copy: `device_put`
-    of host data across processes first gathers every process's copy to check that they
-    agree, which for a training split is the whole split sent to every process."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, self.replicated, lambda index: array[index])
-
   def replicate(self, tree: PyTree) -> PyTree:
     """Every leaf replicated on every device (None leaves stay None)."""
-    if jax.process_count() > 1:
-      # A restored checkpoint lives on one local device; device_put cannot move it across
-      # hosts, but every process holds the same values, so go through host memory.
-      tree = jax.tree.map(
-        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree
-      )
-    return jax.device_put(tree, self.replicated)
+    if jax.process_count() == 1:
+      return jax.device_put(tree, self.replicated)
+    # Every process holds the same values. A restored checkpoint lives on one local device
+    # (device_put cannot move it across hosts), and device_put of host data first gathers
+    # every process's copy to check that they agree (a training split would go whole to
+    # every process): build each replicated array from this process's own copy instead.
+
+    def put(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, self.replicated)
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+    return jax.tree.map(put, tree)

@@ -382,7 +382,7 @@ def fit(
         _megabytes(split.images.nbytes + split.labels.nbytes),
       )
       run_chunk = _chunk_fn(step_fn, length, population, indexed, parallel)
-      images, labels = map(parallel.replicate_host, (split.images, split.labels))
+      images, labels = parallel.replicate((split.images, split.labels))
       order_epoch, order = -1, None
       while done < total:
         epoch, row = divmod(done, per_epoch)
@@ -392,7 +392,7 @@ def fit(
             state = parallel.replicate(epoch_hook(epoch, state))
         if epoch != order_epoch:  # the epoch's batches, as one index matrix
           rows = _epoch_rows(split, batch_size, seeds, epoch, population, length)
-          order_epoch, order = epoch, parallel.replicate_host(rows)
+          order_epoch, order = epoch, parallel.replicate(rows)
         end = min((epoch + 1) * per_epoch, done + length)
         if checkpoint is not None and checkpoint.every_steps > 0:
           end = min(end, (done // checkpoint.every_steps + 1) * checkpoint.every_steps)
