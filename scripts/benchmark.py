@@ -174,6 +174,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
   return times
 
 
+def warm_then_interleaved(
+  fns: dict[str, Callable[[], Any]], repeats: int
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+  """({fn: {"first_call_s": the first call's seconds (compilation)}}, `interleaved` times)."""
+  first: dict[str, dict[str, float]] = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    fn()
+    first[name] = {"first_call_s": time.perf_counter() - t0}
+  return first, interleaved(fns, repeats)
+
+
 def flops_of(compiled) -> float | None:
   """FLOPs from XLA's cost analysis of a compiled or a lowered (pre-optimisation) program; the
   compiled count may miss the work of library custom calls (cuDNN convolutions on a GPU)."""
@@ -812,12 +824,7 @@ def bench_population(args, results: list[dict]) -> None:
     "population_sequential": population_run(in_turn, jax.tree.map(jnp.array, stacked)),
   }
   runs = {k: v for k, v in runs.items() if k == "sequential" or k in args.population_variants}
-  first_call = {}
-  for variant, run in runs.items():  # compiles
-    t0 = time.perf_counter()
-    run()
-    first_call[variant] = {"first_call_s": time.perf_counter() - t0}
-  times = interleaved(runs, args.repeats)
+  first_call, times = warm_then_interleaved(runs, args.repeats)
   row: dict[str, Any] = {
     "model": name,
     "population": k,
@@ -949,12 +956,7 @@ def bench_loop(args, results: list[dict]) -> None:
     "fit_step_noop": fitted(noop, "step", args.loop_epochs, False),
     "fit_scan_noop": fitted(noop, "scan", args.loop_epochs, False),
   }
-  first = {}
-  for variant, run in runs.items():
-    t0 = time.perf_counter()
-    run()
-    first[variant] = {"first_call_s": time.perf_counter() - t0}
-  times = interleaved(runs, args.repeats)
+  first, times = warm_then_interleaved(runs, args.repeats)
   row: dict[str, Any] = {
     "model": name,
     "batch": batch,
@@ -984,12 +986,7 @@ def bench_loop(args, results: list[dict]) -> None:
   }
   if not on_cpu:
     runs["fit_scan"] = fitted(step, "scan", args.fit_epochs, True)
-  first = {}
-  for variant, run in runs.items():
-    t0 = time.perf_counter()
-    run()
-    first[variant] = {"first_call_s": time.perf_counter() - t0}
-  times = interleaved(runs, args.repeats)
+  first, times = warm_then_interleaved(runs, args.repeats)
   row = {
     "model": name,
     "batch": batch,
