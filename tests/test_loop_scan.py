@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fit_helpers import Interrupted, assert_bitwise_equal, reprune
 
 from configs.default import get_config as default_config
 from prunebias_jax.checkpoint import StageCheckpoint
@@ -54,10 +55,6 @@ class Dense(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(24)(x)))
     self.sow("intermediates", "features", x)
     return nn.Dense(self.num_classes)(x)
-
-
-class Interrupted(Exception):
-  pass
 
 
 @pytest.fixture(scope="module")
@@ -110,29 +107,6 @@ def _state(setup, members: int = 1, crd: bool = False):
   return states[0] if members == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def _reprune(members: int):
-  """A hook that depends on the weights and shrinks them: run at the wrong step, or twice, it
-  changes the result."""
-
-  def one(params, masks):
-    return prune(params, "global_magnitude", 0.7, previous_masks=masks)
-
-  def hook(epoch, state):
-    if epoch == 0:
-      return state
-    if members == 1:
-      new = one(state.params, state.masks)
-    else:
-      pick = lambda tree, j: jax.tree.map(lambda x: x[j], tree)
-      per = [one(pick(state.params, j), pick(state.masks, j)) for j in range(members)]
-      new = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
-    return state.replace(
-      params=jax.tree.map(lambda w: 0.9 * w, apply_masks(state.params, new)), masks=new
-    )
-
-  return hook
-
-
 def _run(setup, tmp_path, how: str, *, seeds=3, step=None, every=5, crash_at=None, **kw):
   """fit() of two epochs with a re-pruning hook, checkpoints every `every` steps and every
   step logged to tmp_path/metrics.jsonl; raises Interrupted after step `crash_at`."""
@@ -160,7 +134,7 @@ def _run(setup, tmp_path, how: str, *, seeds=3, step=None, every=5, crash_at=Non
       teacher_variables=teacher,
       alpha=0.5,
       temperature=4.0,
-      epoch_hook=_reprune(members),
+      epoch_hook=reprune(members),
       checkpoint=ckpt,
       step_log=log,
       progress_seconds=1e9,
@@ -178,13 +152,6 @@ def _run(setup, tmp_path, how: str, *, seeds=3, step=None, every=5, crash_at=Non
 def _rows(tmp_path) -> list[dict]:
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   return [{k: v for k, v in r.items() if k != "images_per_second"} for r in rows]
-
-
-def _assert_bitwise_equal(a, b):
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize(
@@ -216,7 +183,7 @@ def test_scanned_loop_equals_the_per_step_loop_bit_for_bit(setup, tmp_path, case
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     np.testing.assert_allclose([r["loss"] for r in rows_b], [r["loss"] for r in rows_a], 1e-5)
     return
-  _assert_bitwise_equal(a, b)
+  assert_bitwise_equal(a, b)
   assert summary_a["train_loss"] == summary_b["train_loss"]
   assert summary_a["train_accuracy"] == summary_b["train_accuracy"]
   assert _rows(tmp_path / "scan") == _rows(tmp_path / "step")
@@ -237,7 +204,7 @@ def test_a_scanned_stage_interrupted_mid_chunk_resumes_to_the_same_bits(setup, t
   assert StageCheckpoint(tmp_path / "b" / "partial", 5).latest_step() == crash_at // 5 * 5
   state, summary = _run(setup, tmp_path / "b", "scan")
   assert summary["resumed_at_step"] == crash_at // 5 * 5
-  _assert_bitwise_equal(state, reference)
+  assert_bitwise_equal(state, reference)
 
 
 def _poisoned(step: TrainStep, at: int) -> TrainStep:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fit_helpers import Interrupted, assert_bitwise_equal, reprune
 
 from configs.default import get_config as default_config
 from prunebias_jax.checkpoint import StageCheckpoint
@@ -29,10 +30,6 @@ from prunebias_jax.train import (
 
 BATCH = 64
 EPOCHS = 2
-
-
-class Interrupted(Exception):
-  pass
 
 
 @pytest.fixture(scope="module")
@@ -76,35 +73,6 @@ def _state(variables, optimizer, masks, members: int = 1):
   return states[0] if members == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def _reprune(members: int):
-  """A gradual-pruning hook that depends on the current weights and is not idempotent (it
-  also shrinks the weights), so running it at the wrong point of a resumed stage, or twice,
-  changes the result."""
-
-  def hook(epoch, state):
-    masks = state.masks
-    if epoch == 0:
-      return state
-    if members == 1:
-      new = prune(state.params, "global_magnitude", 0.7, previous_masks=masks)
-    else:
-      per = [
-        prune(
-          jax.tree.map(lambda x: x[j], state.params),
-          "global_magnitude",
-          0.7,
-          previous_masks=jax.tree.map(lambda x: x[j], masks),
-        )
-        for j in range(members)
-      ]
-      new = jax.tree.map(lambda *xs: jnp.stack(xs), *per)
-    return state.replace(
-      params=jax.tree.map(lambda w: 0.9 * w, apply_masks(state.params, new)), masks=new
-    )
-
-  return hook
-
-
 def _run(
   setup, tmp_path, *, seeds, every: int, crash_at: int | None, monkeypatch, background=False
 ):
@@ -128,19 +96,12 @@ def _run(
       batch_size=BATCH,
       epochs=EPOCHS,
       seed=seeds,
-      epoch_hook=_reprune(members),
+      epoch_hook=reprune(members),
       checkpoint=ckpt,
       progress_seconds=1e9,
     )
   finally:
     ckpt.close()
-
-
-def _assert_bitwise_equal(a, b):
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b)
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize(
@@ -171,8 +132,8 @@ def test_resumed_stage_equals_uninterrupted(
   saved.close()
   state, summary = run_b(crash_at=None, background=background)
   assert summary["resumed_at_step"] == (crash_at // every) * every
-  _assert_bitwise_equal(state, reference_state)
-  _assert_bitwise_equal(state.masks, reference_state.masks)
+  assert_bitwise_equal(state, reference_state)
+  assert_bitwise_equal(state.masks, reference_state.masks)
 
 
 def test_resume_skips_exactly_the_consumed_batches(setup):
@@ -329,7 +290,7 @@ def test_skip_drops_the_update_of_a_nonfinite_step(setup):
   )
   assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
   assert int(new.step) == 1
-  _assert_bitwise_equal(
+  assert_bitwise_equal(
     (new.params, new.batch_stats, new.opt_state),
     (before.params, before.batch_stats, before.opt_state),
   )
